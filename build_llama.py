@@ -1,0 +1,535 @@
+#!/usr/bin/env python3
+"""Build the pinned llama.cpp as shared libraries for erllama, and generate the cffi module that binds them.
+
+Usage::
+
+    python build_llama.py                      # CPU build, the default
+    python build_llama.py --backend cuda       # or metal
+    python build_llama.py --with-tools         # also llama-bench, llama-batched-bench, llama-server
+    python build_llama.py --source ~/llama.cpp # build an existing checkout instead of the pinned download
+
+Where the source comes from, in order: ``--source DIR``; the npm package pinned in ``native/pin.toml`` (its tarball
+carries the llama.cpp tree as a git bundle); the PyPI sdist of llama-cpp-python pinned there too. Every download is
+checked against its sha256 before it is unpacked.
+
+Builds land in ``$ERLLAMA_CACHE_DIR/llama/<key>/`` (default ``~/.cache/erllama``), the key hashing the source id,
+the backend, the CMake flags, the compiler and (for native builds) the CPU's feature flags. A finished build is
+never redone; ``--with-tools`` adds the tool targets to the same build tree, so the tools link the very libllama
+that erllama loads. After building, the ABI probe (``native/abi_probe.c``) is compiled against that tree's header
+and its layouts are written to ``abi.json`` beside the libraries.
+
+The last line printed is the library directory; ``erllama`` finds it through ``current.json`` in the cache (or
+``ERLLAMA_LIB_DIR``, which always wins).
+
+Importable: ``ensure_built(BuildOptions(...)) -> BuildResult``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+NATIVE = ROOT / "native"
+PIN_FILE = NATIVE / "pin.toml"
+CDEF_FILE = NATIVE / "llama.cdef"
+PROBE_SOURCE = NATIVE / "abi_probe.c"
+FFI_MODULE = ROOT / "erllama" / "_native" / "_llama_ffi.py"
+
+BACKENDS = ("cpu", "cuda", "metal")
+TOOL_TARGETS = ("llama-bench", "llama-batched-bench", "llama-server")
+LIB_TARGETS = ("llama",)
+
+# Options every build gets. Tools, tests and examples stay off unless --with-tools; the server's web UI is never
+# downloaded and nothing links OpenSSL.
+BASE_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_COMMON=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_TOOLS_INSTALL=OFF",
+)
+BACKEND_CMAKE_FLAGS = {
+    "cpu": ("-DGGML_NATIVE=ON",),
+    "cuda": ("-DGGML_NATIVE=ON", "-DGGML_CUDA=ON"),
+    "metal": ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"),
+}
+
+
+class BuildError(RuntimeError):
+    """The source could not be fetched, verified or built."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildOptions:
+    """What to build."""
+
+    backend: str = "cpu"
+    with_tools: bool = False
+    source: Path | None = None
+    allow_unpinned: bool = False
+    jobs: int | None = None
+    cache_dir: Path | None = None
+    extra_cmake_flags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Source:
+    """A llama.cpp tree on disk and the id that names its contents."""
+
+    path: Path
+    source_id: str
+    origin: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildResult:
+    """Where a finished build lives."""
+
+    key: str
+    build_root: Path
+    lib_dir: Path
+    tools: dict[str, Path]
+    abi_file: Path
+    source: Source
+
+
+def log(msg: str) -> None:
+    print(f"[build_llama] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root(options: BuildOptions | None = None) -> Path:
+    if options is not None and options.cache_dir is not None:
+        return options.cache_dir
+    env = os.environ.get("ERLLAMA_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "erllama"
+
+
+def load_pin() -> dict[str, dict[str, str]]:
+    with PIN_FILE.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, what: str) -> None:
+    got = sha256_file(path)
+    if got != expected:
+        raise BuildError(f"checksum mismatch for {what} ({path}): expected sha256 {expected}, got {got}")
+
+
+def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    args = [str(c) for c in cmd]
+    try:
+        proc = subprocess.run(args, cwd=cwd, env=env, check=False, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise BuildError(f"could not run {args[0]}: {exc}") from exc
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise BuildError(f"command failed ({proc.returncode}): {' '.join(args)}\n{tail}")
+    return proc.stdout
+
+
+def run_streaming(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None,
+                  env: dict[str, str] | None = None) -> None:
+    """Run a long command, echoing its progress lines to stderr."""
+    args = [str(c) for c in cmd]
+    log("$ " + " ".join(args))
+    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:
+            tail.append(line)
+            del tail[:-60]
+            if line.startswith("[") or "error" in line.lower():
+                sys.stderr.write("  " + line)
+        rc = proc.wait()
+    if rc != 0:
+        raise BuildError(f"command failed ({rc}): {' '.join(args)}\n{''.join(tail)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Source
+
+
+def _git_source_id(path: Path) -> str | None:
+    if not (path / ".git").exists():
+        return None
+    head = run(["git", "rev-parse", "HEAD"], cwd=path).strip()
+    dirty = run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path)
+    if dirty:
+        diff = run(["git", "diff", "HEAD"], cwd=path)
+        return f"git-{head}-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:12]}"
+    return f"git-{head}"
+
+
+def _tree_source_id(path: Path) -> str:
+    """A content id for a tree without git: hashes every file under the directories that make up the build."""
+    h = hashlib.sha256()
+    for sub in ("CMakeLists.txt", "cmake", "include", "src", "ggml", "common", "tools", "vendor"):
+        base = path / sub
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for f in files:
+            h.update(str(f.relative_to(path)).encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return f"tree-{h.hexdigest()[:24]}"
+
+
+def source_from_dir(path: Path, pin: dict[str, dict[str, str]], allow_unpinned: bool) -> Source:
+    path = path.expanduser().resolve()
+    if not (path / "include" / "llama.h").is_file() or not (path / "CMakeLists.txt").is_file():
+        raise BuildError(f"{path} is not a llama.cpp source tree (no include/llama.h)")
+    source_id = _git_source_id(path) or _tree_source_id(path)
+    pinned = f"git-{pin['llama_cpp']['commit']}"
+    if source_id != pinned and not allow_unpinned:
+        raise BuildError(
+            f"{path} is {source_id}, not the pinned {pinned}; pass --allow-unpinned to build it anyway "
+            "(the ABI probe still checks the struct layouts)"
+        )
+    return Source(path=path, source_id=source_id, origin=f"dir:{path}")
+
+
+def _fetch_npm(pin: dict[str, dict[str, str]], src_root: Path) -> Source:
+    npm = pin["npm"]
+    commit = pin["llama_cpp"]["commit"]
+    dest = src_root / f"llama.cpp-{commit[:12]}"
+    if (dest / ".erllama-ok").is_file():
+        return Source(path=dest, source_id=f"git-{commit}", origin=f"npm:{npm['package']}@{npm['version']}")
+    if shutil.which("npm") is None:
+        raise BuildError("npm is not installed")
+    with tempfile.TemporaryDirectory(dir=src_root) as tmp_s:
+        tmp = Path(tmp_s)
+        log(f"fetching {npm['package']}@{npm['version']} from the npm registry")
+        run(["npm", "pack", "--silent", f"{npm['package']}@{npm['version']}", "--pack-destination", tmp])
+        tarballs = list(tmp.glob("*.tgz"))
+        if len(tarballs) != 1:
+            raise BuildError(f"npm pack produced {len(tarballs)} tarballs")
+        verify_sha256(tarballs[0], npm["tarball_sha256"], "the npm tarball")
+        with tarfile.open(tarballs[0]) as tf:
+            member = tf.getmember(npm["bundle_member"])
+            tf.extractall(tmp / "x", members=[member], filter="data")
+        bundle = tmp / "x" / npm["bundle_member"]
+        verify_sha256(bundle, npm["bundle_sha256"], "the llama.cpp git bundle")
+        clone = tmp / "llama.cpp"
+        run(["git", "clone", "--quiet", bundle, clone])
+        head = run(["git", "rev-parse", "HEAD"], cwd=clone).strip()
+        if head != commit:
+            raise BuildError(f"the bundle's HEAD is {head}, the pin says {commit}")
+        (clone / ".erllama-ok").write_text(commit + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        clone.rename(dest)
+    return Source(path=dest, source_id=f"git-{commit}", origin=f"npm:{npm['package']}@{npm['version']}")
+
+
+def _fetch_pypi(pin: dict[str, dict[str, str]], src_root: Path) -> Source:
+    pypi = pin["pypi"]
+    sha = pypi["sdist_sha256"]
+    dest = src_root / f"llama-cpp-python-{pypi['version']}"
+    source = Source(path=dest / "llama.cpp", source_id=f"sdist-{sha[:24]}",
+                    origin=f"pypi:{pypi['package']}=={pypi['version']}")
+    if (dest / ".erllama-ok").is_file():
+        return source
+    with tempfile.TemporaryDirectory(dir=src_root) as tmp_s:
+        tmp = Path(tmp_s)
+        log(f"fetching the sdist of {pypi['package']}=={pypi['version']} from PyPI")
+        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"{pypi['package']}=={pypi['version']}", "-d", tmp])
+        sdists = list(tmp.glob("*.tar.gz"))
+        if len(sdists) != 1:
+            raise BuildError(f"pip download produced {len(sdists)} sdists")
+        verify_sha256(sdists[0], sha, "the llama-cpp-python sdist")
+        prefix = sdists[0].name.removesuffix(".tar.gz") + "/" + pypi["vendor_dir"] + "/"
+        out = tmp / "out"
+        with tarfile.open(sdists[0]) as tf:
+            members = []
+            for m in tf.getmembers():
+                if m.name.startswith(prefix):
+                    m.name = "llama.cpp/" + m.name[len(prefix):]
+                    members.append(m)
+            if not members:
+                raise BuildError(f"the sdist has no {pypi['vendor_dir']}")
+            tf.extractall(out, members=members, filter="data")
+        (out / ".erllama-ok").write_text(sha + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        out.rename(dest)
+    return source
+
+
+def resolve_source(options: BuildOptions) -> Source:
+    pin = load_pin()
+    if options.source is not None:
+        return source_from_dir(options.source, pin, options.allow_unpinned)
+    src_root = cache_root(options) / "src"
+    src_root.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for fetch in (_fetch_npm, _fetch_pypi):
+        try:
+            return fetch(pin, src_root)
+        except BuildError as exc:
+            errors.append(f"{fetch.__name__}: {exc}")
+            log(f"source {fetch.__name__} failed: {exc}")
+    raise BuildError("could not obtain the llama.cpp source:\n  " + "\n  ".join(errors))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Build
+
+
+def _compiler_id() -> str:
+    cc = os.environ.get("CC", "cc")
+    try:
+        return run([cc, "--version"]).splitlines()[0]
+    except BuildError:
+        return cc
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return hashlib.sha256(line.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def cmake_flags(options: BuildOptions) -> list[str]:
+    if options.backend not in BACKENDS:
+        raise BuildError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
+    return [*BASE_CMAKE_FLAGS, *BACKEND_CMAKE_FLAGS[options.backend], *options.extra_cmake_flags]
+
+
+def build_key(source: Source, options: BuildOptions) -> str:
+    ident = {
+        "source": source.source_id,
+        "backend": options.backend,
+        "flags": cmake_flags(options),
+        "compiler": _compiler_id(),
+        "cpu": _cpu_flags() if options.backend != "metal" else platform.machine(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{options.backend}-{digest}"
+
+
+def _build_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("CCACHE_DIR", str(root / "ccache"))
+    env.setdefault("CCACHE_BASEDIR", str(root))
+    env.setdefault("CCACHE_NOHASHDIR", "1")
+    return env
+
+
+def _lib_suffix() -> str:
+    return ".dylib" if sys.platform == "darwin" else ".so"
+
+
+def _shared_lib_name(stem: str) -> str:
+    return f"lib{stem}{_lib_suffix()}"
+
+
+def _configure_and_build(source: Source, options: BuildOptions, build_root: Path, targets: Sequence[str]) -> None:
+    build_dir = build_root / "build"
+    env = _build_env(cache_root(options))
+    jobs = options.jobs or os.cpu_count() or 2
+    if not (build_dir / "CMakeCache.txt").is_file():
+        run_streaming(["cmake", "-S", source.path, "-B", build_dir, *cmake_flags(options)], env=env)
+    t0 = time.monotonic()
+    run_streaming(["cmake", "--build", build_dir, "--config", "Release", "-j", str(jobs),
+                   "--target", *targets], env=env)
+    log(f"built {', '.join(targets)} in {time.monotonic() - t0:.0f}s")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cdef, cffi module and ABI probe
+
+
+def _parsed_cdef() -> object:
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF_FILE.read_text())
+    return ffi
+
+
+def generate_probe_table(ffi: object) -> str:
+    """C code for the probe: every cdef function re-declared, and one PROBE line per struct field."""
+    decls: dict[str, tuple[object, int]] = ffi._parser._declarations  # type: ignore[attr-defined]
+    lines = ["/* generated by build_llama.py from native/llama.cdef; do not edit */"]
+    for key in sorted(decls):
+        kind, _, name = key.partition(" ")
+        if kind == "function":
+            tp = decls[key][0]
+            lines.append(tp.as_raw_function().get_c_name(" " + name) + ";")  # type: ignore[attr-defined]
+    probes = []
+    _typedefs, structs, unions = ffi.list_types()  # type: ignore[attr-defined]
+    for name in structs:
+        tp = ffi.typeof(f"struct {name}")  # type: ignore[attr-defined]
+        if tp.fields is None:
+            continue  # opaque: only ever handled through pointers
+        probes.append(f"PROBE_STRUCT(struct {name})")
+        probes.extend(f"PROBE_FIELD(struct {name}, {field})" for field, _ in tp.fields)
+    lines.append("#define PROBE_TABLE \\")
+    lines.extend(f"    {p} \\" for p in probes)
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def run_abi_probe(source: Source, build_root: Path) -> Path:
+    """Compile and run the probe against this tree's headers; write abi.json into the library directory."""
+    ffi = _parsed_cdef()
+    probe_dir = build_root / "probe"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    (probe_dir / "abi_probe_table.h").write_text(generate_probe_table(ffi))
+    exe = probe_dir / "abi_probe"
+    cc = os.environ.get("CC", "cc")
+    includes = [source.path / "include", source.path / "ggml" / "include"]
+    run([cc, "-std=c11", "-Werror=incompatible-pointer-types", "-o", exe, PROBE_SOURCE,
+         *[f"-I{p}" for p in (probe_dir, *includes)]])
+    layouts: dict[str, dict[str, object]] = {}
+    for line in run([exe]).splitlines():
+        parts = line.split(" ")
+        if parts[0] == "S":
+            layouts[f"{parts[1]} {parts[2]}"] = {"sizeof": int(parts[3]), "offsetof": {}}
+        elif parts[0] == "F":
+            entry = layouts[f"{parts[1]} {parts[2]}"]
+            entry["offsetof"][parts[3]] = int(parts[4])  # type: ignore[index]
+    out = build_root / "build" / "bin" / "abi.json"
+    out.write_text(json.dumps({"source_id": source.source_id, "structs": layouts}, indent=2, sort_keys=True))
+    return out
+
+
+def generate_ffi_module(target: Path = FFI_MODULE) -> Path:
+    """Emit the out-of-line ABI-mode cffi module (pure Python, no compiler) from native/llama.cdef."""
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF_FILE.read_text())
+    ffi.set_source("erllama._native._llama_ffi", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_file = Path(tmp) / target.name
+        ffi.emit_python_code(str(tmp_file))
+        text = tmp_file.read_text()
+    header = f"# generated by build_llama.py from native/llama.cdef (sha256 {sha256_file(CDEF_FILE)[:16]})\n"
+    text = header + text
+    if not target.is_file() or target.read_text() != text:
+        target.write_text(text)
+        log(f"wrote {target}")
+    return target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _manifest(result: BuildResult, options: BuildOptions) -> dict[str, object]:
+    return {
+        "key": result.key,
+        "backend": options.backend,
+        "lib_dir": str(result.lib_dir),
+        "tools": {k: str(v) for k, v in result.tools.items()},
+        "abi_file": str(result.abi_file),
+        "source_id": result.source.source_id,
+        "origin": result.source.origin,
+        "cmake_flags": cmake_flags(options),
+    }
+
+
+def ensure_built(options: BuildOptions) -> BuildResult:
+    """Fetch, verify and build as needed; return where the libraries (and tools) are. Idempotent."""
+    generate_ffi_module()
+    source = resolve_source(options)
+    key = build_key(source, options)
+    root = cache_root(options) / "llama"
+    build_root = root / key
+    lib_dir = build_root / "build" / "bin"
+    libs_ok = build_root / "libs.ok"
+    tools_ok = build_root / "tools.ok"
+    build_root.mkdir(parents=True, exist_ok=True)
+    log(f"source {source.source_id} ({source.origin})")
+    log(f"build {build_root}")
+    if not libs_ok.is_file():
+        _configure_and_build(source, options, build_root, LIB_TARGETS)
+        libs_ok.write_text("ok\n")
+    else:
+        log("libraries already built")
+    if options.with_tools and not tools_ok.is_file():
+        _configure_and_build(source, options, build_root, TOOL_TARGETS)
+        tools_ok.write_text("ok\n")
+    abi_file = run_abi_probe(source, build_root)
+    tools = {t: lib_dir / t for t in TOOL_TARGETS if tools_ok.is_file()}
+    if not (lib_dir / _shared_lib_name("llama")).exists():
+        raise BuildError(f"the build finished but {lib_dir / _shared_lib_name('llama')} is missing")
+    result = BuildResult(key=key, build_root=build_root, lib_dir=lib_dir, tools=tools, abi_file=abi_file,
+                         source=source)
+    manifest = _manifest(result, options)
+    (build_root / "build.json").write_text(json.dumps(manifest, indent=2))
+    (root / f"current-{options.backend}.json").write_text(json.dumps(manifest, indent=2))
+    (root / "current.json").write_text(json.dumps(manifest, indent=2))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=BACKENDS, default="cpu")
+    parser.add_argument("--with-tools", action="store_true", help="also build " + ", ".join(TOOL_TARGETS))
+    parser.add_argument("--source", type=Path, help="build this llama.cpp checkout instead of the pinned download")
+    parser.add_argument("--allow-unpinned", action="store_true", help="accept a --source that is not the pin")
+    parser.add_argument("--jobs", "-j", type=int, help="parallel compile jobs (default: all cores)")
+    parser.add_argument("--cache-dir", type=Path, help="default: $ERLLAMA_CACHE_DIR or ~/.cache/erllama")
+    parser.add_argument("--cmake-flag", action="append", default=[], dest="cmake_flags", metavar="-DX=Y",
+                        help="extra CMake flag (repeatable; part of the build key)")
+    parser.add_argument("--print-lib-dir", action="store_true", help="print only the library directory")
+    parser.add_argument("--ffi-only", action="store_true", help="only regenerate the cffi module")
+    args = parser.parse_args(argv)
+    if args.ffi_only:
+        generate_ffi_module()
+        return 0
+    if args.cmake_flags and not all(re.fullmatch(r"-D[A-Za-z0-9_]+(:[A-Z]+)?=.*", f) for f in args.cmake_flags):
+        parser.error("--cmake-flag takes -DNAME=VALUE")
+    options = BuildOptions(backend=args.backend, with_tools=args.with_tools, source=args.source,
+                           allow_unpinned=args.allow_unpinned, jobs=args.jobs, cache_dir=args.cache_dir,
+                           extra_cmake_flags=tuple(args.cmake_flags))
+    try:
+        result = ensure_built(options)
+    except BuildError as exc:
+        print(f"build_llama: error: {exc}", file=sys.stderr)
+        return 1
+    if not args.print_lib_dir:
+        log(f"ABI layouts: {result.abi_file}")
+        for name, path in result.tools.items():
+            log(f"tool {name}: {path}")
+    print(result.lib_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The cffi ABI-mode binding to libllama: the only package of erllama that touches cffi.
+
+``loader`` finds and opens the library once per process; ``Model``, ``Context``, ``Batch`` and ``Sampler`` each own
+one llama.cpp object and free it deterministically in ``close()``; ``Detokenizer`` streams text safely.
+"""
+
+from erllama._native.batch import Batch
+from erllama._native.context import Context, ContextConfig, FlashAttention, KVType
+from erllama._native.loader import Library, abi_mismatches, library
+from erllama._native.model import LoraAdapter, Model, ModelConfig, ModelInfo
+from erllama._native.sampler import DEFAULT_SEED, Sampler, SamplerConfig
+from erllama._native.text import Detokenizer
+
+__all__ = [
+    "DEFAULT_SEED",
+    "Batch",
+    "Context",
+    "ContextConfig",
+    "Detokenizer",
+    "FlashAttention",
+    "KVType",
+    "Library",
+    "LoraAdapter",
+    "Model",
+    "ModelConfig",
+    "ModelInfo",
+    "Sampler",
+    "SamplerConfig",
+    "abi_mismatches",
+    "library",
+]

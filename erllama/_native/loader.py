@@ -1,0 +1,191 @@
+"""Finding, loading and checking libllama: the process-wide half of the binding.
+
+The library is ``dlopen``-ed once per process (thread-safe), from ``$ERLLAMA_LIB_DIR`` or else from the build that
+``build_llama.py`` recorded in its cache. Before any model is touched the loader
+
+* sets ``GGML_NO_BACKTRACE`` so a failed ggml assertion never forks a debugger to print a backtrace;
+* compares the ABI probe's layouts (``abi.json`` beside the libraries) with cffi's, refusing a library whose
+  structs differ from the cdef;
+* calls ``llama_backend_init`` and routes llama.cpp's log callback into the ``erllama.llama`` logger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from erllama._native import errcheck
+from erllama.errors import LibraryError
+
+try:
+    from erllama._native._llama_ffi import ffi
+except ImportError as exc:  # pragma: no cover - only before the first build
+    raise LibraryError(
+        "erllama's cffi module has not been generated yet; run `python build_llama.py` from the source tree"
+    ) from exc
+
+__all__ = ["Library", "abi_mismatches", "ffi", "lib", "library", "library_dir"]
+
+log = logging.getLogger("erllama.llama")
+
+_LOG_LEVELS = {
+    0: logging.DEBUG,  # GGML_LOG_LEVEL_NONE
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+_LOG_CONT = 5
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Library:
+    """The loaded libllama and where it came from."""
+
+    lib: Any
+    lib_dir: Path
+    abi_file: Path | None
+    manifest: dict[str, Any]
+
+    @property
+    def backend(self) -> str:
+        return str(self.manifest.get("backend", "unknown"))
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("ERLLAMA_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "erllama"
+
+
+def library_dir() -> tuple[Path, dict[str, Any]]:
+    """Where the libraries are: ``$ERLLAMA_LIB_DIR``, else the build recorded by build_llama.py."""
+    env = os.environ.get("ERLLAMA_LIB_DIR")
+    if env:
+        lib_dir = Path(env).expanduser()
+        manifest_file = lib_dir.parent.parent / "build.json"
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+        return lib_dir, manifest
+    backend = os.environ.get("ERLLAMA_BACKEND")
+    current = _cache_root() / "llama" / (f"current-{backend}.json" if backend else "current.json")
+    if not current.is_file():
+        raise LibraryError(
+            f"no libllama build found ({current} is missing); run `python build_llama.py` or set ERLLAMA_LIB_DIR"
+        )
+    manifest = json.loads(current.read_text())
+    return Path(manifest["lib_dir"]), manifest
+
+
+def abi_mismatches(abi: dict[str, Any]) -> list[str]:
+    """Differences between the probe's recorded layouts and cffi's view of the cdef (empty when they agree)."""
+    problems = []
+    structs: dict[str, dict[str, Any]] = abi["structs"]
+    _typedefs, names, _unions = ffi.list_types()
+    for name in names:
+        ctype = ffi.typeof(f"struct {name}")
+        try:
+            size = ffi.sizeof(ctype)  # also completes cffi's lazy layout before .fields is read
+        except ffi.error:
+            continue  # opaque: only ever handled through pointers
+        key = f"struct {name}"
+        if key not in structs:
+            problems.append(f"{key}: not measured by the ABI probe")
+            continue
+        probe = structs[key]
+        if probe["sizeof"] != size:
+            problems.append(f"{key}: sizeof is {probe['sizeof']} in C, {size} in the cdef")
+        for field, _ in ctype.fields:
+            c_off = probe["offsetof"].get(field)
+            py_off = ffi.offsetof(ctype, field)
+            if c_off != py_off:
+                problems.append(f"{key}.{field}: offset {c_off} in C, {py_off} in the cdef")
+    return problems
+
+
+def _dlopen_all(lib_dir: Path) -> Any:
+    """Open the ggml libraries first (base, backends, ggml), then libllama, so a relocated set still resolves."""
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    main = lib_dir / f"libllama{suffix}"
+    if not main.exists():
+        raise LibraryError(f"{main} does not exist; run `python build_llama.py` or fix ERLLAMA_LIB_DIR")
+    ggml = sorted(lib_dir.glob(f"libggml*{suffix}"))
+    order = (
+        [p for p in ggml if p.name == f"libggml-base{suffix}"]
+        + [p for p in ggml if p.name not in (f"libggml-base{suffix}", f"libggml{suffix}")]
+        + [p for p in ggml if p.name == f"libggml{suffix}"]
+    )
+    flags = ffi.RTLD_NOW | ffi.RTLD_GLOBAL
+    try:
+        deps = [ffi.dlopen(str(p), flags) for p in order]
+        handle = ffi.dlopen(str(main), flags)
+    except OSError as exc:
+        raise LibraryError(f"could not load libllama from {lib_dir}: {exc}") from exc
+    _keepalive.extend(deps)
+    return handle
+
+
+# cffi objects that must outlive every call into the library: dependency handles and the log callback.
+_keepalive: list[Any] = []
+_lock = threading.Lock()
+_library: Library | None = None
+_pending_line: dict[int, str] = {}
+
+
+def _on_log(level: int, text: Any, _user_data: Any) -> None:
+    # Called by llama.cpp on whatever thread logs; pieces without a newline are joined per thread.
+    message = ffi.string(text).decode("utf-8", "replace")
+    tid = threading.get_ident()
+    if level == _LOG_CONT:
+        message = _pending_line.pop(tid, "") + message
+        level = logging.DEBUG
+    elif tid in _pending_line:
+        log.debug("%s", _pending_line.pop(tid))
+    if not message.endswith("\n"):
+        _pending_line[tid] = message
+        return
+    py_level = _LOG_LEVELS.get(level, logging.INFO)
+    if py_level >= logging.WARNING:
+        errcheck.record(message)
+    if log.isEnabledFor(py_level):
+        log.log(py_level, "%s", message.rstrip())
+
+
+def _load() -> Library:
+    # Never let a ggml assertion fork gdb/lldb to print a backtrace; it must fail fast.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+    lib_dir, manifest = library_dir()
+    abi_file = lib_dir / "abi.json"
+    if abi_file.is_file():
+        problems = abi_mismatches(json.loads(abi_file.read_text()))
+        if problems:
+            raise LibraryError(
+                "libllama's ABI does not match native/llama.cdef:\n  " + "\n  ".join(problems)
+            )
+    elif os.environ.get("ERLLAMA_SKIP_ABI_CHECK") != "1":
+        raise LibraryError(f"{abi_file} is missing: rebuild with build_llama.py (or set ERLLAMA_SKIP_ABI_CHECK=1)")
+    lib = _dlopen_all(lib_dir)
+    callback = ffi.callback("ggml_log_callback", _on_log)
+    _keepalive.append(callback)
+    lib.llama_log_set(callback, ffi.NULL)
+    lib.llama_backend_init()
+    return Library(lib=lib, lib_dir=lib_dir, abi_file=abi_file if abi_file.is_file() else None, manifest=manifest)
+
+
+def library() -> Library:
+    """The process-wide library, loaded on first use."""
+    global _library
+    if _library is None:
+        with _lock:
+            if _library is None:
+                _library = _load()
+    return _library
+
+
+def lib() -> Any:
+    """The cffi library object (``lib().llama_decode(...)``)."""
+    return library().lib

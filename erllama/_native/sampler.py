@@ -1,0 +1,171 @@
+"""``Sampler``: a llama.cpp sampler chain built from a ``SamplerConfig``.
+
+Chain order follows llama.cpp's own defaults: logit bias, grammar, penalties, then either greedy (temperature
+<= 0) or top-k, typical, top-p, min-p, temperature and a seeded distribution draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from erllama._native import errcheck
+from erllama._native.context import Context
+from erllama._native.loader import ffi, lib
+from erllama._native.model import Model
+from erllama.errors import ClosedError, InvalidInputError, SamplerError
+
+__all__ = ["DEFAULT_SEED", "Sampler", "SamplerConfig"]
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplerConfig:
+    """Sampling parameters. The defaults are greedy decoding.
+
+    Attributes:
+        temperature: <= 0 selects greedy decoding; otherwise the distribution is sharpened or flattened.
+        top_k: keep the k most likely tokens (0 disables).
+        top_p: nucleus sampling threshold (1.0 disables).
+        min_p: drop tokens below min_p times the top probability (0.0 disables).
+        typical_p: locally typical sampling (1.0 disables).
+        repeat_penalty: divide logits of recent tokens (1.0 disables).
+        frequency_penalty: subtract count * value from recent tokens' logits (0.0 disables).
+        presence_penalty: subtract value from recent tokens' logits (0.0 disables).
+        penalty_last_n: how many recent tokens the penalties look at (-1: the whole context).
+        seed: RNG seed for the distribution draw (None: random).
+        grammar: a GBNF grammar that constrains the output.
+        grammar_root: the grammar's start rule.
+        logit_bias: token id -> bias added to its logit.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    grammar: str | None = None
+    grammar_root: str = "root"
+    logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0 or not 0.0 < self.typical_p <= 1.0:
+            raise InvalidInputError("top_p and min_p must be in [0, 1], typical_p in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidInputError("top_k must be >= 0")
+        if self.repeat_penalty <= 0.0:
+            raise InvalidInputError("repeat_penalty must be > 0")
+        if self.penalty_last_n < -1:
+            raise InvalidInputError("penalty_last_n must be >= -1")
+        if self.seed is not None and not 0 <= self.seed <= 0xFFFFFFFF:
+            raise InvalidInputError("seed must fit in 32 bits")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class Sampler:
+    """A sampler chain for one model. Use it on the thread that owns the context it samples from."""
+
+    def __init__(self, model: Model, config: SamplerConfig | None = None) -> None:
+        self._handle: Any = None
+        self.config = cfg = config or SamplerConfig()
+        self.model = model
+        L = lib()
+        for token in cfg.logit_bias:
+            model._check_token(token)
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = L.llama_sampler_chain_init(params)
+        self._handle = chain
+        try:
+            if cfg.logit_bias:
+                biases = ffi.new("llama_logit_bias[]", len(cfg.logit_bias))
+                for i, (tok, bias) in enumerate(cfg.logit_bias.items()):
+                    biases[i].token, biases[i].bias = tok, bias
+                self._add(L.llama_sampler_init_logit_bias(model.n_vocab, len(cfg.logit_bias), biases))
+            if cfg.grammar is not None:
+                errcheck.clear_last_error()
+                grammar = L.llama_sampler_init_grammar(model.vocab, cfg.grammar.encode(), cfg.grammar_root.encode())
+                if grammar == ffi.NULL:
+                    raise SamplerError(f"could not parse the grammar: {errcheck.last_error('invalid grammar')}")
+                self._add(grammar)
+            if cfg.repeat_penalty != 1.0 or cfg.frequency_penalty != 0.0 or cfg.presence_penalty != 0.0:
+                self._add(L.llama_sampler_init_penalties(model.n_vocab, cfg.penalty_last_n, cfg.repeat_penalty,
+                                                         cfg.frequency_penalty, cfg.presence_penalty))
+            if cfg.greedy:
+                self._add(L.llama_sampler_init_greedy())
+            else:
+                if cfg.top_k > 0:
+                    self._add(L.llama_sampler_init_top_k(cfg.top_k))
+                if cfg.typical_p < 1.0:
+                    self._add(L.llama_sampler_init_typical(cfg.typical_p, 1))
+                if cfg.top_p < 1.0:
+                    self._add(L.llama_sampler_init_top_p(cfg.top_p, 1))
+                if cfg.min_p > 0.0:
+                    self._add(L.llama_sampler_init_min_p(cfg.min_p, 1))
+                self._add(L.llama_sampler_init_temp(cfg.temperature))
+                self._add(L.llama_sampler_init_dist(DEFAULT_SEED if cfg.seed is None else cfg.seed))
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, smpl: Any) -> None:
+        if smpl == ffi.NULL:
+            raise SamplerError("llama.cpp could not create a sampler")
+        lib().llama_sampler_chain_add(self._handle, smpl)  # the chain owns it from here on
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None) is not None:
+            warnings.warn("Sampler was never closed", ResourceWarning, stacklevel=1)
+
+    @property
+    def handle(self) -> Any:
+        if self._handle is None:
+            raise ClosedError("sampler is closed")
+        return self._handle
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def close(self) -> None:
+        """Free the chain and every sampler in it. Idempotent."""
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            lib().llama_sampler_free(handle)
+
+    @property
+    def length(self) -> int:
+        """Number of samplers in the chain."""
+        return int(lib().llama_sampler_chain_n(self.handle))
+
+    def sample(self, ctx: Context, row: int) -> int:
+        """Pick a token from output row ``row`` of ctx's last decode and accept it into the chain's state."""
+        if ctx.model is not self.model:
+            raise InvalidInputError("the sampler was built for another model")
+        ctx._check_output(row)
+        return int(lib().llama_sampler_sample(self.handle, ctx.handle, row))
+
+    def accept(self, token: int) -> None:
+        """Feed a token (e.g. of the prompt) to the stateful samplers: penalties and grammar."""
+        self.model._check_token(token)
+        lib().llama_sampler_accept(self.handle, token)
+
+    def reset(self) -> None:
+        lib().llama_sampler_reset(self.handle)

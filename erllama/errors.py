@@ -1,0 +1,139 @@
+"""The one exception tree of erllama.
+
+Every error erllama raises derives from :class:`ErllamaError`. Where callers expect a standard library base, the
+class derives from it too, so ``except ValueError`` keeps working for bad input and ``except OSError`` for files::
+
+    ErllamaError
+    ├── InvalidInputError (ValueError)       bad arguments, caught before any C call
+    │   ├── TokenIdError                     a token id outside [0, n_vocab)
+    │   ├── SeqIdError                       a sequence id outside [0, n_seq_max)
+    │   └── ContextOverflowError             the tokens would not fit the sequence's room in the KV cache
+    ├── ClosedError (ValueError)             a Model / Context / Sampler used after close()
+    ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
+    ├── ResourceBusyError (RuntimeError)     a Model closed while contexts still use it
+    └── NativeError (RuntimeError)           llama.cpp reported a failure
+        ├── LibraryError (ImportError)       libllama missing, not built, or its ABI does not match the cdef
+        ├── ModelLoadError (OSError)         a GGUF that is missing, unreadable or corrupt
+        ├── ContextCreateError               llama_init_from_model() returned NULL
+        ├── DecodeError                      llama_decode() failed (fields: code)
+        │   ├── KVCacheFullError             code 1: no KV slot for the batch
+        │   └── DecodeAbortedError           code 2: the abort callback asked to stop
+        ├── StateError                       a sequence state could not be read or restored
+        ├── SamplerError                     a sampler could not be built (e.g. a grammar that does not parse)
+        └── AdapterError (OSError)           a LoRA adapter that could not be loaded or applied
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "ClosedError",
+    "ContextCreateError",
+    "ContextOverflowError",
+    "DecodeAbortedError",
+    "DecodeError",
+    "ErllamaError",
+    "InvalidInputError",
+    "KVCacheFullError",
+    "LibraryError",
+    "ModelLoadError",
+    "NativeError",
+    "ResourceBusyError",
+    "SamplerError",
+    "SeqIdError",
+    "StateError",
+    "ThreadAffinityError",
+    "TokenIdError",
+]
+
+
+class ErllamaError(Exception):
+    """Base of every error erllama raises."""
+
+
+class InvalidInputError(ErllamaError, ValueError):
+    """Input that would be unsafe or meaningless to hand to llama.cpp."""
+
+
+class TokenIdError(InvalidInputError):
+    """A token id outside the vocabulary."""
+
+    def __init__(self, token: int, n_vocab: int) -> None:
+        super().__init__(f"token id {token} is outside the vocabulary [0, {n_vocab})")
+        self.token = token
+        self.n_vocab = n_vocab
+
+
+class SeqIdError(InvalidInputError):
+    """A sequence id outside the context's sequences."""
+
+    def __init__(self, seq_id: int, n_seq_max: int) -> None:
+        super().__init__(f"sequence id {seq_id} is outside [0, {n_seq_max})")
+        self.seq_id = seq_id
+        self.n_seq_max = n_seq_max
+
+
+class ContextOverflowError(InvalidInputError):
+    """The tokens would not fit the room left for the sequence in the KV cache."""
+
+    def __init__(self, seq_id: int, needed: int, n_ctx_seq: int) -> None:
+        super().__init__(f"sequence {seq_id} would need {needed} positions; the context holds {n_ctx_seq} per sequence")
+        self.seq_id = seq_id
+        self.needed = needed
+        self.n_ctx_seq = n_ctx_seq
+
+
+class ClosedError(ErllamaError, ValueError):
+    """An object used after close()."""
+
+
+class ThreadAffinityError(ErllamaError, RuntimeError):
+    """A llama context used from a thread that does not own it."""
+
+
+class ResourceBusyError(ErllamaError, RuntimeError):
+    """A resource released while something still depends on it."""
+
+
+class NativeError(ErllamaError, RuntimeError):
+    """llama.cpp reported a failure."""
+
+
+class LibraryError(NativeError, ImportError):
+    """libllama could not be found, loaded, or does not match the cdef's ABI."""
+
+
+class ModelLoadError(NativeError, OSError):
+    """A model file could not be loaded."""
+
+
+class ContextCreateError(NativeError):
+    """A llama context could not be created."""
+
+
+class DecodeError(NativeError):
+    """llama_decode() returned a failure code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KVCacheFullError(DecodeError):
+    """No KV slot could be found for the batch (llama_decode returned 1)."""
+
+
+class DecodeAbortedError(DecodeError):
+    """The abort callback stopped the decode (llama_decode returned 2)."""
+
+
+class StateError(NativeError):
+    """A sequence state blob could not be produced or restored."""
+
+
+class SamplerError(NativeError):
+    """A sampler could not be created."""
+
+
+class AdapterError(NativeError, OSError):
+    """A LoRA adapter could not be loaded or applied."""
