@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterable
+from typing import Protocol
 
-from erllama._native.model import Model
+__all__ = ["Detokenizer", "PieceSource"]
 
-__all__ = ["Detokenizer"]
+
+class PieceSource(Protocol):
+    """Anything that renders a token id to its bytes (a Model, or a test double)."""
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes: ...
 
 
 class Detokenizer:
@@ -24,7 +29,7 @@ class Detokenizer:
         special: render control tokens (``<|im_end|>``...) as their text instead of nothing.
     """
 
-    def __init__(self, model: Model, *, special: bool = False) -> None:
+    def __init__(self, model: PieceSource, *, special: bool = False) -> None:
         self._model = model
         self._special = special
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

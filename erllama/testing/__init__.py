@@ -1,7 +1,7 @@
 """Test models: a tiny generated llama model and real small models shipped in PyPI packages."""
 
 from erllama.testing.fetch import SMOLLM2, FetchError, PackagedModel, fetch, models_dir
-from erllama.testing.tiny import TinyModelSpec, spm_vocab, tiny_model, write_tiny_model
+from erllama.testing.tiny import TinyModelSpec, spm_vocab, tiny_model, write_tiny_lora, write_tiny_model
 
 __all__ = [
     "SMOLLM2",
@@ -12,5 +12,6 @@ __all__ = [
     "models_dir",
     "spm_vocab",
     "tiny_model",
+    "write_tiny_lora",
     "write_tiny_model",
 ]

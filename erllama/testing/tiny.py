@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TinyModelSpec", "spm_vocab", "tiny_model", "write_tiny_model"]
+__all__ = ["TinyModelSpec", "spm_vocab", "tiny_model", "write_tiny_lora", "write_tiny_model"]
+
+_FORMAT_VERSION = 1  # bump when write_tiny_model() changes what it writes
 
 # SentencePiece token types (tokenizer.ggml.token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
@@ -51,7 +53,8 @@ class TinyModelSpec:
     f16: bool = True
 
     def digest(self) -> str:
-        return hashlib.sha256(repr(self).encode()).hexdigest()[:12]
+        """Names the file: changes whenever the spec, the vocabulary or the writer's format version does."""
+        return hashlib.sha256(repr((_FORMAT_VERSION, self, spm_vocab())).encode()).hexdigest()[:12]
 
 
 def spm_vocab() -> tuple[list[str], list[float], list[int]]:
@@ -163,3 +166,31 @@ def tiny_model(directory: str | os.PathLike[str] | None = None, spec: TinyModelS
     if not path.is_file():
         write_tiny_model(path, spec)
     return path
+
+
+def write_tiny_lora(path: str | os.PathLike[str], spec: TinyModelSpec | None = None, *, rank: int = 4,
+                    alpha: float = 8.0, seed: int = 99) -> Path:
+    """Write a random LoRA adapter for the tiny model (attention Q and V of every layer)."""
+    import gguf
+
+    spec = spec or TinyModelSpec()
+    rng = np.random.default_rng(seed)
+    n_embd_kv = spec.n_embd // spec.n_head * spec.n_head_kv
+    out = Path(path)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    for i in range(spec.n_layer):
+        for name, n_out in (("attn_q", spec.n_embd), ("attn_v", n_embd_kv)):
+            a = (rng.standard_normal((rank, spec.n_embd)) * 0.5).astype(np.float32)
+            b = (rng.standard_normal((n_out, rank)) * 0.5).astype(np.float32)
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+    return out
