@@ -151,7 +151,7 @@ class Context:
             model._release()
             raise ContextCreateError(f"could not create a context: {errcheck.last_error('unknown error')}")
         self._handle = handle
-        self._mem = lib().llama_get_memory(handle)
+        self._mem_handle = lib().llama_get_memory(handle)
         self.n_ctx = int(lib().llama_n_ctx(handle))
         self.n_ctx_seq = int(lib().llama_n_ctx_seq(handle))
         self.n_batch = int(lib().llama_n_batch(handle))
@@ -178,6 +178,12 @@ class Context:
     @property
     def closed(self) -> bool:
         return self._handle is None
+
+    @property
+    def _memory(self) -> Any:
+        """The context's ``llama_memory_t``, only while the context is open and on the owner thread."""
+        self.handle  # noqa: B018
+        return self._mem_handle
 
     @property
     def handle(self) -> Any:
@@ -264,7 +270,7 @@ class Context:
                 self._check_positions(int(seq), int(p.min()), int(p.max()))
 
     def _check_positions(self, seq: int, first: int, last: int) -> None:
-        nxt = int(lib().llama_memory_seq_pos_max(self._mem, seq)) + 1
+        nxt = int(lib().llama_memory_seq_pos_max(self._memory, seq)) + 1
         if first != nxt:
             raise InvalidInputError(f"sequence {seq} continues at position {nxt}, the batch starts at {first}")
         if last >= self.n_ctx_seq:
@@ -297,12 +303,13 @@ class Context:
         ``should_stop`` is polled between chunks; when it returns True the remaining chunks are skipped and
         DecodeAbortedError is raised (the chunks already decoded stay in the sequence).
         """
+        self.handle  # noqa: B018 - open, owner thread
         self.check_seq(seq_id)
         arr = np.asarray(tokens, dtype=np.int32)
         if arr.ndim != 1 or len(arr) == 0:
             raise InvalidInputError("decode_tokens needs a non-empty 1-D token list")
         self.model.check_tokens(arr)
-        start = int(lib().llama_memory_seq_pos_max(self._mem, seq_id)) + 1
+        start = int(lib().llama_memory_seq_pos_max(self._memory, seq_id)) + 1
         if start + len(arr) > self.n_ctx_seq:
             raise ContextOverflowError(seq_id, start + len(arr), self.n_ctx_seq)
         batch = self._scratch
@@ -351,23 +358,20 @@ class Context:
 
     def seq_pos_min(self, seq_id: int) -> int:
         """Smallest position held for the sequence, -1 when empty."""
-        self.handle  # noqa: B018
-        return int(lib().llama_memory_seq_pos_min(self._mem, self.check_seq(seq_id)))
+        return int(lib().llama_memory_seq_pos_min(self._memory, self.check_seq(seq_id)))
 
     def seq_pos_max(self, seq_id: int) -> int:
         """Largest position held for the sequence, -1 when empty."""
-        self.handle  # noqa: B018
-        return int(lib().llama_memory_seq_pos_max(self._mem, self.check_seq(seq_id)))
+        return int(lib().llama_memory_seq_pos_max(self._memory, self.check_seq(seq_id)))
 
     def seq_len(self, seq_id: int) -> int:
         return self.seq_pos_max(seq_id) + 1
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions [p0, p1) of a sequence (negative bounds are open). False if it cannot be partial."""
-        self.handle  # noqa: B018
         if seq_id != -1:
             self.check_seq(seq_id)
-        return bool(lib().llama_memory_seq_rm(self._mem, seq_id, p0, p1))
+        return bool(lib().llama_memory_seq_rm(self._memory, seq_id, p0, p1))
 
     def seq_keep_first(self, seq_id: int, n_tokens: int) -> None:
         """Keep only the first ``n_tokens`` positions of a sequence."""
@@ -387,23 +391,20 @@ class Context:
         self.check_seq(dst)
         if not self.config.kv_unified and src != dst and (p0 > 0 or p1 > 0):
             raise InvalidInputError("a partial seq_cp across KV streams needs a context with kv_unified=True")
-        lib().llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+        lib().llama_memory_seq_cp(self._memory, src, dst, p0, p1)
 
     def seq_keep(self, seq_id: int) -> None:
         """Remove every sequence but this one."""
-        self.handle  # noqa: B018
-        lib().llama_memory_seq_keep(self._mem, self.check_seq(seq_id))
+        lib().llama_memory_seq_keep(self._memory, self.check_seq(seq_id))
 
     def clear(self, data: bool = True) -> None:
         """Empty the whole KV cache (and zero its buffers when ``data``)."""
-        self.handle  # noqa: B018
-        lib().llama_memory_clear(self._mem, data)
+        lib().llama_memory_clear(self._memory, data)
         self._outputs = np.zeros(0, dtype=np.int8)
 
     @property
     def can_shift(self) -> bool:
-        self.handle  # noqa: B018
-        return bool(lib().llama_memory_can_shift(self._mem))
+        return bool(lib().llama_memory_can_shift(self._memory))
 
     # -- per-sequence state ----------------------------------------------------------------------------------
 
@@ -441,7 +442,7 @@ class Context:
         n = int(lib().llama_state_seq_set_data(handle, ffi.from_buffer("uint8_t[]", view), size, seq_id))
         self._outputs = np.zeros(0, dtype=np.int8)
         if n == 0:
-            lib().llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            lib().llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             raise StateError(f"could not restore the state into sequence {seq_id}: {errcheck.last_error('')}")
         return n
 
