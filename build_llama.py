@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import os
 import platform
@@ -159,13 +160,15 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: 
     return proc.stdout
 
 
-def run_streaming(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None,
-                  env: dict[str, str] | None = None) -> None:
+def run_streaming(
+    cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> None:
     """Run a long command, echoing its progress lines to stderr."""
     args = [str(c) for c in cmd]
     log("$ " + " ".join(args))
-    with subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
+    with subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
         assert proc.stdout is not None
         tail: list[str] = []
         for line in proc.stdout:
@@ -255,15 +258,29 @@ def _fetch_pypi(pin: dict[str, dict[str, str]], src_root: Path) -> Source:
     pypi = pin["pypi"]
     sha = pypi["sdist_sha256"]
     dest = src_root / f"llama-cpp-python-{pypi['version']}"
-    source = Source(path=dest / "llama.cpp", source_id=f"sdist-{sha[:24]}",
-                    origin=f"pypi:{pypi['package']}=={pypi['version']}")
+    source = Source(
+        path=dest / "llama.cpp", source_id=f"sdist-{sha[:24]}", origin=f"pypi:{pypi['package']}=={pypi['version']}"
+    )
     if (dest / ".erllama-ok").is_file():
         return source
     with tempfile.TemporaryDirectory(dir=src_root) as tmp_s:
         tmp = Path(tmp_s)
         log(f"fetching the sdist of {pypi['package']}=={pypi['version']} from PyPI")
-        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"{pypi['package']}=={pypi['version']}", "-d", tmp])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"{pypi['package']}=={pypi['version']}",
+                "-d",
+                tmp,
+            ]
+        )
         sdists = list(tmp.glob("*.tar.gz"))
         if len(sdists) != 1:
             raise BuildError(f"pip download produced {len(sdists)} sdists")
@@ -274,7 +291,7 @@ def _fetch_pypi(pin: dict[str, dict[str, str]], src_root: Path) -> Source:
             members = []
             for m in tf.getmembers():
                 if m.name.startswith(prefix):
-                    m.name = "llama.cpp/" + m.name[len(prefix):]
+                    m.name = "llama.cpp/" + m.name[len(prefix) :]
                     members.append(m)
             if not members:
                 raise BuildError(f"the sdist has no {pypi['vendor_dir']}")
@@ -365,8 +382,9 @@ def _configure_and_build(source: Source, options: BuildOptions, build_root: Path
     if not (build_dir / "CMakeCache.txt").is_file():
         run_streaming(["cmake", "-S", source.path, "-B", build_dir, *cmake_flags(options)], env=env)
     t0 = time.monotonic()
-    run_streaming(["cmake", "--build", build_dir, "--config", "Release", "-j", str(jobs),
-                   "--target", *targets], env=env)
+    run_streaming(
+        ["cmake", "--build", build_dir, "--config", "Release", "-j", str(jobs), "--target", *targets], env=env
+    )
     log(f"built {', '.join(targets)} in {time.monotonic() - t0:.0f}s")
 
 
@@ -392,7 +410,7 @@ def generate_probe_table(ffi: object) -> str:
             tp = decls[key][0]
             lines.append(tp.as_raw_function().get_c_name(" " + name) + ";")  # type: ignore[attr-defined]
     probes = []
-    _typedefs, structs, unions = ffi.list_types()  # type: ignore[attr-defined]
+    _typedefs, structs, _unions = ffi.list_types()  # type: ignore[attr-defined]
     for name in structs:
         tp = ffi.typeof(f"struct {name}")  # type: ignore[attr-defined]
         if tp.fields is None:
@@ -414,8 +432,17 @@ def run_abi_probe(source: Source, build_root: Path) -> Path:
     exe = probe_dir / "abi_probe"
     cc = os.environ.get("CC", "cc")
     includes = [source.path / "include", source.path / "ggml" / "include"]
-    run([cc, "-std=c11", "-Werror=incompatible-pointer-types", "-o", exe, PROBE_SOURCE,
-         *[f"-I{p}" for p in (probe_dir, *includes)]])
+    run(
+        [
+            cc,
+            "-std=c11",
+            "-Werror=incompatible-pointer-types",
+            "-o",
+            exe,
+            PROBE_SOURCE,
+            *[f"-I{p}" for p in (probe_dir, *includes)],
+        ]
+    )
     layouts: dict[str, dict[str, object]] = {}
     for line in run([exe]).splitlines():
         parts = line.split(" ")
@@ -438,7 +465,7 @@ def generate_ffi_module(target: Path = FFI_MODULE) -> Path:
     ffi.set_source("erllama._native._llama_ffi", None)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_file = Path(tmp) / target.name
-        with contextlib.redirect_stdout(sys.stderr):  # cffi announces "generating ..." on stdout
+        with contextlib.redirect_stdout(io.StringIO()):  # cffi announces "generating <tmp file>" on stdout
             ffi.emit_python_code(str(tmp_file))
         text = tmp_file.read_text()
     header = f"# generated by build_llama.py from native/llama.cdef (sha256 {sha256_file(CDEF_FILE)[:16]})\n"
@@ -508,8 +535,7 @@ def _ensure_built(options: BuildOptions) -> BuildResult:
     tools = {t: lib_dir / t for t in TOOL_TARGETS if tools_ok.is_file()}
     if not (lib_dir / _shared_lib_name("llama")).exists():
         raise BuildError(f"the build finished but {lib_dir / _shared_lib_name('llama')} is missing")
-    result = BuildResult(key=key, build_root=build_root, lib_dir=lib_dir, tools=tools, abi_file=abi_file,
-                         source=source)
+    result = BuildResult(key=key, build_root=build_root, lib_dir=lib_dir, tools=tools, abi_file=abi_file, source=source)
     manifest = _manifest(result, options)
     (build_root / "build.json").write_text(json.dumps(manifest, indent=2))
     (root / f"current-{options.backend}.json").write_text(json.dumps(manifest, indent=2))
@@ -525,8 +551,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-unpinned", action="store_true", help="accept a --source that is not the pin")
     parser.add_argument("--jobs", "-j", type=int, help="parallel compile jobs (default: all cores)")
     parser.add_argument("--cache-dir", type=Path, help="default: $ERLLAMA_CACHE_DIR or ~/.cache/erllama")
-    parser.add_argument("--cmake-flag", action="append", default=[], dest="cmake_flags", metavar="-DX=Y",
-                        help="extra CMake flag (repeatable; part of the build key)")
+    parser.add_argument(
+        "--cmake-flag",
+        action="append",
+        default=[],
+        dest="cmake_flags",
+        metavar="-DX=Y",
+        help="extra CMake flag (repeatable; part of the build key)",
+    )
     parser.add_argument("--print-lib-dir", action="store_true", help="print only the library directory")
     parser.add_argument("--ffi-only", action="store_true", help="only regenerate the cffi module")
     args = parser.parse_args(argv)
@@ -535,9 +567,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmake_flags and not all(re.fullmatch(r"-D[A-Za-z0-9_]+(:[A-Z]+)?=.*", f) for f in args.cmake_flags):
         parser.error("--cmake-flag takes -DNAME=VALUE")
-    options = BuildOptions(backend=args.backend, with_tools=args.with_tools, source=args.source,
-                           allow_unpinned=args.allow_unpinned, jobs=args.jobs, cache_dir=args.cache_dir,
-                           extra_cmake_flags=tuple(args.cmake_flags))
+    options = BuildOptions(
+        backend=args.backend,
+        with_tools=args.with_tools,
+        source=args.source,
+        allow_unpinned=args.allow_unpinned,
+        jobs=args.jobs,
+        cache_dir=args.cache_dir,
+        extra_cmake_flags=tuple(args.cmake_flags),
+    )
     try:
         result = ensure_built(options)
     except BuildError as exc:

@@ -75,8 +75,9 @@ class Batch:
         self.n_tokens = i + 1
         return i
 
-    def add_sequence(self, tokens: Sequence[int] | npt.NDArray[np.int32], pos0: int, seq_id: int,
-                     logits_last: bool = True) -> int:
+    def add_sequence(
+        self, tokens: Sequence[int] | npt.NDArray[np.int32], pos0: int, seq_id: int, logits_last: bool = True
+    ) -> int:
         """Append consecutive tokens of one sequence at positions pos0, pos0+1, ...; returns the last row."""
         n = len(tokens)
         i = self.n_tokens

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import os
 import threading
 import warnings
@@ -215,7 +216,7 @@ class Context:
 
     @property
     def abort_requested(self) -> bool:
-        return self._abort_flag[0] != b"\x00"
+        return bool(self._abort_flag[0] != b"\x00")
 
     # -- settings --------------------------------------------------------------------------------------------
 
@@ -258,7 +259,7 @@ class Context:
         n_ids = batch.n_seq_id[:n]
         if int(n_ids.min()) < 1 or int(n_ids.max()) > batch.n_seq_max:
             raise InvalidInputError("every token must belong to at least one sequence")
-        pos = batch.pos[:n]
+        positions = batch.pos[:n]
         for k in range(int(n_ids.max())):
             rows = n_ids > k
             seqs = batch.seq_id[:n, k][rows]
@@ -266,7 +267,7 @@ class Context:
             if lo < 0 or hi >= self.n_seq_max:
                 raise SeqIdError(lo if lo < 0 else hi, self.n_seq_max)
             for seq in np.unique(seqs):
-                p = pos[rows][seqs == seq]
+                p = positions[rows][seqs == seq]
                 self._check_positions(int(seq), int(p.min()), int(p.max()))
 
     def _check_positions(self, seq: int, first: int, last: int) -> None:
@@ -296,8 +297,14 @@ class Context:
             raise DecodeAbortedError("decode aborted on request; finished micro-batches remain in the KV cache", rc)
         raise DecodeError(f"llama_decode failed with code {rc}: {errcheck.last_error('no detail logged')}", rc)
 
-    def decode_tokens(self, tokens: Sequence[int] | npt.NDArray[np.int32], seq_id: int = 0, *,
-                      logits_last: bool = True, should_stop: Callable[[], bool] | None = None) -> int:
+    def decode_tokens(
+        self,
+        tokens: Sequence[int] | npt.NDArray[np.int32],
+        seq_id: int = 0,
+        *,
+        logits_last: bool = True,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> int:
         """Append tokens to a sequence, in chunks of at most n_batch; returns the logits row of the last chunk.
 
         ``should_stop`` is polled between chunks; when it returns True the remaining chunks are skipped and
@@ -424,7 +431,7 @@ class Context:
         n = int(lib().llama_state_seq_get_data(handle, ffi.from_buffer("uint8_t[]", buf), size, seq_id))
         if n == 0:
             raise StateError(f"could not save the state of sequence {seq_id}: {errcheck.last_error('')}")
-        return memoryview(buf)[:n]
+        return buf.data[:n]
 
     def state_seq_set(self, data: bytes | bytearray | memoryview | npt.NDArray[np.uint8], seq_id: int) -> int:
         """Restore a state saved by :meth:`state_seq_get` into ``seq_id`` (replacing what it held).
@@ -482,12 +489,12 @@ class Context:
         lib().llama_perf_context_reset(self.handle)
 
 
-_strlen: Any = None
-
-
+@functools.cache
 def _strlen_pointer() -> Any:
-    global _strlen
-    if _strlen is None:
-        libc = ffi.dlopen(None)
-        _strlen = (libc, ffi.addressof(libc, "strlen"))
-    return _strlen[1]
+    """libc's strlen as a C function pointer (the libc handle is cached with it and stays open)."""
+    libc = ffi.dlopen(None)
+    _libc_handles.append(libc)
+    return ffi.addressof(libc, "strlen")
+
+
+_libc_handles: list[Any] = []

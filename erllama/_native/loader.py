@@ -163,9 +163,7 @@ def _load() -> Library:
     if abi_file.is_file():
         problems = abi_mismatches(json.loads(abi_file.read_text()))
         if problems:
-            raise LibraryError(
-                "libllama's ABI does not match native/llama.cdef:\n  " + "\n  ".join(problems)
-            )
+            raise LibraryError("libllama's ABI does not match native/llama.cdef:\n  " + "\n  ".join(problems))
     elif os.environ.get("ERLLAMA_SKIP_ABI_CHECK") != "1":
         raise LibraryError(f"{abi_file} is missing: rebuild with build_llama.py (or set ERLLAMA_SKIP_ABI_CHECK=1)")
     lib = _dlopen_all(lib_dir)
@@ -178,7 +176,7 @@ def _load() -> Library:
 
 def library() -> Library:
     """The process-wide library, loaded on first use."""
-    global _library
+    global _library  # noqa: PLW0603 - the process-wide singleton, guarded by _lock
     if _library is None:
         with _lock:
             if _library is None:

@@ -311,8 +311,9 @@ class Model:
             self._pieces[key] = piece
         return piece
 
-    def detokenize_bytes(self, tokens: Sequence[int], *, remove_special: bool = False,
-                         unparse_special: bool = False) -> bytes:
+    def detokenize_bytes(
+        self, tokens: Sequence[int], *, remove_special: bool = False, unparse_special: bool = False
+    ) -> bytes:
         """Token ids to the exact bytes llama.cpp renders for them."""
         self.check_tokens(tokens)
         if not tokens:
@@ -323,7 +324,7 @@ class Model:
             buf = ffi.new("char[]", capacity)
             n = lib().llama_detokenize(self.vocab, arr, len(tokens), buf, capacity, remove_special, unparse_special)
             if n >= 0:
-                return ffi.unpack(buf, n)
+                return bytes(ffi.unpack(buf, n))
             capacity = -n
 
     def detokenize(self, tokens: Sequence[int], *, remove_special: bool = False, unparse_special: bool = False) -> str:
@@ -334,7 +335,7 @@ class Model:
     def token_text(self, token: int) -> str:
         """The vocabulary's own text for a token (SPM pieces keep their ``▁``)."""
         self._check_token(token)
-        return ffi.string(lib().llama_vocab_get_text(self.vocab, token)).decode("utf-8", "replace")
+        return str(ffi.string(lib().llama_vocab_get_text(self.vocab, token)).decode("utf-8", "replace"))
 
     def token_attr(self, token: int) -> int:
         self._check_token(token)
@@ -349,8 +350,9 @@ class Model:
         self._check_token(token)
         return bool(lib().llama_vocab_is_control(self.vocab, token))
 
-    def apply_chat_template(self, messages: Iterable[tuple[str, str]], *, add_assistant: bool = True,
-                            template: str | None = None) -> str:
+    def apply_chat_template(
+        self, messages: Iterable[tuple[str, str]], *, add_assistant: bool = True, template: str | None = None
+    ) -> str:
         """Format messages with one of llama.cpp's built-in templates (the model's own by default).
 
         Only templates llama.cpp recognises are supported; Jinja rendering is the runtime's job.
@@ -370,7 +372,7 @@ class Model:
             if n < 0:
                 raise InvalidInputError("llama.cpp does not support this chat template")
             if n <= size:
-                return ffi.unpack(buf, n).decode("utf-8", "replace")
+                return str(ffi.unpack(buf, n).decode("utf-8", "replace"))
             size = n
 
     # -- adapters --------------------------------------------------------------------------------------------

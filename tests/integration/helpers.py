@@ -24,8 +24,9 @@ def step(ctx: Context, token: int, seq_id: int = 0) -> int:
     return 0
 
 
-def continue_greedy(ctx: Context, sampler: Sampler, pending: int, n: int,
-                    seq_id: int = 0) -> tuple[list[int], npt.NDArray[np.float32]]:
+def continue_greedy(
+    ctx: Context, sampler: Sampler, pending: int, n: int, seq_id: int = 0
+) -> tuple[list[int], npt.NDArray[np.float32]]:
     """Decode ``pending`` (a token not yet in the KV cache), then generate n tokens.
 
     Returns the generated tokens and the logits the first of them was sampled from.
@@ -40,8 +41,9 @@ def continue_greedy(ctx: Context, sampler: Sampler, pending: int, n: int,
     return out, first_logits
 
 
-def cold_run(ctx: Context, sampler: Sampler, prompt: Sequence[int], n: int,
-             seq_id: int = 0) -> tuple[list[int], npt.NDArray[np.float32]]:
+def cold_run(
+    ctx: Context, sampler: Sampler, prompt: Sequence[int], n: int, seq_id: int = 0
+) -> tuple[list[int], npt.NDArray[np.float32]]:
     """Prefill prompt[:-1], then continue greedily from the last prompt token."""
     ctx.decode_tokens(prompt[:-1], seq_id, logits_last=False)
     return continue_greedy(ctx, sampler, prompt[-1], n, seq_id)

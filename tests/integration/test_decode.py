@@ -39,8 +39,9 @@ def test_greedy_is_deterministic_across_contexts_and_processes(model: Model, mod
     first = _greedy(model)
     assert _greedy(model) == first
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(model_path), PROMPT], capture_output=True, text=True,
-                         check=True, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(model_path), PROMPT], capture_output=True, text=True, check=True, cwd=root
+    )
     assert json.loads(out.stdout) == first
 
 
@@ -65,8 +66,18 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(model: Model) -> Non
 def test_sampler_chain_is_built_from_the_config(model: Model) -> None:
     with Sampler(model) as greedy:
         assert greedy.length == 1
-    cfg = SamplerConfig(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, typical_p=0.95, repeat_penalty=1.1,
-                        frequency_penalty=0.1, presence_penalty=0.1, seed=1, logit_bias={5: -1.0})
+    cfg = SamplerConfig(
+        temperature=0.8,
+        top_k=40,
+        top_p=0.9,
+        min_p=0.05,
+        typical_p=0.95,
+        repeat_penalty=1.1,
+        frequency_penalty=0.1,
+        presence_penalty=0.1,
+        seed=1,
+        logit_bias={5: -1.0},
+    )
     with Sampler(model, cfg) as full:
         # logit bias, penalties, top-k, typical, top-p, min-p, temperature, dist
         assert full.length == 8

@@ -6,6 +6,7 @@ Runs on the tiny generated model and on SmolLM2-135M-Instruct (Q4_1).
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from erllama._native import Context, ContextConfig, Model, Sampler
@@ -22,6 +23,9 @@ TEXT = (
 N_GEN = 24
 CFG = ContextConfig(n_ctx=1024, n_batch=64, n_ubatch=64)
 
+# (state of prompt[:-1], greedy continuation, logits the first generated token was sampled from)
+Reference = tuple[bytes, list[int], npt.NDArray[np.float32]]
+
 
 @pytest.fixture(scope="module")
 def prompt(model: Model) -> list[int]:
@@ -31,7 +35,7 @@ def prompt(model: Model) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference(model: Model, prompt: list[int]) -> tuple[bytes, list[int], np.ndarray]:
+def reference(model: Model, prompt: list[int]) -> Reference:
     """The uninterrupted run, plus the state of prompt[:-1] saved on the way."""
     with Context(model, CFG) as ctx, Sampler(model) as sampler:
         ctx.decode_tokens(prompt[:-1], logits_last=False)
@@ -48,7 +52,7 @@ def test_state_blob_is_sized_exactly(model: Model, prompt: list[int]) -> None:
         assert len(blob) > len(prompt) * model.info.n_layer  # it really carries the KV cells
 
 
-def test_restore_into_fresh_context_is_token_identical(model: Model, prompt: list[int], reference: tuple) -> None:
+def test_restore_into_fresh_context_is_token_identical(model: Model, prompt: list[int], reference: Reference) -> None:
     state, ref_tokens, ref_logits = reference
     with Context(model, CFG) as ctx, Sampler(model) as sampler:
         consumed = ctx.state_seq_set(state, 0)
@@ -61,13 +65,15 @@ def test_restore_into_fresh_context_is_token_identical(model: Model, prompt: lis
 
 
 def _multi(n_seq: int, unified: bool) -> ContextConfig:
-    return ContextConfig(n_ctx=n_seq * CFG.n_ctx, n_batch=CFG.n_batch, n_ubatch=CFG.n_ubatch, n_seq_max=n_seq,
-                         kv_unified=unified)
+    return ContextConfig(
+        n_ctx=n_seq * CFG.n_ctx, n_batch=CFG.n_batch, n_ubatch=CFG.n_ubatch, n_seq_max=n_seq, kv_unified=unified
+    )
 
 
 @pytest.mark.parametrize("unified", [False, True], ids=["per-seq-streams", "unified-kv"])
-def test_restore_into_another_seq_of_a_multi_sequence_context(model: Model, prompt: list[int],
-                                                              reference: tuple, unified: bool) -> None:
+def test_restore_into_another_seq_of_a_multi_sequence_context(
+    model: Model, prompt: list[int], reference: Reference, unified: bool
+) -> None:
     """Save seq 0, restore into seq 2 of a fresh 4-sequence context whose other sequences are busy.
 
     A state blob records the KV layout's stream count, so blobs move between contexts of the same layout: with one
@@ -92,7 +98,7 @@ def test_restore_into_another_seq_of_a_multi_sequence_context(model: Model, prom
     assert np.array_equal(logits, ref_logits)
 
 
-def test_state_from_another_kv_layout_is_refused_cleanly(model: Model, reference: tuple) -> None:
+def test_state_from_another_kv_layout_is_refused_cleanly(model: Model, reference: Reference) -> None:
     state, _, _ = reference
     with Context(model, _multi(2, unified=False)) as ctx:
         with pytest.raises(StateError, match="n_stream"):
@@ -101,8 +107,9 @@ def test_state_from_another_kv_layout_is_refused_cleanly(model: Model, reference
         ctx.decode_tokens(model.tokenize("still works"), 1)
 
 
-def test_state_saved_mid_generation_continues_identically(model: Model, prompt: list[int],
-                                                          reference: tuple) -> None:
+def test_state_saved_mid_generation_continues_identically(
+    model: Model, prompt: list[int], reference: Reference
+) -> None:
     _, ref_tokens, _ = reference
     k = N_GEN // 2
     with Context(model, CFG) as ctx, Sampler(model) as sampler:
@@ -117,7 +124,7 @@ def test_state_saved_mid_generation_continues_identically(model: Model, prompt: 
     assert tail == ref_tokens[k + 1 :]
 
 
-def test_keep_first_k_and_redecode_the_rest(model: Model, prompt: list[int], reference: tuple) -> None:
+def test_keep_first_k_and_redecode_the_rest(model: Model, prompt: list[int], reference: Reference) -> None:
     """seq_rm back to k tokens, decode the rest again: the continuation is the same.
 
     The re-decoded tokens go through the model in a different batch shape than the first time (one batch instead of

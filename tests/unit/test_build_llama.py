@@ -29,7 +29,7 @@ def test_checksum_mismatch_is_an_error(tmp_path: Path) -> None:
 
 
 def test_source_dir_must_be_llama_cpp(tmp_path: Path) -> None:
-    with pytest.raises(bl.BuildError, match="not a llama.cpp source tree"):
+    with pytest.raises(bl.BuildError, match=r"not a llama\.cpp source tree"):
         bl.source_from_dir(tmp_path, bl.load_pin(), allow_unpinned=True)
 
 
