@@ -229,6 +229,8 @@ class Model:
         ftype = int(L.llama_model_ftype(h))
         tmpl = L.llama_model_chat_template(h, ffi.NULL)
         eog = tuple(t for t in range(self.n_vocab) if L.llama_vocab_is_eog(v, t))
+        # Per-layer hyperparameters are not loaded for a vocab-only model; llama.cpp aborts if asked for them.
+        has_layers = not self.config.vocab_only and int(L.llama_model_n_layer(h)) > 0
         return ModelInfo(
             path=str(self.path),
             file_size_bytes=self.path.stat().st_size,
@@ -237,8 +239,8 @@ class Model:
             n_ctx_train=int(L.llama_model_n_ctx_train(h)),
             n_embd=int(L.llama_model_n_embd(h)),
             n_layer=int(L.llama_model_n_layer(h)),
-            n_head=int(L.llama_model_n_head(h)),
-            n_head_kv=int(L.llama_model_n_head_kv(h)),
+            n_head=int(L.llama_model_n_head(h)) if has_layers else 0,
+            n_head_kv=int(L.llama_model_n_head_kv(h)) if has_layers else 0,
             n_vocab=self.n_vocab,
             n_swa=int(L.llama_model_n_swa(h)),
             n_params=int(L.llama_model_n_params(h)),

@@ -152,8 +152,8 @@ class TinyModelSpec:
 
     n_embd: int = 64
     n_layer: int = 2
-    n_head: int = 4
-    n_head_kv: int = 2
+    n_head: int = 2
+    n_head_kv: int = 1
     n_ff: int = 128
     n_ctx_train: int = 4096
     seed: int = 1234
