@@ -27,7 +27,8 @@ def test_tiny_model_metadata(native: None, tiny_path: Path) -> None:
         assert info.eos in info.eog_tokens
         assert info.quantization == "F16"
         assert info.n_swa == 0
-        assert info.chat_template is not None and "<|im_start|>" in info.chat_template
+        assert info.chat_template is not None
+        assert "<|im_start|>" in info.chat_template
         assert 0 < info.size_bytes <= info.file_size_bytes
         assert m.meta("general.name") == "erllama-tiny"
         assert m.meta_items()["general.architecture"] == "llama"
