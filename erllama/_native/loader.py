@@ -55,7 +55,17 @@ class Library:
 
     @property
     def backend(self) -> str:
-        return str(self.manifest.get("backend", "unknown"))
+        """``cpu``, ``cuda`` or ``metal`` as recorded by build_llama.py; for an unrecorded set, ``gpu`` when ggml
+        reports a GPU device and ``cpu`` otherwise."""
+        recorded = self.manifest.get("backend")
+        if recorded:
+            return str(recorded)
+        gpu_types = (1, 2)  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+        n = int(self.lib.ggml_backend_dev_count())
+        has_gpu = any(
+            int(self.lib.ggml_backend_dev_type(self.lib.ggml_backend_dev_get(i))) in gpu_types for i in range(n)
+        )
+        return "gpu" if has_gpu else "cpu"
 
 
 def _cache_root() -> Path:

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -254,6 +255,11 @@ def write_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
         writer.add_tensor(f"blk.{i}.ffn_down.weight", mat(spec.n_embd, spec.n_ff, 1.0 / np.sqrt(spec.n_ff)))
     writer.add_tensor("output_norm.weight", norm(spec.n_embd))
     writer.add_tensor("output.weight", mat(n_vocab, spec.n_embd, 3.0 * s))
+    return _finish(writer, tmp, out)
+
+
+def _finish(writer: Any, tmp: Path, out: Path) -> Path:
+    """Write everything added to ``writer`` into ``tmp``, then move it to ``out`` in one rename."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -301,9 +307,4 @@ def write_tiny_lora(
             b = (rng.standard_normal((n_out, rank)) * 0.5).astype(np.float32)
             writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
             writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(out)
-    return out
+    return _finish(writer, tmp, out)

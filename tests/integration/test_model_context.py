@@ -159,3 +159,10 @@ def test_fetcher_verifies_checksums(smollm2_path: Path, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="checksum mismatch"):
         fetch(tampered, tmp_path)
     assert not any(tmp_path.glob("*.gguf")), "nothing unverified is installed"
+
+
+def test_backend_of_an_unrecorded_library_is_detected(native: None) -> None:
+    import dataclasses as dc
+
+    lib = library()
+    assert dc.replace(lib, manifest={}).backend == "cpu"  # this machine has no GPU device
