@@ -202,6 +202,7 @@ class Context:
         handle = self.handle
         self._handle = None
         lib().llama_free(handle)
+        self._track_adapters([])
         self.model._release()
 
     # -- cancellation (any thread) ---------------------------------------------------------------------------
@@ -466,7 +467,15 @@ class Context:
         rc = lib().llama_set_adapters_lora(handle, ptrs, len(adapters), scales)
         if rc != 0:
             raise AdapterError(f"could not attach LoRA adapters (code {rc}): {errcheck.last_error('')}")
-        self._adapters = list(adapters)
+        self._track_adapters(list(adapters))
+
+    def _track_adapters(self, adapters: list[tuple[LoraAdapter, float]]) -> None:
+        # An attached adapter refuses close(), so it cannot be freed under a context that applies it.
+        for adapter, _ in adapters:
+            adapter._attached += 1
+        for adapter, _ in self._adapters:
+            adapter._attached -= 1
+        self._adapters = adapters
 
     @property
     def adapters(self) -> list[tuple[LoraAdapter, float]]:

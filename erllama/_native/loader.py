@@ -143,21 +143,26 @@ def _dlopen_all(lib_dir: Path) -> Any:
 _keepalive: list[Any] = []
 _lock = threading.Lock()
 _library: Library | None = None
-_pending_line: dict[int, str] = {}
+_pending_line: dict[int, tuple[int, str]] = {}
 
 
 def _on_log(level: int, text: Any, _user_data: Any) -> None:
-    # Called by llama.cpp on whatever thread logs; pieces without a newline are joined per thread.
+    # Called by llama.cpp on whatever thread logs. A line may arrive in pieces: the first carries the level, the
+    # rest come as GGML_LOG_LEVEL_CONT; pieces are joined per thread until the newline.
     message = ffi.string(text).decode("utf-8", "replace")
     tid = threading.get_ident()
+    pending = _pending_line.pop(tid, None)
     if level == _LOG_CONT:
-        message = _pending_line.pop(tid, "") + message
-        level = logging.DEBUG
-    elif tid in _pending_line:
-        log.debug("%s", _pending_line.pop(tid))
-    if not message.endswith("\n"):
-        _pending_line[tid] = message
-        return
+        level, message = (pending[0], pending[1] + message) if pending else (1, message)
+    elif pending is not None:
+        _emit(*pending)
+    if message.endswith("\n"):
+        _emit(level, message)
+    else:
+        _pending_line[tid] = (level, message)
+
+
+def _emit(level: int, message: str) -> None:
     py_level = _LOG_LEVELS.get(level, logging.INFO)
     if py_level >= logging.WARNING:
         errcheck.record(message)

@@ -92,6 +92,7 @@ class LoraAdapter:
     def __init__(self, model: Model, handle: Any, path: str) -> None:
         self._model = model
         self._handle = handle
+        self._attached = 0  # contexts that currently apply this adapter
         self.path = path
 
     @property
@@ -115,7 +116,9 @@ class LoraAdapter:
         return None if n < 0 else ffi.string(buf).decode("utf-8", "replace")
 
     def close(self) -> None:
-        """Free the adapter; contexts must no longer use it. Idempotent."""
+        """Free the adapter. Raises ResourceBusyError while a context applies it. Idempotent."""
+        if self._attached:
+            raise ResourceBusyError(f"LoRA adapter {self.path} is attached to {self._attached} context(s)")
         if self._handle is not None:
             handle, self._handle = self._handle, None
             self._model._adapters.discard(self)

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from erllama._native import Context, ContextConfig, Model
-from erllama.errors import AdapterError, ClosedError
+from erllama.errors import AdapterError, ClosedError, ResourceBusyError
 from erllama.testing import write_tiny_lora
 
 pytestmark = pytest.mark.native
@@ -36,6 +36,8 @@ def test_attach_scale_and_detach(tiny: Model, tmp_path: Path) -> None:
         base = _logits(ctx, tiny)
         ctx.set_adapters([(adapter, 1.0)])
         assert ctx.adapters == [(adapter, 1.0)]
+        with pytest.raises(ResourceBusyError):
+            adapter.close()  # freeing it now would leave the context pointing at freed memory
         full = _logits(ctx, tiny)
         assert not np.allclose(full, base)
         ctx.set_adapters([(adapter, 0.5)])
@@ -59,6 +61,14 @@ def test_bad_adapter_files(tiny: Model, tmp_path: Path) -> None:
     junk.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(AdapterError, match="could not load"):
         tiny.load_adapter(junk)
+
+
+def test_closing_the_context_releases_its_adapters(tiny: Model, tmp_path: Path) -> None:
+    adapter = tiny.load_adapter(write_tiny_lora(tmp_path / "lora.gguf"))
+    with Context(tiny, CFG) as ctx:
+        ctx.set_adapters([(adapter, 1.0)])
+    adapter.close()
+    assert adapter.closed
 
 
 def test_adapter_freed_with_its_model(native: None, tiny_path: Path, tmp_path: Path) -> None:
