@@ -11,11 +11,11 @@ Both sides run the workloads llama-bench defines:
 Same model, same threads, n_batch, n_ubatch, flash attention off, F16 KV cache, and, as llama-bench does, a context
 sized for each test (n_ctx = n_prompt for pp, n_gen for tg: the KV size decides how many cells attention reads).
 erllama's side goes through the public owner classes (``Batch``, ``Context.decode`` with its validation), so the
-ratio is the cost of the binding. The two peers alternate for ``--rounds`` rounds, back to back; the table gives
-each side's median t/s, the median over rounds of the paired ratio erllama / llama-bench (which cancels the slow
-drift of a shared machine) and the ratio of the best rounds (the least disturbed measurement of each side). A
-third line reports decoding with erllama's greedy ``Sampler`` in the loop, i.e. what a generation step really costs
-(llama-bench does not sample).
+ratio is the cost of the binding. The two peers alternate for ``--rounds`` short rounds, back to back and in ABBA
+order; the table gives each side's median t/s, the median over rounds of the paired ratio erllama / llama-bench
+(which cancels the slow drift of a shared machine) with its interquartile range, and the ratio of the best rounds
+(the least disturbed measurement of each side). A third line reports decoding with erllama's greedy ``Sampler`` in
+the loop, i.e. what a generation step really costs (llama-bench does not sample).
 
 Two in-process diagnostics follow, immune to drift between processes: the Python-side cost of one decode step
 (batch fill, validation, output bookkeeping) next to the measured step time, and an A/B of erllama's decode loop
@@ -186,8 +186,8 @@ def main() -> int:
     parser.add_argument("--n-gen", type=int, default=128)
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--n-ubatch", type=int, default=512)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per round (llama-bench -r)")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds of peer and binding")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions per round (llama-bench -r)")
+    parser.add_argument("--rounds", type=int, default=16, help="alternating rounds of peer and binding")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -198,8 +198,13 @@ def main() -> int:
     ours_runs: list[dict[str, float]] = []
     try:
         for r in range(args.rounds):
-            peer_runs.append(run_llama_bench(build.tools["llama-bench"], model, args))
-            ours_runs.append(binding.run())
+            # ABBA order: alternate who goes first, so a trend in the machine's speed lands on both sides.
+            if r % 2 == 0:
+                peer_runs.append(run_llama_bench(build.tools["llama-bench"], model, args))
+                ours_runs.append(binding.run())
+            else:
+                ours_runs.append(binding.run())
+                peer_runs.append(run_llama_bench(build.tools["llama-bench"], model, args))
             print(
                 f"round {r + 1}/{args.rounds}: llama-bench {peer_runs[-1]}  erllama {ours_runs[-1]}",
                 file=sys.stderr,
@@ -225,11 +230,19 @@ def main() -> int:
     print(f"{'workload':36} {'llama-bench t/s':>16} {'erllama t/s':>12} {'ratio':>7} {'best/best':>10}")
     ratios = {}
     for name, peer_key, our_key in rows:
-        paired = statistics.median(o[our_key] / p[peer_key] for p, o in zip(peer_runs, ours_runs, strict=True))
+        pairs = sorted(o[our_key] / p[peer_key] for p, o in zip(peer_runs, ours_runs, strict=True))
+        paired = statistics.median(pairs)
+        q1, _, q3 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else (paired, paired, paired)
         bb = best(ours_runs, our_key) / best(peer_runs, peer_key)
-        ratios[name.strip()] = {"paired_median": paired, "best_over_best": bb}
-        print(f"{name:36} {med(peer_runs, peer_key):16.2f} {med(ours_runs, our_key):12.2f} {paired:7.3f} {bb:10.3f}")
-    print("(t/s: medians over rounds; ratio: median over rounds of erllama/llama-bench measured back to back)")
+        ratios[name.strip()] = {"paired_median": paired, "q1": q1, "q3": q3, "best_over_best": bb}
+        print(
+            f"{name:36} {med(peer_runs, peer_key):16.2f} {med(ours_runs, our_key):12.2f} {paired:7.3f} "
+            f"{bb:10.3f}   [{q1:.3f} .. {q3:.3f}]"
+        )
+    print(
+        "(t/s: medians over rounds; ratio: median over rounds of erllama/llama-bench measured back to back, "
+        "[interquartile range of those paired ratios])"
+    )
 
     binding = Binding(model, args)
     try:
