@@ -423,10 +423,9 @@ def generate_probe_table(ffi: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_abi_probe(source: Source, build_root: Path) -> Path:
-    """Compile and run the probe against this tree's headers; write abi.json into the library directory."""
+def run_abi_probe(source: Source, probe_dir: Path, out: Path) -> Path:
+    """Compile and run the probe against this tree's headers; write the layouts to ``out`` (abi.json)."""
     ffi = _parsed_cdef()
-    probe_dir = build_root / "probe"
     probe_dir.mkdir(parents=True, exist_ok=True)
     (probe_dir / "abi_probe_table.h").write_text(generate_probe_table(ffi))
     exe = probe_dir / "abi_probe"
@@ -451,7 +450,6 @@ def run_abi_probe(source: Source, build_root: Path) -> Path:
         elif parts[0] == "F":
             entry = layouts[f"{parts[1]} {parts[2]}"]
             entry["offsetof"][parts[3]] = int(parts[4])  # type: ignore[index]
-    out = build_root / "build" / "bin" / "abi.json"
     out.write_text(json.dumps({"source_id": source.source_id, "structs": layouts}, indent=2, sort_keys=True))
     return out
 
@@ -531,7 +529,7 @@ def _ensure_built(options: BuildOptions) -> BuildResult:
     if options.with_tools and not tools_ok.is_file():
         _configure_and_build(source, options, build_root, TOOL_TARGETS)
         tools_ok.write_text("ok\n")
-    abi_file = run_abi_probe(source, build_root)
+    abi_file = run_abi_probe(source, build_root / "probe", lib_dir / "abi.json")
     tools = {t: lib_dir / t for t in TOOL_TARGETS if tools_ok.is_file()}
     if not (lib_dir / _shared_lib_name("llama")).exists():
         raise BuildError(f"the build finished but {lib_dir / _shared_lib_name('llama')} is missing")
