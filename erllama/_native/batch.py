@@ -35,8 +35,10 @@ class Batch:
         self._seq_storage = _alloc("llama_seq_id[]", capacity * n_seq_max)
         self._seq_ptrs = _alloc("llama_seq_id *[]", capacity)
         self._logits = _alloc("int8_t[]", capacity)
-        for i in range(capacity):
-            self._seq_ptrs[i] = self._seq_storage + i * n_seq_max
+        # seq_id[i] = &storage[i * n_seq_max], written as addresses in one vectorised store
+        ptrs = _view(self._seq_ptrs, capacity * ffi.sizeof("void *"), np.uintp)
+        base = int(ffi.cast("uintptr_t", self._seq_storage))
+        ptrs[:] = base + np.arange(capacity, dtype=np.uintp) * (n_seq_max * ffi.sizeof("llama_seq_id"))
         self.token: npt.NDArray[np.int32] = _view(self._token, capacity * 4, np.int32)
         self.pos: npt.NDArray[np.int32] = _view(self._pos, capacity * 4, np.int32)
         self.n_seq_id: npt.NDArray[np.int32] = _view(self._n_seq_id, capacity * 4, np.int32)
