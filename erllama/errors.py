@@ -11,6 +11,8 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     ├── ClosedError (ValueError)             a Model / Context / Sampler used after close()
     ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
     ├── ResourceBusyError (RuntimeError)     a Model closed while contexts still use it
+    ├── CacheError                           the KV-state cache
+    │   └── CorruptCacheFileError (ValueError) a KVC file that is truncated, altered or not one (fields: reason)
     └── NativeError (RuntimeError)           llama.cpp reported a failure
         ├── LibraryError (ImportError)       libllama missing, not built, or its ABI does not match the cdef
         ├── ModelLoadError (OSError)         a GGUF that is missing, unreadable or corrupt
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "CacheError",
     "ClosedError",
     "ContextCreateError",
     "ContextOverflowError",
+    "CorruptCacheFileError",
     "DecodeAbortedError",
     "DecodeError",
     "ErllamaError",
@@ -93,6 +97,19 @@ class ThreadAffinityError(ErllamaError, RuntimeError):
 
 class ResourceBusyError(ErllamaError, RuntimeError):
     """A resource released while something still depends on it."""
+
+
+class CacheError(ErllamaError):
+    """A failure of the KV-state cache."""
+
+
+class CorruptCacheFileError(CacheError, ValueError):
+    """A KVC file that cannot be trusted: truncated, bit-flipped, or not a KVC file at all."""
+
+    def __init__(self, reason: str, path: str | None = None) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.reason = reason
+        self.path = path
 
 
 class NativeError(ErllamaError, RuntimeError):
