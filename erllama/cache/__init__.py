@@ -1,8 +1,9 @@
-"""The KV-state cache: token-exact keys and the KVC v2 row format (tiers, index, writer and policy follow).
+"""The KV-state cache: token-exact keys, the prefix index and the KVC v2 row format (tiers, writer, policy follow).
 
 Pure Python: nothing here touches native code, so the cache is built and property-tested on its own.
 """
 
+from erllama.cache.index import PrefixHit, PrefixIndex
 from erllama.cache.key import (
     BLOCK_TOKENS,
     KEY_SCHEME,
@@ -25,6 +26,8 @@ __all__ = [
     "CacheKey",
     "FingerprintMode",
     "Namespace",
+    "PrefixHit",
+    "PrefixIndex",
     "RowMeta",
     "SaveReason",
     "block_chain",

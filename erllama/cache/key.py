@@ -172,7 +172,8 @@ class Namespace:
         return _h(b"erllama-ns\0", json.dumps(self.parts(), sort_keys=True, separators=(",", ":")).encode())
 
 
-def _tokens(tokens: Sequence[int] | npt.NDArray[np.integer]) -> npt.NDArray[np.int32]:
+def token_array(tokens: Sequence[int] | npt.NDArray[np.integer]) -> npt.NDArray[np.int32]:
+    """Validated little-endian int32 token ids (the encoding every hash of this module covers)."""
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise InvalidInputError("tokens must be a flat sequence of ids")
@@ -184,32 +185,33 @@ def _tokens(tokens: Sequence[int] | npt.NDArray[np.integer]) -> npt.NDArray[np.i
 def block_chain(namespace: Namespace | bytes, tokens: Sequence[int] | npt.NDArray[np.integer]) -> Iterator[BlockHash]:
     """The chain hash after each full block of ``tokens`` (block 1, 2, ...), computed lazily in one pass."""
     prev = namespace.digest() if isinstance(namespace, Namespace) else namespace
-    data = _tokens(tokens).tobytes()
+    data = token_array(tokens).tobytes()
     step = BLOCK_TOKENS * 4
     for off in range(0, len(data) - step + 1, step):
         prev = _h(b"B", prev, data[off : off + step])
         yield BlockHash(prev)
 
 
-def _key_from(chain: bytes, tail: bytes) -> CacheKey:
+def anchor_key(chain: bytes, tail: bytes) -> CacheKey:
+    """The key of a sequence from the chain link after its last full block and its encoded tail tokens."""
     return CacheKey(_h(b"K", chain, tail))
 
 
 def cache_key(namespace: Namespace | bytes, tokens: Sequence[int] | npt.NDArray[np.integer]) -> CacheKey:
     """The key of exactly these tokens in this namespace."""
-    arr = _tokens(tokens)
+    arr = token_array(tokens)
     root = namespace.digest() if isinstance(namespace, Namespace) else namespace
     links = list(block_chain(root, arr))
     chain = links[-1] if links else root
     n_full = (len(arr) // BLOCK_TOKENS) * BLOCK_TOKENS
-    return _key_from(chain, arr[n_full:].tobytes())
+    return anchor_key(chain, arr[n_full:].tobytes())
 
 
 def prefix_keys(
     namespace: Namespace | bytes, tokens: Sequence[int] | npt.NDArray[np.integer], lengths: Sequence[int]
 ) -> dict[int, CacheKey]:
     """Keys of several prefixes of ``tokens`` (each length in [0, len(tokens)]), sharing one walk of the chain."""
-    arr = _tokens(tokens)
+    arr = token_array(tokens)
     wanted = sorted(set(lengths))
     if wanted and (wanted[0] < 0 or wanted[-1] > len(arr)):
         raise InvalidInputError("prefix lengths must lie within the token list")
@@ -223,5 +225,5 @@ def prefix_keys(
     out = {}
     for n in wanted:
         b = n // BLOCK_TOKENS
-        out[n] = _key_from(links[b], arr[b * BLOCK_TOKENS : n].tobytes())
+        out[n] = anchor_key(links[b], arr[b * BLOCK_TOKENS : n].tobytes())
     return out

@@ -1,0 +1,143 @@
+"""The prefix index: the longest stored row that is a prefix of a prompt, in one pass over the prompt.
+
+Rows are registered along the key block chain (see :mod:`erllama.cache.key`). For every row of *n* tokens the index
+counts, per chain link, how many rows run through it, and files the row under its **anchor**: the link after its
+last full block, together with the length of its tail (``n % BLOCK_TOKENS``, 0..15 tokens).
+
+A lookup walks the prompt's chain from the namespace root. At each link it asks the anchor table which tail lengths
+are stored there and hashes just those tails of the prompt (at most 16 hashes, usually one or two), keeping the
+longest hit; it moves to the next link only while some stored row runs through it. The work is bounded by the
+prompt's length and never by the number of rows stored, and a prompt shorter than one block still hits rows of
+its own length: there is no minimum.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from erllama.cache.key import (
+    BLOCK_TOKENS,
+    BlockHash,
+    CacheKey,
+    Namespace,
+    anchor_key,
+    block_chain,
+    token_array,
+)
+
+__all__ = ["PrefixHit", "PrefixIndex"]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """A stored row whose tokens are the first ``n_tokens`` of the prompt."""
+
+    key: CacheKey
+    n_tokens: int
+
+
+@dataclass(slots=True)
+class _Row:
+    links: list[bytes]  # root, then one link per full block
+    n_tokens: int
+
+
+class PrefixIndex:
+    """Longest-prefix lookup over stored rows of many namespaces. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[CacheKey, _Row] = {}
+        self._through: dict[bytes, int] = {}  # link -> rows whose chain passes through it
+        self._anchors: dict[bytes, dict[int, set[CacheKey]]] = {}  # link -> tail length -> keys
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def add(self, namespace: Namespace | bytes, tokens: Sequence[int] | npt.NDArray[np.integer]) -> CacheKey:
+        """Register a row; returns its key (adding the same row twice is a no-op)."""
+        arr = token_array(tokens)
+        root = namespace.digest() if isinstance(namespace, Namespace) else namespace
+        links: list[bytes] = [root, *block_chain(root, arr)]
+        n_full = (len(arr) // BLOCK_TOKENS) * BLOCK_TOKENS
+        key = anchor_key(links[-1], arr[n_full:].tobytes())
+        tail = len(arr) - n_full
+        with self._lock:
+            if key in self._rows:
+                return key
+            self._rows[key] = _Row(links=links, n_tokens=len(arr))
+            for link in links:
+                self._through[link] = self._through.get(link, 0) + 1
+            self._anchors.setdefault(links[-1], {}).setdefault(tail, set()).add(key)
+        return key
+
+    def remove(self, key: CacheKey) -> bool:
+        """Forget a row; False if it was not registered."""
+        with self._lock:
+            row = self._rows.pop(key, None)
+            if row is None:
+                return False
+            for link in row.links:
+                left = self._through[link] - 1
+                if left:
+                    self._through[link] = left
+                else:
+                    del self._through[link]
+            anchor = row.links[-1]
+            tails = self._anchors[anchor]
+            tail = row.n_tokens % BLOCK_TOKENS
+            tails[tail].discard(key)
+            if not tails[tail]:
+                del tails[tail]
+            if not tails:
+                del self._anchors[anchor]
+            return True
+
+    def n_tokens(self, key: CacheKey) -> int | None:
+        row = self._rows.get(key)
+        return None if row is None else row.n_tokens
+
+    def longest_prefix(
+        self,
+        namespace: Namespace | bytes,
+        tokens: Sequence[int] | npt.NDArray[np.integer],
+        max_tokens: int | None = None,
+        min_tokens: int = 1,
+    ) -> PrefixHit | None:
+        """The longest stored row that equals the first k tokens, ``min_tokens <= k <= max_tokens``.
+
+        ``max_tokens`` defaults to the whole prompt (an exact hit); callers that must recompute the last prompt
+        token pass ``len(tokens) - 1``.
+        """
+        arr = token_array(tokens)
+        limit = len(arr) if max_tokens is None else min(max_tokens, len(arr))
+        root = namespace.digest() if isinstance(namespace, Namespace) else namespace
+        data = arr.tobytes()
+        best: PrefixHit | None = None
+        with self._lock:
+            link: bytes = root
+            if link not in self._through:
+                return None
+            chain = block_chain(root, arr[: (limit // BLOCK_TOKENS) * BLOCK_TOKENS])
+            base = 0  # tokens covered by the full blocks up to `link`
+            while True:
+                for tail, keys in self._anchors.get(link, {}).items():
+                    n = base + tail
+                    if n > limit or n < min_tokens or (best is not None and n <= best.n_tokens):
+                        continue
+                    key = anchor_key(link, data[4 * base : 4 * n])
+                    if key in keys:
+                        best = PrefixHit(key=key, n_tokens=n)
+                nxt: BlockHash | None = next(chain, None)
+                if nxt is None or nxt not in self._through:
+                    return best
+                link = nxt
+                base += BLOCK_TOKENS
