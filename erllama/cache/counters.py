@@ -1,0 +1,83 @@
+"""Cache counters: thread-safe tallies with a consistent snapshot.
+
+Names follow the reference (``hits_exact``, ``saves_finish``, ...) so dashboards carry over. Vetoes from the policy
+gates are counted per reason (``vetoes_not_due``), saves per reason (``saves_cold``), and latencies keep a count,
+a total and a maximum so a mean and a worst case can be derived from any two snapshots.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import Counter
+
+from erllama.cache.kvc import SaveReason
+from erllama.cache.policy import Veto
+
+__all__ = ["Counters", "HitKind"]
+
+
+class HitKind(enum.Enum):
+    """How a request found (or did not find) its prefix."""
+
+    EXACT = "exact"
+    RESUME = "resume"  # parent_key
+    LONGEST_PREFIX = "longest_prefix"
+    MISS = "miss"
+
+
+_HIT_NAMES = {
+    HitKind.EXACT: "hits_exact",
+    HitKind.RESUME: "hits_resume",
+    HitKind.LONGEST_PREFIX: "hits_longest_prefix",
+    HitKind.MISS: "misses",
+}
+
+
+class Counters:
+    """All cache counters of one process. Every method is thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._gauges: dict[str, int] = {}
+        self._latency: dict[str, tuple[int, float, float]] = {}
+
+    def incr(self, name: str, by: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += by
+
+    def record_hit(self, kind: HitKind) -> None:
+        self.incr(_HIT_NAMES[kind])
+
+    def record_save(self, reason: SaveReason) -> None:
+        self.incr(f"saves_{reason.name.lower()}")
+
+    def record_veto(self, veto: Veto) -> None:
+        self.incr(f"vetoes_{veto.value}")
+
+    def record_latency(self, name: str, seconds: float) -> None:
+        with self._lock:
+            n, total, worst = self._latency.get(name, (0, 0.0, 0.0))
+            self._latency[name] = (n + 1, total + seconds, max(worst, seconds))
+
+    def set_gauge(self, name: str, value: int) -> None:
+        with self._lock:
+            self._gauges[name] = value
+
+    def add_gauge(self, name: str, delta: int) -> None:
+        with self._lock:
+            self._gauges[name] = self._gauges.get(name, 0) + delta
+
+    def snapshot(self) -> dict[str, float]:
+        """Every counter, gauge and latency (``<name>_count``, ``_total_s``, ``_max_s``) at one instant."""
+        with self._lock:
+            out: dict[str, float] = dict(self._counts)
+            out.update(self._gauges)
+            for name, (n, total, worst) in self._latency.items():
+                out[f"{name}_count"] = n
+                out[f"{name}_total_s"] = total
+                out[f"{name}_max_s"] = worst
+        for name in (*_HIT_NAMES.values(), "saves_dropped", "evictions", "corrupt_files"):
+            out.setdefault(name, 0)
+        return out
