@@ -1,8 +1,9 @@
-"""The KV-state cache: token-exact keys, the prefix index and the KVC v2 row format (tiers, writer, policy follow).
+"""The KV-state cache: keys, prefix index, KVC v2 rows, tiers with budgets, policy gates, counters.
 
 Pure Python: nothing here touches native code, so the cache is built and property-tested on its own.
 """
 
+from erllama.cache.counters import Counters, HitKind
 from erllama.cache.index import PrefixHit, PrefixIndex
 from erllama.cache.key import (
     BLOCK_TOKENS,
@@ -18,20 +19,32 @@ from erllama.cache.key import (
     prefix_keys,
 )
 from erllama.cache.kvc import RowMeta, SaveReason, read_meta, read_row
+from erllama.cache.policy import SavePolicy, Veto, allows_continued_save, allows_final_save, cold_save_point
+from erllama.cache.tier import FileTier, RamTier, Tier
 
 __all__ = [
     "BLOCK_TOKENS",
     "KEY_SCHEME",
     "BlockHash",
     "CacheKey",
+    "Counters",
+    "FileTier",
     "FingerprintMode",
+    "HitKind",
     "Namespace",
     "PrefixHit",
     "PrefixIndex",
+    "RamTier",
     "RowMeta",
+    "SavePolicy",
     "SaveReason",
+    "Tier",
+    "Veto",
+    "allows_continued_save",
+    "allows_final_save",
     "block_chain",
     "cache_key",
+    "cold_save_point",
     "ctx_params_hash",
     "fingerprint",
     "prefix_keys",

@@ -10,7 +10,7 @@ import pytest
 PACKAGES = {
     "erllama._native": ["batch", "context", "loader", "model", "sampler", "text"],
     "erllama.testing": ["fetch", "tiny"],
-    "erllama.cache": ["index", "key"],
+    "erllama.cache": ["counters", "index", "key", "policy", "tier"],
 }
 
 

@@ -1,0 +1,421 @@
+"""Cache tiers: where rows live, each behind one protocol, each with a byte budget enforced at publish time.
+
+* :class:`RamTier` keeps rows in this process's memory.
+* :class:`FileTier` keeps one KVC file per row under one or more directory roots: ``ram_file`` (a tmpfs such as
+  ``/dev/shm``, shareable between processes) and ``disk`` are both file tiers.
+
+Budgets and LRU live in :class:`_Budget`, shared by both. Publishing a row first *reserves* its bytes (evicting
+least-recently-used, unpinned rows until the reservation fits), then writes without holding the lock, then commits
+or releases the reservation: the budget is never exceeded, not even transiently, and a row larger than the whole
+budget is refused and counted. Rows being read are pinned so eviction cannot pull them away mid-load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from erllama.cache import kvc
+from erllama.cache.counters import Counters
+from erllama.cache.key import CacheKey
+from erllama.cache.kvc import RowMeta
+from erllama.errors import CorruptCacheFileError, InvalidInputError
+
+__all__ = ["FileTier", "RamTier", "Tier"]
+
+Payload = bytes | bytearray | memoryview
+
+
+class Tier(Protocol):
+    """What every tier offers."""
+
+    name: str
+
+    @property
+    def budget_bytes(self) -> int: ...
+
+    @property
+    def used_bytes(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def publish(self, meta: RowMeta, payload: Payload) -> bool:
+        """Store a row; False when it was refused (larger than the budget, or no unpinned room)."""
+        ...
+
+    def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
+        """The row's metadata and state, or None if absent or corrupt (corrupt rows are dropped and counted)."""
+        ...
+
+    def remove(self, key: CacheKey) -> bool: ...
+
+    def evict(self, n_bytes: int) -> int:
+        """Evict least-recently-used unpinned rows until at least ``n_bytes`` are freed; returns bytes freed."""
+        ...
+
+    def metas(self) -> list[RowMeta]: ...
+
+
+class _Budget:
+    """LRU order, sizes, pins and reservations of one tier. All methods take the tier's lock themselves."""
+
+    def __init__(self, name: str, budget_bytes: int, counters: Counters) -> None:
+        if budget_bytes < 0:
+            raise InvalidInputError("a tier budget must be >= 0 bytes")
+        self.name = name
+        self.budget_bytes = budget_bytes
+        self.counters = counters
+        self.lock = threading.Lock()
+        self.sizes: OrderedDict[CacheKey, int] = OrderedDict()  # least recently used first
+        self.pins: dict[CacheKey, int] = {}
+        self.reserved = 0
+        self.used = 0
+
+    def _gauges(self) -> None:
+        self.counters.set_gauge(f"{self.name}_bytes", self.used)
+        self.counters.set_gauge(f"{self.name}_rows", len(self.sizes))
+
+    def reserve(self, key: CacheKey, size: int) -> list[tuple[CacheKey, int]] | None:
+        """Make room for ``size`` bytes; returns the (key, size) rows evicted for it, or None if it cannot fit."""
+        if size > self.budget_bytes:
+            self.counters.incr(f"{self.name}_refused_too_large")
+            return None
+        with self.lock:
+            evicted: list[tuple[CacheKey, int]] = []
+            victims = (k for k in list(self.sizes) if not self.pins.get(k) and k != key)
+            while self.used + self.reserved + size > self.budget_bytes:
+                victim = next(victims, None)
+                if victim is None:
+                    self.counters.incr(f"{self.name}_refused_no_room")
+                    return None
+                victim_size = self.sizes.pop(victim)
+                self.used -= victim_size
+                evicted.append((victim, victim_size))
+            self.reserved += size
+        self.counters.incr("evictions", len(evicted))
+        return evicted
+
+    def commit(self, key: CacheKey, size: int) -> None:
+        """Turn a reservation into a stored row (replacing an older row of the same key)."""
+        with self.lock:
+            self.reserved -= size
+            old = self.sizes.pop(key, None)
+            if old is not None:
+                self.used -= old
+            self.sizes[key] = size
+            self.used += size
+            self._gauges()
+
+    def release(self, size: int) -> None:
+        """Give back a reservation whose write failed."""
+        with self.lock:
+            self.reserved -= size
+
+    def touch_and_pin(self, key: CacheKey) -> bool:
+        with self.lock:
+            if key not in self.sizes:
+                return False
+            self.sizes.move_to_end(key)
+            self.pins[key] = self.pins.get(key, 0) + 1
+            return True
+
+    def unpin(self, key: CacheKey) -> None:
+        with self.lock:
+            left = self.pins.get(key, 0) - 1
+            if left > 0:
+                self.pins[key] = left
+            else:
+                self.pins.pop(key, None)
+
+    def forget(self, key: CacheKey) -> bool:
+        with self.lock:
+            size = self.sizes.pop(key, None)
+            if size is None:
+                return False
+            self.used -= size
+            self._gauges()
+            return True
+
+    def lru_victims(self, n_bytes: int) -> list[CacheKey]:
+        with self.lock:
+            out, freed = [], 0
+            for key, size in self.sizes.items():
+                if freed >= n_bytes:
+                    break
+                if not self.pins.get(key):
+                    out.append(key)
+                    freed += size
+            return out
+
+
+class RamTier:
+    """Rows in this process's memory: the state bytes (copied once) and their metadata."""
+
+    def __init__(self, budget_bytes: int, counters: Counters | None = None, *, name: str = "ram") -> None:
+        self.name = name
+        self._b = _Budget(name, budget_bytes, counters or Counters())
+        self._rows: dict[CacheKey, tuple[RowMeta, bytes]] = {}
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._b.budget_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self._b.used
+
+    def __len__(self) -> int:
+        return len(self._b.sizes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._b.sizes
+
+    def publish(self, meta: RowMeta, payload: Payload) -> bool:
+        data = bytes(payload)
+        evicted = self._b.reserve(meta.key, len(data))
+        if evicted is None:
+            return False
+        for key, _size in evicted:
+            self._rows.pop(key, None)
+        self._rows[meta.key] = (meta, data)
+        self._b.commit(meta.key, len(data))
+        return True
+
+    def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
+        if not self._b.touch_and_pin(key):
+            return None
+        try:
+            row = self._rows.get(key)
+            return None if row is None else (row[0], memoryview(row[1]))
+        finally:
+            self._b.unpin(key)
+
+    def remove(self, key: CacheKey) -> bool:
+        self._rows.pop(key, None)
+        return self._b.forget(key)
+
+    def evict(self, n_bytes: int) -> int:
+        freed = 0
+        for key in self._b.lru_victims(n_bytes):
+            row = self._rows.get(key)
+            if row is not None and self.remove(key):
+                freed += len(row[1])
+                self._b.counters.incr("evictions")
+        return freed
+
+    def metas(self) -> list[RowMeta]:
+        return [meta for meta, _ in list(self._rows.values())]
+
+
+class FileTier:
+    """One KVC file per row under one or more roots (``ram_file`` on a tmpfs, or ``disk``).
+
+    Publication is crash-safe: the row is written to a temp file in the root's ``tmp/`` directory, fsynced,
+    renamed into place, and the directory is fsynced; a reader never sees a partial file, and a writer killed
+    midway leaves only a temp file, removed by the next startup scan once its process is gone.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[str | os.PathLike[str]],
+        budget_bytes: int,
+        counters: Counters | None = None,
+        *,
+        name: str = "disk",
+        compress_level: int | None = None,
+        fsync: bool = True,
+    ) -> None:
+        if not roots:
+            raise InvalidInputError("a file tier needs at least one root directory")
+        self.name = name
+        self.roots = [Path(r) for r in roots]
+        self.compress_level = compress_level
+        self.fsync = fsync
+        self._b = _Budget(name, budget_bytes, counters or Counters())
+        self._where: dict[CacheKey, Path] = {}
+        self._root_bytes = dict.fromkeys(self.roots, 0)
+        for root in self.roots:
+            (root / "tmp").mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._b.budget_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self._b.used
+
+    def __len__(self) -> int:
+        return len(self._b.sizes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._b.sizes
+
+    def path_of(self, key: CacheKey) -> Path | None:
+        return self._where.get(key)
+
+    # -- startup ----------------------------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Remove dead writers' temp files; register every valid row from its header (one bounded read each)."""
+        found: list[tuple[float, CacheKey, int, Path]] = []
+        for root in self.roots:
+            for tmp in (root / "tmp").glob("*.tmp"):
+                if not _writer_alive(tmp.name):
+                    tmp.unlink(missing_ok=True)
+                    self._b.counters.incr(f"{self.name}_temp_files_removed")
+            for path in root.glob("??/*.kvc"):
+                try:
+                    meta, size = kvc.read_meta(path)
+                    if kvc.file_name(meta.key) != path.name:
+                        raise CorruptCacheFileError("file name does not match its key", str(path))
+                except CorruptCacheFileError:
+                    path.unlink(missing_ok=True)
+                    self._b.counters.incr("corrupt_files")
+                    continue
+                except FileNotFoundError:
+                    continue
+                found.append((path.stat().st_mtime, meta.key, size, path))
+        for _mtime, key, size, path in sorted(found):  # oldest first: LRU order survives a restart
+            if self._b.reserve(key, size) is None:
+                path.unlink(missing_ok=True)
+                continue
+            self._where[key] = path
+            self._root_bytes[self._root_of(path)] += size
+            self._b.commit(key, size)
+
+    def _root_of(self, path: Path) -> Path:
+        return path.parent.parent
+
+    # -- rows ---------------------------------------------------------------------------------------------------
+
+    def publish(self, meta: RowMeta, payload: Payload) -> bool:
+        t0 = time.perf_counter()
+        segments = kvc.encode(meta, payload, compress_level=self.compress_level)
+        size = sum(len(s) for s in segments)
+        evicted = self._b.reserve(meta.key, size)
+        if evicted is None:
+            return False
+        for key, victim_size in evicted:
+            self._delete_file(key, victim_size)
+        root = min(self.roots, key=lambda r: self._root_bytes[r])
+        final = kvc.path_for(root, meta.key)
+        tmp = root / "tmp" / f"{bytes(meta.key).hex()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with tmp.open("wb") as fh:
+                kvc.write_segments(fh, segments)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            self._b.release(size)
+            self._b.counters.incr(f"{self.name}_write_errors")
+            raise
+        self._where[meta.key] = final
+        self._root_bytes[root] += size
+        self._b.commit(meta.key, size)
+        self._b.counters.record_latency(f"{self.name}_save", time.perf_counter() - t0)
+        return True
+
+    def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
+        if not self._b.touch_and_pin(key):
+            return None
+        t0 = time.perf_counter()
+        try:
+            path = self._where.get(key)
+            if path is None:
+                return None
+            meta, state = kvc.read_row(path, max_bytes=self._b.sizes.get(key))
+            if meta.key != key:
+                raise CorruptCacheFileError("row holds another key", str(path))
+        except CorruptCacheFileError:
+            self._b.counters.incr("corrupt_files")
+            self._b.unpin(key)
+            self.remove(key)
+            return None
+        except FileNotFoundError:
+            self._b.unpin(key)
+            self._forget(key)
+            return None
+        self._b.unpin(key)
+        self._b.counters.record_latency(f"{self.name}_load", time.perf_counter() - t0)
+        return meta, state
+
+    def _forget(self, key: CacheKey) -> Path | None:
+        size = self._b.sizes.get(key, 0)
+        path = self._where.pop(key, None)
+        if self._b.forget(key) and path is not None:
+            self._root_bytes[self._root_of(path)] -= size
+        return path
+
+    def _delete_file(self, key: CacheKey, size: int) -> None:
+        """Delete the file of a row the budget already let go of."""
+        path = self._where.pop(key, None)
+        if path is not None:
+            self._root_bytes[self._root_of(path)] -= size
+            path.unlink(missing_ok=True)
+
+    def remove(self, key: CacheKey) -> bool:
+        path = self._forget(key)
+        if path is None:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+    def evict(self, n_bytes: int) -> int:
+        freed = 0
+        for key in self._b.lru_victims(n_bytes):
+            size = self._b.sizes.get(key, 0)
+            if self.remove(key):
+                freed += size
+                self._b.counters.incr("evictions")
+        return freed
+
+    def metas(self) -> list[RowMeta]:
+        out = []
+        for key, path in list(self._where.items()):
+            try:
+                out.append(kvc.read_meta(path)[0])
+            except (CorruptCacheFileError, FileNotFoundError):
+                self.remove(key)
+        return out
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Temp files are named ``<key>.<pid>.<nonce>.tmp``; a writer is alive while its pid exists."""
+    parts = tmp_name.split(".")
+    try:
+        pid = int(parts[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
