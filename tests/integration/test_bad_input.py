@@ -233,11 +233,11 @@ def test_context_is_confined_to_its_thread(ctx: Context, model: Model) -> None:
     def intruder() -> None:
         try:
             ctx.decode_tokens(model.tokenize("hi"))
-        except BaseException as exc:
+        except ThreadAffinityError as exc:
             errors.append(exc)
         try:
             ctx.close()
-        except BaseException as exc:
+        except ThreadAffinityError as exc:
             errors.append(exc)
         ctx.request_abort()  # the one thing other threads may do
         ctx.clear_abort()
