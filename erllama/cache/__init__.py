@@ -20,13 +20,16 @@ from erllama.cache.key import (
 )
 from erllama.cache.kvc import RowMeta, SaveReason, read_meta, read_row
 from erllama.cache.policy import SavePolicy, Veto, allows_continued_save, allows_final_save, cold_save_point
+from erllama.cache.store import CacheStore
 from erllama.cache.tier import FileTier, RamTier, Tier
+from erllama.cache.writer import SaveWriter
 
 __all__ = [
     "BLOCK_TOKENS",
     "KEY_SCHEME",
     "BlockHash",
     "CacheKey",
+    "CacheStore",
     "Counters",
     "FileTier",
     "FingerprintMode",
@@ -38,6 +41,7 @@ __all__ = [
     "RowMeta",
     "SavePolicy",
     "SaveReason",
+    "SaveWriter",
     "Tier",
     "Veto",
     "allows_continued_save",

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -32,10 +32,14 @@ __all__ = ["FileTier", "RamTier", "Tier"]
 Payload = bytes | bytearray | memoryview
 
 
+DropHook = Callable[[CacheKey], None]
+
+
 class Tier(Protocol):
-    """What every tier offers."""
+    """What every tier offers. ``on_drop`` is called with every key that leaves the tier, for whatever reason."""
 
     name: str
+    on_drop: DropHook | None
 
     @property
     def budget_bytes(self) -> int: ...
@@ -161,6 +165,7 @@ class RamTier:
 
     def __init__(self, budget_bytes: int, counters: Counters | None = None, *, name: str = "ram") -> None:
         self.name = name
+        self.on_drop: DropHook | None = None
         self._b = _Budget(name, budget_bytes, counters or Counters())
         self._rows: dict[CacheKey, tuple[RowMeta, bytes]] = {}
 
@@ -187,6 +192,7 @@ class RamTier:
             self._rows.pop(key, None)
         self._rows[meta.key] = (meta, data)
         self._b.commit(meta.key, len(data))
+        _notify(self.on_drop, [k for k, _ in evicted])
         return True
 
     def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
@@ -200,7 +206,10 @@ class RamTier:
 
     def remove(self, key: CacheKey) -> bool:
         self._rows.pop(key, None)
-        return self._b.forget(key)
+        gone = self._b.forget(key)
+        if gone:
+            _notify(self.on_drop, [key])
+        return gone
 
     def evict(self, n_bytes: int) -> int:
         freed = 0
@@ -236,6 +245,7 @@ class FileTier:
         if not roots:
             raise InvalidInputError("a file tier needs at least one root directory")
         self.name = name
+        self.on_drop: DropHook | None = None
         self.roots = [Path(r) for r in roots]
         self.compress_level = compress_level
         self.fsync = fsync
@@ -307,6 +317,7 @@ class FileTier:
             return False
         for key, victim_size in evicted:
             self._delete_file(key, victim_size)
+        _notify(self.on_drop, [k for k, _ in evicted])
         root = min(self.roots, key=lambda r: self._root_bytes[r])
         final = kvc.path_for(root, meta.key)
         tmp = root / "tmp" / f"{bytes(meta.key).hex()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -350,6 +361,7 @@ class FileTier:
         except FileNotFoundError:
             self._b.unpin(key)
             self._forget(key)
+            _notify(self.on_drop, [key])
             return None
         self._b.unpin(key)
         self._b.counters.record_latency(f"{self.name}_load", time.perf_counter() - t0)
@@ -374,6 +386,7 @@ class FileTier:
         if path is None:
             return False
         path.unlink(missing_ok=True)
+        _notify(self.on_drop, [key])
         return True
 
     def evict(self, n_bytes: int) -> int:
@@ -393,6 +406,12 @@ class FileTier:
             except (CorruptCacheFileError, FileNotFoundError):
                 self.remove(key)
         return out
+
+
+def _notify(hook: DropHook | None, keys: list[CacheKey]) -> None:
+    if hook is not None:
+        for key in keys:
+            hook(key)
 
 
 def _writer_alive(tmp_name: str) -> bool:

@@ -10,7 +10,8 @@ import pytest
 PACKAGES = {
     "erllama._native": ["batch", "context", "loader", "model", "sampler", "text"],
     "erllama.testing": ["fetch", "tiny"],
-    "erllama.cache": ["counters", "index", "key", "policy", "tier"],
+    "erllama.cache": ["counters", "index", "key", "policy", "store", "tier", "writer"],
+    "erllama.pressure": ["sampler", "scheduler"],
 }
 
 

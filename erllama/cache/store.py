@@ -1,0 +1,188 @@
+"""``CacheStore``: the cache as the runtime sees it: lookup, load, save, evict, over tiers, index and writer.
+
+Tiers are ordered fastest first. A save goes to the first tier that accepts it; a load that hits a slower tier
+promotes the row into the fastest one. The prefix index knows every row of every tier; tiers report each key that
+leaves them, and the index forgets a key once no tier holds it. Concurrent saves of one key are deduplicated: the
+second caller gets the first caller's future. A ``parent_key`` resume can wait for an in-flight save of that key.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+import numpy.typing as npt
+
+from erllama.cache.counters import Counters, HitKind
+from erllama.cache.index import PrefixHit, PrefixIndex
+from erllama.cache.key import CacheKey, Namespace, cache_key
+from erllama.cache.kvc import RowMeta, SaveReason
+from erllama.cache.tier import Payload, Tier
+from erllama.cache.writer import SaveWriter
+from erllama.errors import InvalidInputError
+
+__all__ = ["CacheStore"]
+
+PRODUCER = "erllama 0.1.0"
+
+
+class CacheStore:
+    """Tiers (fastest first) + prefix index + writer + counters."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        counters: Counters | None = None,
+        *,
+        writer: SaveWriter | None = None,
+        promote: bool = True,
+    ) -> None:
+        if not tiers:
+            raise InvalidInputError("a cache needs at least one tier")
+        self.tiers = list(tiers)
+        self.counters = counters or Counters()
+        self.writer = writer or SaveWriter(self.counters)
+        self.promote = promote
+        self.index = PrefixIndex()
+        self._lock = threading.Lock()
+        self._inflight: dict[CacheKey, Future[bool]] = {}
+        for tier in self.tiers:
+            tier.on_drop = self._dropped
+            for meta in tier.metas():
+                self.index.add(meta.namespace, meta.tokens)
+
+    def _dropped(self, key: CacheKey) -> None:
+        if not any(key in tier for tier in self.tiers):
+            self.index.remove(key)
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in tier for tier in self.tiers)
+
+    # -- lookup and load ----------------------------------------------------------------------------------------
+
+    def lookup(
+        self, namespace: Namespace, tokens: Sequence[int] | npt.NDArray[np.integer], max_tokens: int | None = None
+    ) -> PrefixHit | None:
+        """The longest stored prefix (see PrefixIndex.longest_prefix); counts a hit kind or a miss."""
+        hit = self.index.longest_prefix(namespace, tokens, max_tokens=max_tokens)
+        limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
+        if hit is None:
+            self.counters.record_hit(HitKind.MISS)
+        else:
+            self.counters.record_hit(HitKind.EXACT if hit.n_tokens == limit else HitKind.LONGEST_PREFIX)
+        return hit
+
+    def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
+        """The row from the fastest tier that has it (promoting it upwards), or None."""
+        t0 = time.perf_counter()
+        for i, tier in enumerate(self.tiers):
+            row = tier.load(key)
+            if row is None:
+                continue
+            if self.promote and i > 0:
+                self.tiers[0].publish(row[0], row[1])
+                self.counters.incr("promotions")
+            self.counters.record_latency("load", time.perf_counter() - t0)
+            return row
+        return None
+
+    def wait_for(self, key: CacheKey, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for an in-flight save of ``key``; True when the key is (now) stored."""
+        with self._lock:
+            future = self._inflight.get(key)
+        if future is not None:
+            try:
+                future.result(timeout=timeout_s)
+            except FutureTimeout:
+                return False
+        return key in self
+
+    # -- saves --------------------------------------------------------------------------------------------------
+
+    def _meta(
+        self, namespace: Namespace, tokens: Sequence[int] | npt.NDArray[np.integer], reason: SaveReason
+    ) -> RowMeta:
+        toks = tuple(int(t) for t in tokens)
+        return RowMeta(
+            key=cache_key(namespace, toks),
+            namespace=namespace,
+            tokens=toks,
+            save_reason=reason,
+            created_ns=time.time_ns(),
+            producer=PRODUCER,
+        )
+
+    def _publish(self, meta: RowMeta, payload: Payload) -> bool:
+        t0 = time.perf_counter()
+        try:
+            for tier in self.tiers:
+                if tier.publish(meta, payload):
+                    self.index.add(meta.namespace, meta.tokens)
+                    self.counters.record_save(meta.save_reason)
+                    self.counters.record_latency("save", time.perf_counter() - t0)
+                    return True
+            self.counters.incr("saves_refused")
+            return False
+        finally:
+            with self._lock:
+                self._inflight.pop(meta.key, None)
+
+    def save(
+        self,
+        namespace: Namespace,
+        tokens: Sequence[int] | npt.NDArray[np.integer],
+        payload: Payload,
+        reason: SaveReason,
+    ) -> Future[bool] | None:
+        """Publish a row off the caller's thread. Returns the save's future (shared by concurrent saves of the
+        same key), or None when the row is already stored or the writer is full (then counted as dropped)."""
+        meta = self._meta(namespace, tokens, reason)
+        with self._lock:
+            if meta.key in self._inflight:
+                self.counters.incr("saves_deduplicated")
+                return self._inflight[meta.key]
+            if meta.key in self:
+                self.counters.incr("saves_already_cached")
+                return None
+            future = self.writer.submit(lambda: self._publish(meta, payload))
+            if future is not None and not future.done():
+                self._inflight[meta.key] = future
+        return future
+
+    def save_sync(
+        self,
+        namespace: Namespace,
+        tokens: Sequence[int] | npt.NDArray[np.integer],
+        payload: Payload,
+        reason: SaveReason,
+        timeout_s: float,
+    ) -> bool:
+        """Publish a row and wait up to ``timeout_s`` (evict and shutdown saves)."""
+        meta = self._meta(namespace, tokens, reason)
+        if meta.key in self:
+            return True
+        return self.writer.run_sync(lambda: self._publish(meta, payload), timeout_s)
+
+    # -- eviction -----------------------------------------------------------------------------------------------
+
+    def evict_bytes(self, n_bytes: int) -> int:
+        """Free about ``n_bytes`` from the slowest tiers first (an evict hook for the pressure scheduler)."""
+        freed = 0
+        for tier in reversed(self.tiers):
+            if freed >= n_bytes:
+                break
+            freed += tier.evict(n_bytes - freed)
+        return freed
+
+    def remove(self, key: CacheKey) -> bool:
+        removed = False
+        for tier in self.tiers:
+            removed = tier.remove(key) or removed
+        return removed
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)

@@ -1,0 +1,124 @@
+"""CacheStore: saves off the caller's thread, deduplication, dropped saves, lookups, promotion, restart."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from erllama.cache.counters import Counters
+from erllama.cache.key import Namespace, cache_key, ctx_params_hash
+from erllama.cache.kvc import SaveReason
+from erllama.cache.store import CacheStore
+from erllama.cache.tier import FileTier, RamTier
+from erllama.cache.writer import SaveWriter
+
+NS = Namespace("ef" * 32, "Q4_1", ctx_params_hash({"n_ctx": 4096}))
+PROMPT = list(range(1000, 1300))
+
+
+def test_save_then_lookup_and_load(tmp_path: Path) -> None:
+    store = CacheStore([RamTier(1 << 20), FileTier([tmp_path], 1 << 22)])
+    try:
+        future = store.save(NS, PROMPT[:200], b"s" * 5000, SaveReason.COLD)
+        assert future is not None
+        assert future.result(timeout=10)
+        hit = store.lookup(NS, PROMPT, max_tokens=len(PROMPT) - 1)
+        assert hit is not None
+        assert hit.n_tokens == 200
+        row = store.load(hit.key)
+        assert row is not None
+        assert bytes(row[1]) == b"s" * 5000
+        assert store.lookup(NS, [1, 2, 3]) is None
+        snap = store.counters.snapshot()
+        assert (snap["saves_cold"], snap["hits_longest_prefix"], snap["misses"]) == (1, 1, 1)
+        assert store.save(NS, PROMPT[:200], b"s" * 5000, SaveReason.FINISH) is None, "already cached"
+    finally:
+        store.close()
+
+
+def test_concurrent_saves_of_one_key_publish_once(tmp_path: Path) -> None:
+    gate = threading.Event()
+    publishes = []
+
+    class SlowTier(RamTier):
+        def publish(self, meta, payload):  # type: ignore[no-untyped-def]
+            gate.wait(5)
+            publishes.append(meta.key)
+            return super().publish(meta, payload)
+
+    store = CacheStore([SlowTier(1 << 20)])
+    try:
+        futures = [store.save(NS, PROMPT, b"x" * 100, SaveReason.FINISH) for _ in range(5)]
+        assert all(f is futures[0] for f in futures)
+        gate.set()
+        assert futures[0] is not None
+        assert futures[0].result(timeout=10)
+        assert publishes == [cache_key(NS, PROMPT)]
+        assert store.counters.snapshot()["saves_deduplicated"] == 4
+    finally:
+        store.close()
+
+
+def test_a_full_writer_drops_and_counts_instead_of_blocking() -> None:
+    gate = threading.Event()
+
+    class StuckTier(RamTier):
+        def publish(self, meta, payload):  # type: ignore[no-untyped-def]
+            gate.wait(10)
+            return super().publish(meta, payload)
+
+    counters = Counters()
+    store = CacheStore([StuckTier(1 << 20)], counters, writer=SaveWriter(counters, max_workers=1, max_pending=2))
+    try:
+        results = [store.save(NS, PROMPT[:i], b"x", SaveReason.CONTINUED) for i in range(10, 15)]
+        assert sum(r is None for r in results) == 3
+        assert counters.snapshot()["saves_dropped"] == 3
+        gate.set()
+    finally:
+        store.close()
+
+
+def test_sync_save_and_resume_wait(tmp_path: Path) -> None:
+    store = CacheStore([FileTier([tmp_path], 1 << 22)])
+    try:
+        assert store.save_sync(NS, PROMPT, b"y" * 100, SaveReason.SHUTDOWN, timeout_s=10)
+        assert store.wait_for(cache_key(NS, PROMPT), timeout_s=0.1)
+        assert not store.wait_for(cache_key(NS, [1]), timeout_s=0.01)
+        assert store.counters.snapshot()["saves_shutdown"] == 1
+    finally:
+        store.close()
+
+
+def test_disk_hits_are_promoted_to_ram_and_survive_restart(tmp_path: Path) -> None:
+    disk = FileTier([tmp_path], 1 << 22)
+    store = CacheStore([disk])
+    assert store.save_sync(NS, PROMPT[:64], b"z" * 3000, SaveReason.FINISH, timeout_s=10)
+    store.close()
+
+    ram = RamTier(1 << 20)
+    again = CacheStore([ram, FileTier([tmp_path], 1 << 22)])
+    try:
+        hit = again.lookup(NS, PROMPT, max_tokens=299)
+        assert hit is not None
+        assert hit.n_tokens == 64
+        assert again.load(hit.key) is not None
+        assert hit.key in ram, "the disk hit was promoted"
+        assert again.counters.snapshot()["promotions"] == 1
+    finally:
+        again.close()
+
+
+def test_index_forgets_rows_the_tiers_evict() -> None:
+    ram = RamTier(2500)
+    store = CacheStore([ram])
+    try:
+        for n in (16, 32, 48):
+            assert store.save_sync(NS, PROMPT[:n], b"w" * 1000, SaveReason.COLD, timeout_s=10)
+        assert cache_key(NS, PROMPT[:16]) not in ram
+        assert len(store.index) == len(ram) == 2
+        hit = store.lookup(NS, PROMPT[:20], max_tokens=20)
+        assert hit is None, "the evicted 16-token row must not be offered"
+        assert store.evict_bytes(1) > 0
+        assert len(store.index) == len(ram) == 1
+    finally:
+        store.close()
