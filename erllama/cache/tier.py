@@ -8,6 +8,25 @@ Budgets and LRU live in :class:`_Budget`, shared by both. Publishing a row first
 least-recently-used, unpinned rows until the reservation fits), then writes without holding the lock, then commits
 or releases the reservation: the budget is never exceeded, not even transiently, and a row larger than the whole
 budget is refused and counted. Rows being read are pinned so eviction cannot pull them away mid-load.
+
+The life of a row (the reservation state machine; FileTier's I/O steps shown, RamTier just stores the bytes)::
+
+    publish(row)
+      │ reserve(size): evict LRU unpinned rows until used + reserved + size <= budget
+      ├── larger than the budget, or nothing left to evict ──────────────▶ REFUSED (counted)
+      ▼
+    RESERVED ── write tmp/<key>.<pid>.<nonce>.tmp ─▶ fsync ─▶ rename into place ─▶ fsync dir
+      │ OSError: tmp unlinked, reservation released          │
+      ▼                                                      ▼ commit (reservation becomes the row's bytes)
+    RELEASED                                              PUBLISHED ─▶ announced (index.add by the store)
+                                                             │  load: pin ─ read once, verify once ─ unpin
+                                                             │  (pinned rows are skipped by eviction)
+                                                             ▼  LRU eviction / remove / corrupt on load
+                                                           GONE ─▶ on_drop(key) (the index forgets it)
+
+    A writer killed anywhere before the rename leaves only its temp file: nothing is visible under the final
+    name, and the next startup scan deletes temp files whose writer process is gone. A killed writer after the
+    rename leaves a complete, checksummed row, which the scan registers from its header.
 """
 
 from __future__ import annotations
@@ -93,17 +112,23 @@ class _Budget:
             self.counters.incr(f"{self.name}_refused_too_large")
             return None
         with self.lock:
-            evicted: list[tuple[CacheKey, int]] = []
-            victims = (k for k in list(self.sizes) if not self.pins.get(k) and k != key)
-            while self.used + self.reserved + size > self.budget_bytes:
-                victim = next(victims, None)
-                if victim is None:
-                    self.counters.incr(f"{self.name}_refused_no_room")
-                    return None
-                victim_size = self.sizes.pop(victim)
-                self.used -= victim_size
-                evicted.append((victim, victim_size))
+            # Choose the victims first and evict only if they make enough room: a refused publish evicts nothing.
+            need = self.used + self.reserved + size - self.budget_bytes
+            victims: list[CacheKey] = []
+            for k, k_size in self.sizes.items():
+                if need <= 0:
+                    break
+                if self.pins.get(k) or k == key:
+                    continue
+                victims.append(k)
+                need -= k_size
+            if need > 0:
+                self.counters.incr(f"{self.name}_refused_no_room")
+                return None
+            evicted = [(k, self.sizes.pop(k)) for k in victims]
+            self.used -= sum(k_size for _, k_size in evicted)
             self.reserved += size
+            self._gauges()
         self.counters.incr("evictions", len(evicted))
         return evicted
 
