@@ -1,9 +1,11 @@
 """``CacheStore``: the cache as the runtime sees it: lookup, load, save, evict, over tiers, index and writer.
 
-Tiers are ordered fastest first. A save goes to the first tier that accepts it; a load that hits a slower tier
-promotes the row into the fastest one. The prefix index knows every row of every tier; tiers report each key that
-leaves them, and the index forgets a key once no tier holds it. Concurrent saves of one key are deduplicated: the
-second caller gets the first caller's future. A ``parent_key`` resume can wait for an in-flight save of that key.
+Tiers are ordered fastest first and inclusive: a save is written through to every tier (off the caller's thread),
+so a row the RAM tier evicts is still on disk; a load is served by the fastest tier holding the row, and a hit in a
+slower tier is promoted back into the fastest one. The prefix index knows every row of every tier; tiers report
+each key that leaves them, and the index forgets a key once no tier holds it. Concurrent saves of one key are
+deduplicated: the second caller gets the first caller's future. A ``parent_key`` resume can wait for an in-flight
+save of that key.
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ class CacheStore:
             return row
         return None
 
+    def resume(self, key: CacheKey, timeout_s: float) -> tuple[RowMeta, memoryview] | None:
+        """A ``parent_key`` resume: wait up to ``timeout_s`` for an in-flight save of the key, then load it.
+
+        Counts ``hits_resume`` or a miss.
+        """
+        row = self.load(key) if self.wait_for(key, timeout_s) else None
+        self.counters.record_hit(HitKind.RESUME if row is not None else HitKind.MISS)
+        return row
+
     def wait_for(self, key: CacheKey, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for an in-flight save of ``key``; True when the key is (now) stored."""
         with self._lock:
@@ -119,14 +130,14 @@ class CacheStore:
     def _publish(self, meta: RowMeta, payload: Payload) -> bool:
         t0 = time.perf_counter()
         try:
-            for tier in self.tiers:
-                if tier.publish(meta, payload):
-                    self.index.add(meta.namespace, meta.tokens)
-                    self.counters.record_save(meta.save_reason)
-                    self.counters.record_latency("save", time.perf_counter() - t0)
-                    return True
-            self.counters.incr("saves_refused")
-            return False
+            accepted = [tier.publish(meta, payload) for tier in self.tiers]
+            if not any(accepted):
+                self.counters.incr("saves_refused")
+                return False
+            self.index.add(meta.namespace, meta.tokens)
+            self.counters.record_save(meta.save_reason)
+            self.counters.record_latency("save", time.perf_counter() - t0)
+            return True
         finally:
             with self._lock:
                 self._inflight.pop(meta.key, None)
