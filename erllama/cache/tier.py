@@ -281,6 +281,19 @@ class FileTier:
             (root / "tmp").mkdir(parents=True, exist_ok=True)
         self._scan()
 
+    @classmethod
+    def ram_file(
+        cls,
+        budget_bytes: int,
+        counters: Counters | None = None,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        compress_level: int | None = None,
+    ) -> FileTier:
+        """A ``ram_file`` tier: files on a tmpfs (default ``/dev/shm/erllama-<uid>``), shareable by processes."""
+        base = Path(root) if root is not None else Path("/dev/shm") / f"erllama-{os.getuid()}"
+        return cls([base], budget_bytes, counters, name="ram_file", compress_level=compress_level)
+
     @property
     def budget_bytes(self) -> int:
         return self._b.budget_bytes

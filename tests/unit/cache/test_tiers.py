@@ -138,3 +138,14 @@ def test_file_tier_compresses_when_asked(tmp_path: Path) -> None:
     got = tier.load(meta(1).key)
     assert got is not None
     assert bytes(got[1]) == bytes(100_000)
+
+
+def test_ram_file_tier_is_shared_between_instances(tmp_path: Path) -> None:
+    """Two processes (here: two instances) over one tmpfs directory see each other's rows after a scan."""
+    writer = FileTier.ram_file(1 << 20, root=tmp_path / "shm")
+    assert writer.name == "ram_file"
+    assert writer.publish(meta(5), b"shared")
+    reader = FileTier.ram_file(1 << 20, root=tmp_path / "shm")
+    got = reader.load(meta(5).key)
+    assert got is not None
+    assert bytes(got[1]) == b"shared"
