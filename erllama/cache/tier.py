@@ -185,14 +185,13 @@ class _Budget:
             return out
 
 
-class RamTier:
-    """Rows in this process's memory: the state bytes (copied once) and their metadata."""
+class _TierBase:
+    """The budget, name and drop hook every tier has, and the accessors that read them."""
 
-    def __init__(self, budget_bytes: int, counters: Counters | None = None, *, name: str = "ram") -> None:
+    def __init__(self, name: str, budget_bytes: int, counters: Counters | None) -> None:
         self.name = name
         self.on_drop: DropHook | None = None
         self._b = _Budget(name, budget_bytes, counters or Counters())
-        self._rows: dict[CacheKey, tuple[RowMeta, bytes]] = {}
 
     @property
     def budget_bytes(self) -> int:
@@ -207,6 +206,14 @@ class RamTier:
 
     def __contains__(self, key: object) -> bool:
         return key in self._b.sizes
+
+
+class RamTier(_TierBase):
+    """Rows in this process's memory: the state bytes (copied once) and their metadata."""
+
+    def __init__(self, budget_bytes: int, counters: Counters | None = None, *, name: str = "ram") -> None:
+        super().__init__(name, budget_bytes, counters)
+        self._rows: dict[CacheKey, tuple[RowMeta, bytes]] = {}
 
     def publish(self, meta: RowMeta, payload: Payload) -> bool:
         data = bytes(payload)
@@ -249,7 +256,7 @@ class RamTier:
         return [meta for meta, _ in list(self._rows.values())]
 
 
-class FileTier:
+class FileTier(_TierBase):
     """One KVC file per row under one or more roots (``ram_file`` on a tmpfs, or ``disk``).
 
     Publication is crash-safe: the row is written to a temp file in the root's ``tmp/`` directory, fsynced,
@@ -269,12 +276,10 @@ class FileTier:
     ) -> None:
         if not roots:
             raise InvalidInputError("a file tier needs at least one root directory")
-        self.name = name
-        self.on_drop: DropHook | None = None
+        super().__init__(name, budget_bytes, counters)
         self.roots = [Path(r) for r in roots]
         self.compress_level = compress_level
         self.fsync = fsync
-        self._b = _Budget(name, budget_bytes, counters or Counters())
         self._where: dict[CacheKey, Path] = {}
         self._root_bytes = dict.fromkeys(self.roots, 0)
         for root in self.roots:
@@ -293,20 +298,6 @@ class FileTier:
         """A ``ram_file`` tier: files on a tmpfs (default ``/dev/shm/erllama-<uid>``), shareable by processes."""
         base = Path(root) if root is not None else Path("/dev/shm") / f"erllama-{os.getuid()}"
         return cls([base], budget_bytes, counters, name="ram_file", compress_level=compress_level)
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._b.budget_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self._b.used
-
-    def __len__(self) -> int:
-        return len(self._b.sizes)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._b.sizes
 
     def path_of(self, key: CacheKey) -> Path | None:
         return self._where.get(key)
