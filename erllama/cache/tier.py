@@ -306,7 +306,7 @@ class FileTier(_TierBase):
 
     def _scan(self) -> None:
         """Remove dead writers' temp files; register every valid row from its header (one bounded read each)."""
-        found: list[tuple[float, CacheKey, int, Path]] = []
+        found: list[tuple[float, RowMeta, int, Path]] = []
         for root in self.roots:
             for tmp in (root / "tmp").glob("*.tmp"):
                 if not _writer_alive(tmp.name):
@@ -323,11 +323,14 @@ class FileTier(_TierBase):
                     continue
                 except FileNotFoundError:
                     continue
-                found.append((path.stat().st_mtime, meta.key, size, path))
-        for _mtime, key, size, path in sorted(found):  # oldest first: LRU order survives a restart
+                found.append((path.stat().st_mtime, meta, size, path))
+        self._scanned: dict[CacheKey, RowMeta] | None = {}
+        for _mtime, meta, size, path in sorted(found, key=lambda f: f[0]):  # oldest first: LRU order survives
+            key = meta.key
             if self._b.reserve(key, size) is None:
                 path.unlink(missing_ok=True)
                 continue
+            self._scanned[key] = meta
             self._where[key] = path
             self._root_bytes[self._root_of(path)] += size
             self._b.commit(key, size)
@@ -428,6 +431,10 @@ class FileTier(_TierBase):
         return freed
 
     def metas(self) -> list[RowMeta]:
+        """Metadata of every row. The first call after startup reuses what the scan read (no second read)."""
+        scanned, self._scanned = self._scanned, None
+        if scanned is not None:
+            return [meta for key, meta in scanned.items() if key in self._where]
         out = []
         for key, path in list(self._where.items()):
             try:

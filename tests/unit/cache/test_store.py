@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from erllama.cache.counters import Counters
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import SaveReason
@@ -197,3 +199,26 @@ def test_many_threads_saving_and_loading(tmp_path: Path) -> None:
         assert len(store.index) == len({*saved})
     finally:
         store.close()
+
+
+def test_startup_reads_each_header_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = CacheStore([FileTier([tmp_path], 1 << 22)])
+    for n in (16, 32, 48):
+        assert first.save_sync(NS, PROMPT[:n], b"h" * 100, SaveReason.FINISH, timeout_s=10)
+    first.close()
+    from erllama.cache import kvc
+
+    calls = []
+    real = kvc.read_meta
+
+    def counting(path: object) -> object:
+        calls.append(path)
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kvc, "read_meta", counting)
+    again = CacheStore([FileTier([tmp_path], 1 << 22)])
+    try:
+        assert len(calls) == 3, "the scan reads each header once and the store reuses it"
+        assert len(again.index) == 3
+    finally:
+        again.close()
