@@ -79,14 +79,64 @@ class FingerprintMode(enum.Enum):
 
 
 def fingerprint(
-    path: str | os.PathLike[str], mode: FingerprintMode = FingerprintMode.GGUF_CHUNKED, supplied: str | None = None
+    path: str | os.PathLike[str],
+    mode: FingerprintMode = FingerprintMode.GGUF_CHUNKED,
+    supplied: str | None = None,
+    *,
+    memo: Path | None = None,
 ) -> str:
-    """The model file's fingerprint (hex), per ``mode``."""
+    """The model file's fingerprint (hex), per ``mode``.
+
+    Results are memoised in ``memo`` (default ``$ERLLAMA_CACHE_DIR/fingerprints.json``) under the file's real path,
+    device, inode, size and mtime in nanoseconds, so a file is hashed again only when it changes.
+    """
     if mode is FingerprintMode.FAST_UNSAFE:
         if not supplied:
             raise InvalidInputError("fingerprint mode fast_unsafe needs a caller-supplied fingerprint")
         return supplied
-    p = Path(path)
+    p = Path(path).resolve()
+    st = p.stat()
+    ident = f"{mode.value}:{p}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    memo_file = memo if memo is not None else _memo_file()
+    known = _read_memo(memo_file)
+    if ident in known:
+        return known[ident]
+    value = _fingerprint(p, mode)
+    known[ident] = value
+    _write_memo(memo_file, known)
+    return value
+
+
+_MEMO_MAX = 256
+
+
+def _memo_file() -> Path:
+    root = os.environ.get("ERLLAMA_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "erllama") / "fingerprints.json"
+
+
+def _read_memo(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_memo(path: Path, known: dict[str, str]) -> None:
+    # keep the memo small: forget files that are gone, and keep the newest entries
+    alive = {k: v for k, v in known.items() if os.path.exists(k.split(":", 1)[1].rsplit(":", 4)[0])}
+    known = dict(list(alive.items())[-_MEMO_MAX:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(path)
+    except OSError:
+        pass  # memoising is an optimisation; a read-only cache dir only means hashing again next time
+
+
+def _fingerprint(p: Path, mode: FingerprintMode) -> str:
     h = hashlib.blake2b(digest_size=_DIGEST)
     with p.open("rb") as fh:
         if mode is FingerprintMode.SAFE:

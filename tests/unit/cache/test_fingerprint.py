@@ -64,3 +64,28 @@ def test_fast_unsafe_takes_the_callers_word(model_file: Path) -> None:
     assert fingerprint(model_file, FingerprintMode.FAST_UNSAFE, supplied="my-model-v1") == "my-model-v1"
     with pytest.raises(InvalidInputError):
         fingerprint(model_file, FingerprintMode.FAST_UNSAFE)
+
+
+def test_fingerprints_are_memoised_until_the_file_changes(model_file: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "m.gguf"
+    shutil.copyfile(model_file, copy)
+    memo = tmp_path / "memo.json"
+    first = fingerprint(copy, FingerprintMode.SAFE, memo=memo)
+    assert memo.is_file()
+    assert fingerprint(copy, FingerprintMode.SAFE, memo=memo) == first
+    _flip_byte(copy, copy.stat().st_size - 1)  # changes content and mtime
+    assert fingerprint(copy, FingerprintMode.SAFE, memo=memo) != first
+
+
+def test_memo_forgets_files_that_are_gone(model_file: Path, tmp_path: Path) -> None:
+    import json
+
+    memo = tmp_path / "memo.json"
+    gone = tmp_path / "gone.gguf"
+    shutil.copyfile(model_file, gone)
+    fingerprint(gone, FingerprintMode.SAFE, memo=memo)
+    gone.unlink()
+    fingerprint(model_file, FingerprintMode.SAFE, memo=memo)
+    entries = json.loads(memo.read_text())
+    assert len(entries) == 1
+    assert str(model_file.resolve()) in next(iter(entries))

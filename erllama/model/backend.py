@@ -1,0 +1,93 @@
+"""``ModelBackend``: what a model worker needs from a model, whatever runs it.
+
+Two implementations: :class:`~erllama.model.llama.LlamaBackend` over the native binding, and
+:class:`~erllama.model.stub.StubBackend`, a deterministic pure-Python model for fast tests of the worker,
+admission, batching and cache policy. A backend is confined to the worker thread that created it, exactly like the
+llama context inside it; only :meth:`ModelBackend.abort` may be called from another thread.
+
+One decode call carries any mix of sequences (continuous batching): each :class:`DecodeItem` appends tokens to
+the end of one sequence and may ask for logits of its last token, which the call returns as an output row for
+:meth:`ModelBackend.sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from erllama._native import SamplerConfig
+
+__all__ = ["BackendInfo", "DecodeItem", "ModelBackend", "SamplerConfig"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What the worker and the cache need to know about a loaded model."""
+
+    name: str
+    n_vocab: int
+    n_ctx_seq: int
+    n_seq_max: int
+    n_batch: int
+    bos: int
+    add_bos: bool
+    eog_tokens: frozenset[int]
+    fingerprint: str
+    quantization: str
+    ctx_params: Mapping[str, object]
+    chat_template: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeItem:
+    """Tokens appended to the end of one sequence; ``logits`` asks for an output row for the last one."""
+
+    seq_id: int
+    tokens: Sequence[int]
+    logits: bool = True
+
+
+class ModelBackend(Protocol):
+    """A model with a KV cache of ``n_seq_max`` sequences."""
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
+
+    def token_to_piece(self, token: int) -> bytes:
+        """The bytes a token renders as (possibly part of a UTF-8 sequence)."""
+        ...
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[int | None]:
+        """Run one batch; for each item, its output row (or None when it asked for no logits)."""
+        ...
+
+    def set_sampler(self, seq_id: int, config: SamplerConfig) -> None:
+        """Give a sequence its own sampler (penalties, grammar and RNG state are per sequence)."""
+        ...
+
+    def sample(self, seq_id: int, row: int) -> int:
+        """Pick the next token of ``seq_id`` from output row ``row`` of the last decode."""
+        ...
+
+    def seq_len(self, seq_id: int) -> int: ...
+
+    def seq_truncate(self, seq_id: int, n_tokens: int) -> None:
+        """Keep only the first ``n_tokens`` positions of a sequence (0 empties it)."""
+        ...
+
+    def state_get(self, seq_id: int) -> memoryview:
+        """The sequence's state, to be restored by :meth:`state_set` (possibly into another sequence)."""
+        ...
+
+    def state_set(self, seq_id: int, blob: bytes | memoryview) -> None: ...
+
+    def abort(self) -> None:
+        """Stop a running decode as soon as possible (any thread)."""
+        ...
+
+    def clear_abort(self) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,141 @@
+"""``LlamaBackend``: the model-worker interface over the native binding (Model + Context + per-sequence samplers).
+
+Create, use and close it on the worker thread: the Context inside refuses any other thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from erllama._native import Batch, Context, ContextConfig, Model, ModelConfig, Sampler, SamplerConfig
+from erllama.cache.key import FingerprintMode, fingerprint
+from erllama.errors import InvalidInputError
+from erllama.model.backend import BackendInfo, DecodeItem
+
+__all__ = ["LlamaBackend", "kv_layout_params"]
+
+
+def kv_layout_params(config: ContextConfig, n_ctx: int) -> dict[str, object]:
+    """The context parameters a saved state depends on (they feed the cache namespace)."""
+    return {
+        "n_ctx": n_ctx,
+        "n_seq_max": config.n_seq_max,
+        "kv_unified": config.kv_unified,
+        "type_k": config.type_k.name,
+        "type_v": config.type_v.name,
+        "flash_attn": config.flash_attn.name if config.flash_attn is not None else "default",
+        "swa_full": config.swa_full,
+    }
+
+
+class LlamaBackend:
+    """A GGUF model and one context with ``n_seq_max`` sequences."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        model_config: ModelConfig | None = None,
+        context_config: ContextConfig | None = None,
+        *,
+        fingerprint_mode: FingerprintMode = FingerprintMode.GGUF_CHUNKED,
+        fingerprint_value: str | None = None,
+    ) -> None:
+        self._model = Model(path, model_config)
+        try:
+            self._ctx = Context(self._model, context_config)
+        except BaseException:
+            self._model.close()
+            raise
+        self._samplers: dict[int, Sampler] = {}
+        self._batch = Batch(self._ctx.n_batch, 1)
+        info = self._model.info
+        self._info = BackendInfo(
+            name=os.path.basename(info.path),
+            n_vocab=info.n_vocab,
+            n_ctx_seq=self._ctx.n_ctx_seq,
+            n_seq_max=self._ctx.n_seq_max,
+            n_batch=self._ctx.n_batch,
+            bos=info.bos,
+            add_bos=info.add_bos,
+            eog_tokens=frozenset(info.eog_tokens),
+            fingerprint=fingerprint(path, fingerprint_mode, fingerprint_value),
+            quantization=info.quantization,
+            ctx_params=kv_layout_params(self._ctx.config, self._ctx.n_ctx),
+            chat_template=info.chat_template,
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def model(self) -> Model:
+        return self._model
+
+    @property
+    def context(self) -> Context:
+        return self._ctx
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self._model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def token_to_piece(self, token: int) -> bytes:
+        return self._model.token_to_piece(token)
+
+    def decode(self, items: Sequence[DecodeItem]) -> list[int | None]:
+        batch = self._batch
+        batch.clear()
+        seen: set[int] = set()
+        rows: list[int | None] = []
+        for item in items:
+            self._ctx.check_seq(item.seq_id)
+            if item.seq_id in seen:
+                raise InvalidInputError(f"sequence {item.seq_id} appears twice in one batch")
+            seen.add(item.seq_id)
+            if batch.n_tokens + len(item.tokens) > batch.capacity:
+                raise InvalidInputError(f"batch exceeds n_batch {batch.capacity}")
+            last = batch.add_sequence(item.tokens, self._ctx.seq_len(item.seq_id), item.seq_id, logits_last=item.logits)
+            rows.append(last if item.logits else None)
+        self._ctx.decode(batch)
+        return rows
+
+    def set_sampler(self, seq_id: int, config: SamplerConfig) -> None:
+        self._ctx.check_seq(seq_id)
+        old = self._samplers.pop(seq_id, None)
+        if old is not None:
+            old.close()
+        self._samplers[seq_id] = Sampler(self._model, config)
+
+    def sample(self, seq_id: int, row: int) -> int:
+        self._ctx.check_seq(seq_id)
+        sampler = self._samplers.get(seq_id)
+        if sampler is None:
+            sampler = self._samplers[seq_id] = Sampler(self._model)
+        return sampler.sample(self._ctx, row)
+
+    def seq_len(self, seq_id: int) -> int:
+        return self._ctx.seq_len(seq_id)
+
+    def seq_truncate(self, seq_id: int, n_tokens: int) -> None:
+        self._ctx.seq_keep_first(seq_id, n_tokens)
+
+    def state_get(self, seq_id: int) -> memoryview:
+        return self._ctx.state_seq_get(seq_id)
+
+    def state_set(self, seq_id: int, blob: bytes | memoryview) -> None:
+        self._ctx.state_seq_set(blob, seq_id)
+
+    def abort(self) -> None:
+        self._ctx.request_abort()
+
+    def clear_abort(self) -> None:
+        self._ctx.clear_abort()
+
+    def close(self) -> None:
+        """Free samplers, the context, then the model (on the worker thread). Idempotent."""
+        for sampler in self._samplers.values():
+            sampler.close()
+        self._samplers.clear()
+        self._ctx.close()
+        self._model.close()
