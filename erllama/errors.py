@@ -11,6 +11,7 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     ├── ClosedError (ValueError)             a Model / Context / Sampler used after close()
     ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
     ├── ResourceBusyError (RuntimeError)     a Model closed while contexts still use it
+    ├── WorkerStoppedError (RuntimeError)    a model worker stopped or crashed before a request finished
     ├── CacheError                           the KV-state cache
     │   └── CorruptCacheFileError (ValueError) a KVC file that is truncated, altered or not one (fields: reason)
     └── NativeError (RuntimeError)           llama.cpp reported a failure
@@ -48,6 +49,7 @@ __all__ = [
     "StateError",
     "ThreadAffinityError",
     "TokenIdError",
+    "WorkerStoppedError",
 ]
 
 
@@ -97,6 +99,10 @@ class ThreadAffinityError(ErllamaError, RuntimeError):
 
 class ResourceBusyError(ErllamaError, RuntimeError):
     """A resource released while something still depends on it."""
+
+
+class WorkerStoppedError(ErllamaError, RuntimeError):
+    """A model worker stopped (or crashed) before the request finished."""
 
 
 class CacheError(ErllamaError):

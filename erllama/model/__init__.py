@@ -1,18 +1,37 @@
 """Models: the backend protocol and its two implementations (llama.cpp and a deterministic stub).
 
-The worker, supervisor, registry and public API arrive with the runtime.
+``ModelWorker`` serves one backend from one thread with continuous batching. The supervisor, registry, cache
+admission and public API arrive with the rest of the runtime.
 """
 
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
 from erllama.model.llama import LlamaBackend, kv_layout_params
 from erllama.model.stub import StubBackend
+from erllama.model.worker import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    FinishReason,
+    ModelWorker,
+    Phase,
+    RequestHandle,
+    TokenEvent,
+)
 
 __all__ = [
     "BackendInfo",
     "DecodeItem",
+    "DoneEvent",
+    "ErrorEvent",
+    "Event",
+    "FinishReason",
     "LlamaBackend",
     "ModelBackend",
+    "ModelWorker",
+    "Phase",
+    "RequestHandle",
     "SamplerConfig",
     "StubBackend",
+    "TokenEvent",
     "kv_layout_params",
 ]

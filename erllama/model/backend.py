@@ -56,7 +56,7 @@ class ModelBackend(Protocol):
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]: ...
 
-    def token_to_piece(self, token: int) -> bytes:
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token renders as (possibly part of a UTF-8 sequence)."""
         ...
 

@@ -80,8 +80,8 @@ class LlamaBackend:
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self._model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def token_to_piece(self, token: int) -> bytes:
-        return self._model.token_to_piece(token)
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        return self._model.token_to_piece(token, special=special)
 
     def decode(self, items: Sequence[DecodeItem]) -> list[int | None]:
         batch = self._batch

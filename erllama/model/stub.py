@@ -86,7 +86,7 @@ class StubBackend:
         body = [3 + b for b in text.encode("utf-8")]
         return [BOS, *body] if add_special else body
 
-    def token_to_piece(self, token: int) -> bytes:
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         self._check_token(token)
         return bytes([token - 3]) if token >= 3 else b""
 

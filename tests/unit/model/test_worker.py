@@ -1,0 +1,207 @@
+"""The model worker on the stub backend: continuous batching, streaming, cancellation, admission, failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from erllama.errors import InvalidInputError
+from erllama.model import DecodeItem, SamplerConfig, StubBackend
+from erllama.model.worker import DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
+
+
+def reference(prompt: list[int], n: int, **stub_kw: object) -> list[int]:
+    """Greedy continuation computed directly on a fresh stub, the way the worker does it."""
+    b = StubBackend(**stub_kw)  # type: ignore[arg-type]
+    (row,) = b.decode([DecodeItem(0, prompt)])
+    out: list[int] = []
+    while len(out) < n:
+        assert row is not None
+        token = b.sample(0, row)
+        if token in b.info.eog_tokens:
+            break
+        out.append(token)
+        (row,) = b.decode([DecodeItem(0, [token])])
+    return out
+
+
+@pytest.fixture
+def worker() -> Iterator[ModelWorker]:
+    w = ModelWorker(lambda: StubBackend(n_seq_max=3, n_batch=64, eos_bias=-50.0), name="stub")
+    w.start()
+    yield w
+    w.stop()
+
+
+def test_streams_tokens_and_finishes_at_max_tokens(worker: ModelWorker) -> None:
+    prompt = StubBackend().tokenize("hello there")
+    handle = worker.submit(prompt, max_tokens=20)
+    events = list(handle.events(timeout_s=10))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.finish_reason is FinishReason.LENGTH
+    assert [t.token for t in tokens] == list(done.tokens) == reference(prompt, 20, eos_bias=-50.0)
+    assert "".join(t.text for t in tokens) == done.text
+    assert done.prompt_tokens == len(prompt)
+
+
+def test_parallel_requests_match_sequential_ones(worker: ModelWorker) -> None:
+    prompts = [StubBackend().tokenize(f"request number {i} " * (i + 1)) for i in range(7)]
+    handles = [worker.submit(p, max_tokens=15) for p in prompts]
+    results = [h.result(timeout_s=20) for h in handles]
+    for p, r in zip(prompts, results, strict=True):
+        assert list(r.tokens) == reference(p, 15, eos_bias=-50.0)
+
+
+def test_a_long_prefill_does_not_freeze_other_streams() -> None:
+    batches: list[list[tuple[int, int]]] = []
+
+    class Recording(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            batches.append([(i.seq_id, len(i.tokens)) for i in items])
+            return super().decode(items)
+
+    w = ModelWorker(lambda: Recording(n_seq_max=2, n_batch=32, n_ctx_seq=8192, eos_bias=-50.0), name="s")
+    w.start()
+    try:
+        short = w.submit(StubBackend().tokenize("hi"), max_tokens=40)
+        long = w.submit(StubBackend().tokenize("x" * 3000), max_tokens=1)  # ~94 chunks of at most 32 tokens
+        assert short.result(timeout_s=10).finish_reason is FinishReason.LENGTH
+        assert long.result(timeout_s=20).finish_reason is FinishReason.LENGTH
+    finally:
+        w.stop()
+    assert all(sum(n for _, n in b) <= 32 for b in batches), "no batch exceeds n_batch"
+    mixed = [b for b in batches if len(b) == 2]
+    assert len(mixed) >= 30, "decode rows of the short stream rode along with the long prefill's chunks"
+    last_short = max(i for i, b in enumerate(batches) if any(n == 1 and s != 1 for s, n in b))
+    long_chunks = [i for i, b in enumerate(batches) if any(n > 1 for _, n in b)]
+    assert last_short < long_chunks[-1], "the short stream finished while the long prompt was still prefilling"
+
+
+def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
+    w = ModelWorker(
+        lambda: StubBackend(n_seq_max=1, n_batch=16, n_ctx_seq=8192, step_delay_s=0.0005, eos_bias=-50.0), name="c"
+    )
+    w.start()
+    try:
+        slow = w.submit(StubBackend().tokenize("y" * 2000), max_tokens=5)
+        time.sleep(0.05)
+        slow.cancel()
+        done = slow.result(timeout_s=10)
+        assert done.finish_reason is FinishReason.CANCELLED
+        assert done.tokens == ()
+
+        gen = w.submit(StubBackend().tokenize("go"), max_tokens=5000)
+        seen = 0
+        for event in gen.events(timeout_s=10):
+            if isinstance(event, TokenEvent):
+                seen += 1
+                if seen == 3:
+                    gen.cancel()
+            else:
+                assert isinstance(event, DoneEvent)
+                assert event.finish_reason is FinishReason.CANCELLED
+                assert seen <= 4, "observed within one token"
+                assert len(event.tokens) == seen
+        # the only sequence was freed: the next request runs normally
+        after = w.submit(StubBackend().tokenize("again"), max_tokens=3).result(timeout_s=10)
+        assert after.finish_reason is FinishReason.LENGTH
+        assert w.in_flight == 0
+    finally:
+        w.stop()
+
+
+def test_admission_waits_for_a_free_sequence(worker: ModelWorker) -> None:
+    handles = [worker.submit(StubBackend().tokenize(f"q{i}"), max_tokens=5) for i in range(10)]
+    assert all(h.result(timeout_s=20).finish_reason is FinishReason.LENGTH for h in handles)
+
+
+def test_seeded_sampling_is_reproducible_through_the_worker(worker: ModelWorker) -> None:
+    cfg = SamplerConfig(temperature=1.0, top_k=40, seed=5)
+    prompt = StubBackend().tokenize("sample me")
+    a = worker.submit(prompt, max_tokens=12, sampling=cfg).result(timeout_s=10)
+    b = worker.submit(prompt, max_tokens=12, sampling=cfg).result(timeout_s=10)
+    assert a.tokens == b.tokens
+
+
+def test_bad_requests(worker: ModelWorker) -> None:
+    with pytest.raises(InvalidInputError):
+        worker.submit([], max_tokens=1)
+    too_long = worker.submit([5] * 5000, max_tokens=10)
+    event = next(too_long.events(timeout_s=10))
+    assert isinstance(event, ErrorEvent)
+    assert isinstance(event.error, InvalidInputError)
+    assert worker.submit([5, 6], max_tokens=2).result(timeout_s=10).finish_reason is FinishReason.LENGTH
+
+
+def test_a_crashing_backend_fails_requests_instead_of_hanging() -> None:
+    class Exploding(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            raise RuntimeError("kaboom")
+
+    w = ModelWorker(Exploding, name="boom")
+    w.start()
+    handle = w.submit([5, 6, 7], max_tokens=3)
+    events = list(handle.events(timeout_s=10))
+    assert isinstance(events[-1], ErrorEvent)
+    assert "kaboom" in str(events[-1].error)
+    late = w.submit([5], max_tokens=1)
+    assert isinstance(next(late.events(timeout_s=10)), ErrorEvent)
+    w.stop()
+
+
+def test_a_failing_load_is_raised_by_start() -> None:
+    def factory() -> StubBackend:
+        raise OSError("no such model")
+
+    w = ModelWorker(factory, name="x")
+    with pytest.raises(OSError, match="no such model"):
+        w.start()
+
+
+def test_backend_lives_and_dies_on_the_worker_thread() -> None:
+    threads: list[int] = []
+
+    class Recording(StubBackend):
+        def __init__(self) -> None:
+            threads.append(threading.get_ident())
+            super().__init__()
+
+        def close(self) -> None:
+            threads.append(threading.get_ident())
+            super().close()
+
+    w = ModelWorker(Recording, name="r")
+    w.start()
+    w.submit([5, 6], max_tokens=1).result(timeout_s=10)
+    w.stop()
+    assert len(threads) == 2
+    assert threads[0] == threads[1] != threading.get_ident()
+
+
+def test_phase_and_counters_are_published() -> None:
+    w = ModelWorker(lambda: StubBackend(n_seq_max=1, n_batch=8, n_ctx_seq=8192, step_delay_s=0.001), name="p")
+    w.start()
+    try:
+        handle = w.submit(StubBackend().tokenize("z" * 400), max_tokens=200)
+        seen = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Phase.GENERATING not in seen:
+            seen.add(w.phase)
+            time.sleep(0.001)
+        assert {Phase.PREFILLING, Phase.GENERATING} <= seen
+        assert w.in_flight == 1
+        handle.cancel()
+        handle.result(timeout_s=10)
+        deadline = time.monotonic() + 5
+        while w.phase is not Phase.IDLE and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert w.phase is Phase.IDLE
+        assert w.in_flight == 0
+        assert w.queue_depth == 0
+    finally:
+        w.stop()
