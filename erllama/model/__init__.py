@@ -6,6 +6,7 @@ admission and public API arrive with the rest of the runtime.
 
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
 from erllama.model.llama import LlamaBackend, kv_layout_params
+from erllama.model.stop import StopMatcher, first_stop
 from erllama.model.stub import StubBackend
 from erllama.model.worker import (
     DoneEvent,
@@ -31,7 +32,9 @@ __all__ = [
     "Phase",
     "RequestHandle",
     "SamplerConfig",
+    "StopMatcher",
     "StubBackend",
     "TokenEvent",
+    "first_stop",
     "kv_layout_params",
 ]

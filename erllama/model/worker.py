@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from erllama._native.text import Detokenizer
 from erllama.errors import InvalidInputError, WorkerStoppedError
 from erllama.model.backend import DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.stop import StopMatcher
 
 __all__ = [
     "DoneEvent",
@@ -62,10 +63,11 @@ class TokenEvent:
 class DoneEvent:
     finish_reason: FinishReason
     tokens: tuple[int, ...]
-    text: str
+    text: str  # the reply as streamed: a matched stop sequence is trimmed
     prompt_tokens: int
     prefill_s: float
     generate_s: float
+    stop_sequence: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,6 +127,7 @@ class _Active:
     prompt: list[int]
     max_tokens: int
     detok: Detokenizer
+    stops: StopMatcher | None = None
     fed: int = 0  # prompt tokens decoded so far
     pending: int | None = None  # sampled and streamed, not yet decoded
     generated: list[int] = dataclasses.field(default_factory=list)  # every streamed token
@@ -139,6 +142,7 @@ class _Waiting:
     prompt: list[int]
     max_tokens: int
     sampling: SamplerConfig
+    stop: tuple[str, ...]
 
 
 class ModelWorker:
@@ -175,19 +179,26 @@ class ModelWorker:
         return len(self._inbox)
 
     def submit(
-        self, prompt: Sequence[int], *, max_tokens: int = 128, sampling: SamplerConfig | None = None
+        self,
+        prompt: Sequence[int],
+        *,
+        max_tokens: int = 128,
+        sampling: SamplerConfig | None = None,
+        stop: Sequence[str] = (),
     ) -> RequestHandle:
-        """Queue a request; events arrive on the returned handle."""
+        """Queue a request; events arrive on the returned handle. ``stop`` ends the reply at a stop sequence."""
         if not prompt:
             raise InvalidInputError("a request needs at least one prompt token")
         if max_tokens < 0:
             raise InvalidInputError("max_tokens must be >= 0")
+        if any(not s for s in stop):
+            raise InvalidInputError("stop sequences must not be empty")
         handle = RequestHandle(next(self._ids))
         if self._stop.is_set() or not self._thread.is_alive():
             handle._emit(ErrorEvent(WorkerStoppedError(f"worker {self.name} is not running")))
             return handle
         with self._wake:
-            self._inbox.append(_Waiting(handle, list(prompt), max_tokens, sampling or SamplerConfig()))
+            self._inbox.append(_Waiting(handle, list(prompt), max_tokens, sampling or SamplerConfig(), tuple(stop)))
             self._wake.notify()
         return handle
 
@@ -268,7 +279,10 @@ class ModelWorker:
             seq_id = free.popleft()
             backend.seq_truncate(seq_id, 0)
             backend.set_sampler(seq_id, waiting.sampling)
-            active[seq_id] = _Active(waiting.handle, seq_id, waiting.prompt, waiting.max_tokens, Detokenizer(backend))
+            matcher = StopMatcher(waiting.stop) if waiting.stop else None
+            active[seq_id] = _Active(
+                waiting.handle, seq_id, waiting.prompt, waiting.max_tokens, Detokenizer(backend), matcher
+            )
             self.in_flight = len(active)
 
     def _tick(self, backend: ModelBackend, active: dict[int, _Active], free: deque[int]) -> None:
@@ -310,8 +324,13 @@ class ModelWorker:
                 continue
             a.generated.append(token)
             text = a.detok.feed(token)
+            if a.stops is not None:
+                text = a.stops.feed(text)
             a.text.append(text)
             a.handle._emit(TokenEvent(token, text))
+            if a.stops is not None and a.stops.matched is not None:
+                self._finish(backend, active, free, a.seq_id, FinishReason.STOP)
+                continue
             if len(a.generated) >= a.max_tokens:
                 self._finish(backend, active, free, a.seq_id, FinishReason.LENGTH)
                 continue
@@ -322,10 +341,16 @@ class ModelWorker:
     ) -> None:
         a = active.pop(seq_id)
         tail = a.detok.flush()
+        if a.stops is not None:
+            tail = a.stops.feed(tail) + a.stops.flush()
         now = time.perf_counter()
         first = a.t_first or now
+        stop_sequence = a.stops.matched if a.stops is not None else None
+        if stop_sequence is not None and reason is FinishReason.LENGTH:
+            reason = FinishReason.STOP  # the last tokens completed a stop sequence
+        text = "".join(a.text) + tail
         a.handle._emit(
-            DoneEvent(reason, tuple(a.generated), "".join(a.text) + tail, len(a.prompt), first - a.t_start, now - first)
+            DoneEvent(reason, tuple(a.generated), text, len(a.prompt), first - a.t_start, now - first, stop_sequence)
         )
         backend.seq_truncate(seq_id, 0)
         free.append(seq_id)

@@ -205,3 +205,17 @@ def test_phase_and_counters_are_published() -> None:
         assert w.queue_depth == 0
     finally:
         w.stop()
+
+
+def test_stop_sequences_end_and_trim_the_reply(worker: ModelWorker) -> None:
+    prompt = StubBackend().tokenize("stop test")
+    free = worker.submit(prompt, max_tokens=60).result(timeout_s=10)
+    assert len(free.text) > 20
+    stop = free.text[10:13]  # a stop string that really occurs, across token boundaries or not
+    stopped = worker.submit(prompt, max_tokens=60, stop=[stop, "never-happens"]).result(timeout_s=10)
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stopped.stop_sequence == stop
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert len(stopped.tokens) < len(free.tokens)
+    with pytest.raises(InvalidInputError):
+        worker.submit(prompt, stop=[""])
