@@ -194,10 +194,11 @@ class ModelWorker:
         if any(not s for s in stop):
             raise InvalidInputError("stop sequences must not be empty")
         handle = RequestHandle(next(self._ids))
-        if self._stop.is_set() or not self._thread.is_alive():
-            handle._emit(ErrorEvent(WorkerStoppedError(f"worker {self.name} is not running")))
-            return handle
         with self._wake:
+            # checked under the lock the worker drains the inbox with, so no request can slip in after the drain
+            if self._stop.is_set() or not self._thread.is_alive():
+                handle._emit(ErrorEvent(WorkerStoppedError(f"worker {self.name} is not running")))
+                return handle
             self._inbox.append(_Waiting(handle, list(prompt), max_tokens, sampling or SamplerConfig(), tuple(stop)))
             self._wake.notify()
         return handle
@@ -227,6 +228,8 @@ class ModelWorker:
             log.exception("worker %s crashed", self.name)
             self._fail_all(active, exc)
         finally:
+            with self._wake:
+                self._stop.set()  # refuse new requests before draining the inbox
             self._fail_all(active, WorkerStoppedError(f"worker {self.name} stopped"))
             self.phase = Phase.IDLE
             backend.close()
