@@ -8,6 +8,7 @@ from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, Sampler
 from erllama.model.llama import LlamaBackend, kv_layout_params
 from erllama.model.stop import StopMatcher, first_stop
 from erllama.model.stub import StubBackend
+from erllama.model.supervisor import ModelStatus, Supervisor
 from erllama.model.worker import (
     DoneEvent,
     ErrorEvent,
@@ -28,12 +29,14 @@ __all__ = [
     "FinishReason",
     "LlamaBackend",
     "ModelBackend",
+    "ModelStatus",
     "ModelWorker",
     "Phase",
     "RequestHandle",
     "SamplerConfig",
     "StopMatcher",
     "StubBackend",
+    "Supervisor",
     "TokenEvent",
     "first_stop",
     "kv_layout_params",

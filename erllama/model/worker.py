@@ -149,9 +149,16 @@ class ModelWorker:
     """Owns one backend on one thread; call :meth:`submit` from anywhere."""
 
     def __init__(
-        self, backend_factory: Callable[[], ModelBackend], *, name: str = "model", idle_wait_s: float = 0.05
+        self,
+        backend_factory: Callable[[], ModelBackend],
+        *,
+        name: str = "model",
+        idle_wait_s: float = 0.05,
+        on_exit: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_exit = on_exit
+        self.crash: BaseException | None = None
         self._factory = backend_factory
         self._idle_wait_s = idle_wait_s
         self._inbox: deque[_Waiting] = deque()
@@ -226,13 +233,18 @@ class ModelWorker:
             self._loop(backend, active)
         except Exception as exc:
             log.exception("worker %s crashed", self.name)
+            self.crash = exc
             self._fail_all(active, exc)
         finally:
             with self._wake:
                 self._stop.set()  # refuse new requests before draining the inbox
             self._fail_all(active, WorkerStoppedError(f"worker {self.name} stopped"))
             self.phase = Phase.IDLE
-            backend.close()
+            try:
+                backend.close()
+            finally:
+                if self._on_exit is not None:
+                    self._on_exit(self.crash)
 
     def _fail_all(self, active: dict[int, _Active], exc: BaseException) -> None:
         for a in active.values():
