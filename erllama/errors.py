@@ -7,7 +7,9 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     ├── InvalidInputError (ValueError)       bad arguments, caught before any C call
     │   ├── TokenIdError                     a token id outside [0, n_vocab)
     │   ├── SeqIdError                       a sequence id outside [0, n_seq_max)
-    │   └── ContextOverflowError             the tokens would not fit the sequence's room in the KV cache
+    │   ├── ContextOverflowError             the tokens would not fit the sequence's room in the KV cache
+    │   ├── ModelExistsError                 a model id that is already loaded
+    │   └── UnknownModelError (KeyError)     a model id that is not loaded
     ├── ClosedError (ValueError)             a Model / Context / Sampler used after close()
     ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
     ├── ResourceBusyError (RuntimeError)     a Model closed while contexts still use it
@@ -41,6 +43,7 @@ __all__ = [
     "InvalidInputError",
     "KVCacheFullError",
     "LibraryError",
+    "ModelExistsError",
     "ModelLoadError",
     "NativeError",
     "ResourceBusyError",
@@ -49,6 +52,7 @@ __all__ = [
     "StateError",
     "ThreadAffinityError",
     "TokenIdError",
+    "UnknownModelError",
     "WorkerStoppedError",
 ]
 
@@ -87,6 +91,14 @@ class ContextOverflowError(InvalidInputError):
         self.seq_id = seq_id
         self.needed = needed
         self.n_ctx_seq = n_ctx_seq
+
+
+class ModelExistsError(InvalidInputError):
+    """A model id that is already loaded."""
+
+
+class UnknownModelError(InvalidInputError, KeyError):
+    """A model id that is not loaded."""
 
 
 class ClosedError(ErllamaError, ValueError):

@@ -6,6 +6,7 @@ admission and public API arrive with the rest of the runtime.
 
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
 from erllama.model.llama import LlamaBackend, kv_layout_params
+from erllama.model.registry import Registry
 from erllama.model.stop import StopMatcher, first_stop
 from erllama.model.stub import StubBackend
 from erllama.model.supervisor import ModelStatus, Supervisor
@@ -32,6 +33,7 @@ __all__ = [
     "ModelStatus",
     "ModelWorker",
     "Phase",
+    "Registry",
     "RequestHandle",
     "SamplerConfig",
     "StopMatcher",
