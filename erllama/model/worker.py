@@ -279,7 +279,7 @@ class ModelWorker:
                     return
                 waiting = self._inbox.popleft()
             if waiting.handle.cancelled:
-                waiting.handle._emit(_done(waiting.handle, [], "", len(waiting.prompt), FinishReason.CANCELLED))
+                waiting.handle._emit(DoneEvent(FinishReason.CANCELLED, (), "", len(waiting.prompt), 0.0, 0.0))
                 continue
             if len(waiting.prompt) + waiting.max_tokens > backend.info.n_ctx_seq:
                 waiting.handle._emit(
@@ -370,7 +370,3 @@ class ModelWorker:
         backend.seq_truncate(seq_id, 0)
         free.append(seq_id)
         self.in_flight = len(active)
-
-
-def _done(handle: RequestHandle, tokens: list[int], text: str, n_prompt: int, reason: FinishReason) -> DoneEvent:
-    return DoneEvent(reason, tuple(tokens), text, n_prompt, 0.0, 0.0)
