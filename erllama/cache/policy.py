@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from erllama.cache.key import BLOCK_TOKENS
 from erllama.errors import InvalidInputError
 
 __all__ = [
@@ -45,6 +44,11 @@ class Veto(enum.Enum):
 class SavePolicy:
     """The knobs of the save policy. The defaults cache a chat of a few hundred tokens.
 
+    By default the cold save point is the whole prompt but its last token: the prefix index finds rows of any
+    length, so nothing is gained by aligning, and a repeated prompt then restores everything but the one token
+    the worker always recomputes (an exact hit). Trim and align (e.g. to ``erllama.cache.BLOCK_TOKENS``) to save
+    a shorter, more shareable prefix instead.
+
     Attributes:
         min_tokens: no row is ever saved for fewer tokens.
         cold_min_tokens: a cold save needs a save point at least this long.
@@ -60,7 +64,7 @@ class SavePolicy:
     cold_max_tokens: int = 1 << 20
     continued_interval: int = 512
     boundary_trim_tokens: int = 0
-    boundary_align_tokens: int = BLOCK_TOKENS
+    boundary_align_tokens: int = 1
     session_resume_wait_ms: int = 500
 
     def __post_init__(self) -> None:

@@ -101,6 +101,23 @@ class CacheStore:
         self.counters.record_hit(HitKind.RESUME if row is not None else HitKind.MISS)
         return row
 
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every save in flight now is published (or refused); False on timeout."""
+        with self._lock:
+            futures = list(self._inflight.values())
+        try:
+            for future in futures:
+                future.result(timeout=timeout_s)
+        except FutureTimeout:
+            return False
+        return True
+
+    def pending(self, key: CacheKey) -> bool:
+        """Whether a save of ``key`` is in flight (queued or being written)."""
+        with self._lock:
+            future = self._inflight.get(key)
+        return future is not None and not future.done()
+
     def wait_for(self, key: CacheKey, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for an in-flight save of ``key``; True when the key is (now) stored."""
         with self._lock:

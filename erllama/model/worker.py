@@ -5,6 +5,13 @@ generating sequence (so streams keep flowing), then prefill chunks of prompting 
 ``n_batch`` tokens; a long prompt is spread over several ticks instead of freezing the others. After the decode,
 each sequence that produced logits samples its next token, which is streamed as an event.
 
+With a cache (:class:`~erllama.model.cachelink.CacheLink`), admission restores the longest stored prefix of the
+request's context; the last prompt token is always decoded in a step of its own, warm or cold, so an exact hit
+gives the very logits of the cold run. States are saved per the policy: at the cold save point while prefilling,
+every ``continued_interval`` generated tokens, at the finish (after committing the final sampled token, so the
+row holds the whole context), and for live sequences at shutdown. ``finish_key`` names the finish row; passed
+back as ``parent_key`` it continues that context (waiting up to ``session_resume_wait_ms`` for its save).
+
 Other threads only enqueue requests, read events and set cancel flags; a cancel is observed at the next tick, i.e.
 within one token or one prefill chunk, and frees the sequence. Phase, queue depth and in-flight count are plain
 attributes published by the worker, so readers never wait on it.
@@ -21,10 +28,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 from erllama._native.text import Detokenizer
+from erllama.cache.key import CacheKey
+from erllama.cache.kvc import SaveReason
+from erllama.cache.policy import SavePolicy
+from erllama.cache.store import CacheStore
 from erllama.errors import InvalidInputError, WorkerStoppedError
-from erllama.model.backend import DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.stop import StopMatcher
 
 __all__ = [
@@ -61,6 +75,13 @@ class TokenEvent:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DoneEvent:
+    """The end of a request: the reply, the context it leaves in the KV cache, and how it was served.
+
+    ``context_tokens`` is the whole context the request ended with (prompt, generated tokens and the end token
+    that stopped it), ``committed_tokens`` how many of them are in the KV cache (and in the finish save, whose key is
+    ``finish_key`` — pass it as ``parent_key`` to continue). ``cache_hit`` is ``exact``, ``partial`` or ``cold``.
+    """
+
     finish_reason: FinishReason
     tokens: tuple[int, ...]
     text: str  # the reply as streamed: a matched stop sequence is trimmed
@@ -68,6 +89,12 @@ class DoneEvent:
     prefill_s: float
     generate_s: float
     stop_sequence: str | None = None
+    context_tokens: tuple[int, ...] = ()
+    committed_tokens: int = 0
+    finish_key: CacheKey | None = None
+    cache_hit: str = "cold"
+    restored_tokens: int = 0
+    prefilled_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,38 +148,58 @@ class RequestHandle:
 
 
 @dataclasses.dataclass(slots=True)
-class _Active:
-    handle: RequestHandle
-    seq_id: int
-    prompt: list[int]
-    max_tokens: int
-    detok: Detokenizer
-    stops: StopMatcher | None = None
-    fed: int = 0  # prompt tokens decoded so far
-    pending: int | None = None  # sampled and streamed, not yet decoded
-    generated: list[int] = dataclasses.field(default_factory=list)  # every streamed token
-    text: list[str] = dataclasses.field(default_factory=list)
-    t_start: float = dataclasses.field(default_factory=time.perf_counter)
-    t_first: float = 0.0
-
-
-@dataclasses.dataclass(slots=True)
 class _Waiting:
     handle: RequestHandle
     prompt: list[int]
     max_tokens: int
     sampling: SamplerConfig
     stop: tuple[str, ...]
+    parent_key: CacheKey | None
+    use_cache: bool
+    deadline: float  # a parent_key request waits for its parent's in-flight save until then
+
+
+@dataclasses.dataclass(slots=True)
+class _Active:
+    handle: RequestHandle
+    seq_id: int
+    tokens: list[int]  # the context: the prompt, then every sampled token (including a final end token)
+    n_prompt: int
+    max_tokens: int
+    detok: Detokenizer
+    stops: StopMatcher | None
+    hit: CacheHit
+    use_cache: bool
+    fed: int  # context tokens in the KV cache
+    cold_point: int | None = None  # where the prompt is saved while prefilling
+    last_save: int = 0  # fed at the last save (or restore)
+    n_generated: int = 0  # reply tokens streamed
+    closing: FinishReason | None = None  # finished; its last token is being committed for the finish save
+    text: list[str] = dataclasses.field(default_factory=list)
+    t_start: float = dataclasses.field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+
+
+_T = TypeVar("_T")
+_NO_HIT = CacheHit("cold", 0)
 
 
 class ModelWorker:
-    """Owns one backend on one thread; call :meth:`submit` from anywhere."""
+    """Owns one backend on one thread; call :meth:`submit` from anywhere.
+
+    With a ``cache``, admission restores the longest stored prefix of each request and the worker saves states per
+    ``policy`` (cold, continued, finish; a shutdown save of live sequences when it stops).
+    """
 
     def __init__(
         self,
         backend_factory: Callable[[], ModelBackend],
         *,
         name: str = "model",
+        cache: CacheStore | None = None,
+        policy: SavePolicy | None = None,
+        salt: str = "",
+        shutdown_save_timeout_s: float = 10.0,
         idle_wait_s: float = 0.05,
         on_exit: Callable[[BaseException | None], None] | None = None,
     ) -> None:
@@ -160,15 +207,25 @@ class ModelWorker:
         self._on_exit = on_exit
         self.crash: BaseException | None = None
         self._factory = backend_factory
+        self._cache = cache
+        self._policy = policy or SavePolicy()
+        self._salt = salt
+        self._shutdown_save_timeout_s = shutdown_save_timeout_s
         self._idle_wait_s = idle_wait_s
         self._inbox: deque[_Waiting] = deque()
+        self._calls: deque[tuple[Callable[[ModelBackend], Any], Future[Any]]] = deque()
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._ids = itertools.count(1)
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self._active: dict[int, _Active] = {}  # worker thread only
+        self.link: CacheLink | None = None  # set on the worker thread once the backend is loaded
+        self.info: BackendInfo | None = None
         self.phase = Phase.IDLE
         self.in_flight = 0
+        self.pending_len = 0  # prompt tokens still to prefill over the active sequences
+        self.last_hit: CacheHit | None = None
         self.ticks = 0
         self._thread = threading.Thread(target=self._main, name=f"erllama-worker-{name}", daemon=True)
 
@@ -185,6 +242,10 @@ class ModelWorker:
     def queue_depth(self) -> int:
         return len(self._inbox)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def submit(
         self,
         prompt: Sequence[int],
@@ -192,8 +253,14 @@ class ModelWorker:
         max_tokens: int = 128,
         sampling: SamplerConfig | None = None,
         stop: Sequence[str] = (),
+        parent_key: CacheKey | None = None,
+        use_cache: bool = True,
     ) -> RequestHandle:
-        """Queue a request; events arrive on the returned handle. ``stop`` ends the reply at a stop sequence."""
+        """Queue a request; events arrive on the returned handle.
+
+        ``stop`` ends the reply at a stop sequence. With ``parent_key`` (a previous request's ``finish_key``) the
+        prompt continues that request's context. ``max_tokens=0`` only prefills (and saves) the prompt.
+        """
         if not prompt:
             raise InvalidInputError("a request needs at least one prompt token")
         if max_tokens < 0:
@@ -201,17 +268,42 @@ class ModelWorker:
         if any(not s for s in stop):
             raise InvalidInputError("stop sequences must not be empty")
         handle = RequestHandle(next(self._ids))
+        wait_s = self._policy.session_resume_wait_ms / 1000.0
+        waiting = _Waiting(
+            handle,
+            list(prompt),
+            max_tokens,
+            sampling or SamplerConfig(),
+            tuple(stop),
+            parent_key,
+            use_cache,
+            time.monotonic() + wait_s,
+        )
         with self._wake:
             # checked under the lock the worker drains the inbox with, so no request can slip in after the drain
             if self._stop.is_set() or not self._thread.is_alive():
                 handle._emit(ErrorEvent(WorkerStoppedError(f"worker {self.name} is not running")))
                 return handle
-            self._inbox.append(_Waiting(handle, list(prompt), max_tokens, sampling or SamplerConfig(), tuple(stop)))
+            self._inbox.append(waiting)
             self._wake.notify()
         return handle
 
+    def call(self, fn: Callable[[ModelBackend], _T], timeout_s: float | None = 60.0) -> _T:
+        """Run ``fn(backend)`` on the worker thread between two ticks and return its result (or raise its error)."""
+        future: Future[_T] = Future()
+        with self._wake:
+            if self._stop.is_set() or not self._thread.is_alive():
+                raise WorkerStoppedError(f"worker {self.name} is not running")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future.result(timeout_s)
+
+    def save_live(self, reason: SaveReason, timeout_s: float = 10.0) -> int:
+        """Save the committed state of every active sequence now (evict / shutdown saves); returns rows written."""
+        return self.call(lambda backend: self._save_live(backend, reason, timeout_s), timeout_s + 5.0)
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish the current tick, fail what is left, close the backend on its own thread."""
+        """Finish the current tick, shutdown-save and fail what is left, close the backend on its own thread."""
         self._stop.set()
         with self._wake:
             self._wake.notify()
@@ -223,12 +315,15 @@ class ModelWorker:
     def _main(self) -> None:
         try:
             backend = self._factory()
+            self.info = backend.info
+            if self._cache is not None:
+                self.link = CacheLink(self._cache, self._policy, namespace_for(backend.info, salt=self._salt))
         except Exception as exc:  # noqa: BLE001 - handed to start(), which re-raises it on the caller's thread
             self._startup_error = exc
             self._ready.set()
             return
         self._ready.set()
-        active: dict[int, _Active] = {}
+        active = self._active
         try:
             self._loop(backend, active)
         except Exception as exc:
@@ -238,6 +333,8 @@ class ModelWorker:
         finally:
             with self._wake:
                 self._stop.set()  # refuse new requests before draining the inbox
+            if self.crash is None:
+                self._shutdown_save(backend)
             self._fail_all(active, WorkerStoppedError(f"worker {self.name} stopped"))
             self.phase = Phase.IDLE
             try:
@@ -246,6 +343,23 @@ class ModelWorker:
                 if self._on_exit is not None:
                     self._on_exit(self.crash)
 
+    def _shutdown_save(self, backend: ModelBackend) -> None:
+        try:
+            self._save_live(backend, SaveReason.SHUTDOWN, self._shutdown_save_timeout_s)
+        except Exception:  # a failed shutdown save must not keep the backend from being freed
+            log.exception("worker %s: shutdown save failed", self.name)
+
+    def _save_live(self, backend: ModelBackend, reason: SaveReason, timeout_s: float) -> int:
+        link = self.link
+        saved = 0
+        if link is None:
+            return 0
+        for a in self._active.values():
+            if a.use_cache and a.fed > a.last_save and link.final_allowed(a.fed):
+                saved += link.save_sync(backend, a.seq_id, a.tokens[: a.fed], reason, timeout_s)
+                a.last_save = a.fed
+        return saved
+
     def _fail_all(self, active: dict[int, _Active], exc: BaseException) -> None:
         for a in active.values():
             a.handle._emit(ErrorEvent(exc))
@@ -253,68 +367,126 @@ class ModelWorker:
         with self._wake:
             waiting = list(self._inbox)
             self._inbox.clear()
+            calls = list(self._calls)
+            self._calls.clear()
         for w in waiting:
             w.handle._emit(ErrorEvent(exc))
+        for _, future in calls:
+            future.set_exception(WorkerStoppedError(f"worker {self.name} stopped"))
         self.in_flight = 0
+        self.pending_len = 0
+
+    def _run_calls(self, backend: ModelBackend) -> None:
+        while True:
+            with self._wake:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(backend))
+            except Exception as exc:  # noqa: BLE001 - the caller of call() gets it
+                future.set_exception(exc)
 
     def _loop(self, backend: ModelBackend, active: dict[int, _Active]) -> None:
         info = backend.info
         free = deque(range(info.n_seq_max))
         while not self._stop.is_set():
-            self._admit(backend, active, free)
-            for seq_id in [s for s, a in active.items() if a.handle.cancelled]:
-                self._finish(backend, active, free, seq_id, FinishReason.CANCELLED)
+            self._run_calls(backend)
+            parked = self._admit(backend, active, free)
+            for a in [a for a in active.values() if a.handle.cancelled]:
+                self._complete(backend, active, free, a, a.closing or FinishReason.CANCELLED, save=False)
             if not active:
                 self.phase = Phase.IDLE
                 with self._wake:
-                    if not self._inbox and not self._stop.is_set():
-                        self._wake.wait(self._idle_wait_s)
+                    if (parked or not self._inbox) and not self._calls and not self._stop.is_set():
+                        self._wake.wait(0.002 if parked else self._idle_wait_s)
                 continue
             self._tick(backend, active, free)
 
-    def _admit(self, backend: ModelBackend, active: dict[int, _Active], free: deque[int]) -> None:
+    def _admit(self, backend: ModelBackend, active: dict[int, _Active], free: deque[int]) -> bool:
+        """Admit waiting requests while sequences are free; returns True if a request is parked on its parent."""
+        parked: list[_Waiting] = []
         while free:
             with self._wake:
                 if not self._inbox:
-                    return
-                waiting = self._inbox.popleft()
-            if waiting.handle.cancelled:
-                waiting.handle._emit(DoneEvent(FinishReason.CANCELLED, (), "", len(waiting.prompt), 0.0, 0.0))
+                    break
+                w = self._inbox.popleft()
+            if w.handle.cancelled:
+                w.handle._emit(DoneEvent(FinishReason.CANCELLED, (), "", len(w.prompt), 0.0, 0.0))
                 continue
-            if len(waiting.prompt) + waiting.max_tokens > backend.info.n_ctx_seq:
-                waiting.handle._emit(
-                    ErrorEvent(
-                        InvalidInputError(
-                            f"prompt of {len(waiting.prompt)} tokens + max_tokens {waiting.max_tokens} exceeds the "
-                            f"{backend.info.n_ctx_seq}-token context"
-                        )
-                    )
-                )
+            tokens = self._context_of(w, parked)
+            if tokens is None:
+                continue
+            n_ctx = backend.info.n_ctx_seq
+            if len(tokens) + w.max_tokens > n_ctx:
+                msg = f"prompt of {len(tokens)} tokens + max_tokens {w.max_tokens} exceeds the {n_ctx}-token context"
+                w.handle._emit(ErrorEvent(InvalidInputError(msg)))
                 continue
             seq_id = free.popleft()
             backend.seq_truncate(seq_id, 0)
-            backend.set_sampler(seq_id, waiting.sampling)
-            matcher = StopMatcher(waiting.stop) if waiting.stop else None
-            active[seq_id] = _Active(
-                waiting.handle, seq_id, waiting.prompt, waiting.max_tokens, Detokenizer(backend), matcher
+            link = self.link if w.use_cache else None
+            hit = link.restore(backend, seq_id, tokens, w.parent_key) if link is not None else _NO_HIT
+            backend.set_sampler(seq_id, w.sampling)
+            a = _Active(
+                w.handle,
+                seq_id,
+                tokens,
+                len(tokens),
+                w.max_tokens,
+                Detokenizer(backend),
+                StopMatcher(w.stop) if w.stop else None,
+                hit,
+                link is not None,
+                fed=hit.prefix_len,
+                last_save=hit.prefix_len,
             )
+            if link is not None:
+                a.cold_point = link.cold_point(len(tokens), hit.prefix_len)
+            active[seq_id] = a
+            self.last_hit = hit
             self.in_flight = len(active)
+        if parked:
+            with self._wake:
+                self._inbox.extendleft(reversed(parked))
+        return bool(parked)
+
+    def _context_of(self, w: _Waiting, parked: list[_Waiting]) -> list[int] | None:
+        """The request's whole context: its prompt, after its parent's tokens for a parent_key continuation."""
+        if w.parent_key is None:
+            return w.prompt
+        link = self.link
+        if link is None:
+            w.handle._emit(ErrorEvent(InvalidInputError("parent_key needs a model loaded with a cache")))
+            return None
+        if link.parent_pending(w.parent_key) and time.monotonic() < w.deadline:
+            parked.append(w)  # its parent's finish save is still being written
+            return None
+        parent = link.parent_tokens(w.parent_key)
+        if parent is None:
+            w.handle._emit(ErrorEvent(InvalidInputError("unknown parent_key: no such finish key in this namespace")))
+            return None
+        return [*parent, *w.prompt]
 
     def _tick(self, backend: ModelBackend, active: dict[int, _Active], free: deque[int]) -> None:
         budget = backend.info.n_batch
         items: list[DecodeItem] = []
         owners: list[_Active] = []
-        for a in active.values():  # generating sequences first: one token each
-            if a.pending is not None and budget > 0:
-                items.append(DecodeItem(a.seq_id, [a.pending]))
+        for a in active.values():  # generating sequences first: their pending token
+            if a.n_prompt <= a.fed < len(a.tokens) and budget > 0:
+                items.append(DecodeItem(a.seq_id, [a.tokens[a.fed]], logits=a.closing is None))
                 owners.append(a)
                 budget -= 1
         prefilling = False
         for a in active.values():  # then prefill chunks, in arrival order
-            if a.pending is None and a.fed < len(a.prompt) and budget > 0:
-                chunk = a.prompt[a.fed : a.fed + budget]
-                last = a.fed + len(chunk) == len(a.prompt)
-                items.append(DecodeItem(a.seq_id, chunk, logits=last))
+            if a.fed < a.n_prompt and budget > 0:
+                if a.fed == a.n_prompt - 1:  # the last prompt token always gets a step of its own
+                    chunk, logits = a.tokens[a.fed :], True
+                else:
+                    end = a.n_prompt - 1 if a.cold_point is None or a.fed >= a.cold_point else a.cold_point
+                    chunk, logits = a.tokens[a.fed : min(end, a.fed + budget)], False
+                items.append(DecodeItem(a.seq_id, chunk, logits=logits))
                 owners.append(a)
                 budget -= len(chunk)
                 prefilling = True
@@ -322,51 +494,102 @@ class ModelWorker:
         rows = backend.decode(items)
         self.ticks += 1
         for a, item, row in zip(owners, items, rows, strict=True):
-            if a.pending is not None:
-                a.pending = None  # now in the KV cache
-            else:
-                a.fed += len(item.tokens)
-            if row is None:
-                continue
-            if len(a.generated) >= a.max_tokens:  # max_tokens == 0: prefill only
-                self._finish(backend, active, free, a.seq_id, FinishReason.LENGTH)
-                continue
-            token = backend.sample(a.seq_id, row)
-            if not a.t_first:
-                a.t_first = time.perf_counter()
-            if token in backend.info.eog_tokens:
-                self._finish(backend, active, free, a.seq_id, FinishReason.STOP)
-                continue
-            a.generated.append(token)
-            text = a.detok.feed(token)
-            if a.stops is not None:
-                text = a.stops.feed(text)
-            a.text.append(text)
-            a.handle._emit(TokenEvent(token, text))
-            if a.stops is not None and a.stops.matched is not None:
-                self._finish(backend, active, free, a.seq_id, FinishReason.STOP)
-                continue
-            if len(a.generated) >= a.max_tokens:
-                self._finish(backend, active, free, a.seq_id, FinishReason.LENGTH)
-                continue
-            a.pending = token
+            a.fed += len(item.tokens)
+            self._maybe_save(backend, a)
+            if a.closing is not None:
+                self._complete(backend, active, free, a, a.closing, save=True)
+            elif row is not None:
+                self._sampled(backend, active, free, a, row)
+        self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
+
+    def _maybe_save(self, backend: ModelBackend, a: _Active) -> None:
+        link = self.link
+        if link is None or not a.use_cache:
+            return
+        if a.cold_point is not None and a.fed == a.cold_point:
+            link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.COLD)
+            a.last_save, a.cold_point = a.fed, None
+        elif a.fed > a.n_prompt and a.closing is None and link.continued_due(a.fed, a.fed - a.last_save):
+            link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.CONTINUED)
+            a.last_save = a.fed
+
+    def _sampled(
+        self, backend: ModelBackend, active: dict[int, _Active], free: deque[int], a: _Active, row: int
+    ) -> None:
+        if a.n_generated >= a.max_tokens:  # max_tokens == 0: prefill only
+            self._finish(backend, active, free, a, FinishReason.LENGTH)
+            return
+        token = backend.sample(a.seq_id, row)
+        if not a.t_first:
+            a.t_first = time.perf_counter()
+        a.tokens.append(token)
+        if token in backend.info.eog_tokens:
+            self._finish(backend, active, free, a, FinishReason.STOP)
+            return
+        a.n_generated += 1
+        text = a.detok.feed(token)
+        if a.stops is not None:
+            text = a.stops.feed(text)
+        a.text.append(text)
+        a.handle._emit(TokenEvent(token, text))
+        if a.stops is not None and a.stops.matched is not None:
+            self._finish(backend, active, free, a, FinishReason.STOP)
+        elif a.n_generated >= a.max_tokens:
+            self._finish(backend, active, free, a, FinishReason.LENGTH)
 
     def _finish(
-        self, backend: ModelBackend, active: dict[int, _Active], free: deque[int], seq_id: int, reason: FinishReason
+        self, backend: ModelBackend, active: dict[int, _Active], free: deque[int], a: _Active, reason: FinishReason
     ) -> None:
-        a = active.pop(seq_id)
+        save = a.use_cache and self.link is not None and self.link.final_allowed(len(a.tokens))
+        if save and a.fed < len(a.tokens):
+            a.closing = reason  # the last sampled token is decoded next tick, then the whole context is saved
+            return
+        self._complete(backend, active, free, a, reason, save=save)
+
+    def _complete(
+        self,
+        backend: ModelBackend,
+        active: dict[int, _Active],
+        free: deque[int],
+        a: _Active,
+        reason: FinishReason,
+        *,
+        save: bool,
+    ) -> None:
+        del active[a.seq_id]
+        link = self.link if a.use_cache else None
+        committed = a.tokens[: a.fed]
+        finish_key: CacheKey | None = None
+        if link is not None and reason is not FinishReason.CANCELLED:
+            finish_key = link.key(committed)
+            if save and a.fed > a.last_save:
+                link.save(backend, a.seq_id, committed, SaveReason.FINISH)
+            link.remember(finish_key, committed)
         tail = a.detok.flush()
         if a.stops is not None:
             tail = a.stops.feed(tail) + a.stops.flush()
-        now = time.perf_counter()
-        first = a.t_first or now
         stop_sequence = a.stops.matched if a.stops is not None else None
         if stop_sequence is not None and reason is FinishReason.LENGTH:
             reason = FinishReason.STOP  # the last tokens completed a stop sequence
-        text = "".join(a.text) + tail
+        now = time.perf_counter()
+        first = a.t_first or now
         a.handle._emit(
-            DoneEvent(reason, tuple(a.generated), text, len(a.prompt), first - a.t_start, now - first, stop_sequence)
+            DoneEvent(
+                reason,
+                tuple(a.tokens[a.n_prompt : a.n_prompt + a.n_generated]),
+                "".join(a.text) + tail,
+                a.n_prompt,
+                first - a.t_start,
+                now - first,
+                stop_sequence,
+                context_tokens=tuple(a.tokens),
+                committed_tokens=a.fed,
+                finish_key=finish_key,
+                cache_hit=a.hit.kind,
+                restored_tokens=a.hit.prefix_len,
+                prefilled_tokens=min(a.fed, a.n_prompt) - a.hit.prefix_len,
+            )
         )
-        backend.seq_truncate(seq_id, 0)
-        free.append(seq_id)
+        backend.seq_truncate(a.seq_id, 0)
+        free.append(a.seq_id)
         self.in_flight = len(active)

@@ -1,0 +1,175 @@
+"""``CacheLink``: one model worker's side of the shared cache — restoring prefixes at admission and saving states.
+
+Admission looks for the longest stored prefix of the request's context, capped one token short of its end: the
+last prompt token is always decoded by the worker in a step of its own, on the cold path and the warm path alike,
+so a hit that covers everything but that token (an *exact* hit) yields logits bit-identical to the cold run that
+saved the row. Capping also means a restored sequence never has to be shortened, which sliding-window models
+(whose caches keep only the last window) could not do. A restore is checked (the row's tokens against the
+context, the sequence's length after ``state_set``); a row that fails is dropped and the request goes cold.
+
+Saves follow the policy gates (``erllama.cache.policy``). Reading the state out of the context is one copy on the
+worker thread; packing and publishing happen on the store's writer threads, so other sequences never wait on disk.
+Finish keys are remembered with their tokens, so a ``parent_key`` continuation knows its context even when its row
+was dropped or is still being written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from erllama.cache.counters import Counters, HitKind
+from erllama.cache.key import CacheKey, Namespace, cache_key, ctx_params_hash
+from erllama.cache.kvc import SaveReason
+from erllama.cache.policy import (
+    SavePolicy,
+    Veto,
+    allows_continued_save,
+    allows_final_save,
+    cold_save_point,
+)
+from erllama.cache.store import CacheStore
+from erllama.errors import StateError
+from erllama.model.backend import BackendInfo, ModelBackend
+
+__all__ = ["CacheHit", "CacheLink", "namespace_for"]
+
+
+def namespace_for(info: BackendInfo, adapters: Sequence[tuple[str, float]] = (), salt: str = "") -> Namespace:
+    """The cache namespace of a loaded model: its file, quantisation, KV layout, adapters with scales, salt."""
+    return Namespace(
+        model_fingerprint=info.fingerprint,
+        quantization=info.quantization,
+        ctx_params=ctx_params_hash(info.ctx_params),
+        adapters=tuple(adapters),
+        salt=salt,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheHit:
+    """How a request's context was found: ``exact`` (all but the last token restored), ``partial`` or ``cold``."""
+
+    kind: str
+    prefix_len: int
+    counted_as: HitKind = HitKind.MISS
+
+
+_COLD = CacheHit("cold", 0)
+
+
+class CacheLink:
+    """Restores and saves sequences of one backend in one namespace of a shared :class:`CacheStore`."""
+
+    def __init__(self, store: CacheStore, policy: SavePolicy, namespace: Namespace, *, remember: int = 4096) -> None:
+        self.store = store
+        self.policy = policy
+        self.namespace = namespace
+        self._remember = remember
+        self._recent: OrderedDict[CacheKey, tuple[int, ...]] = OrderedDict()
+
+    @property
+    def counters(self) -> Counters:
+        return self.store.counters
+
+    def key(self, tokens: Sequence[int]) -> CacheKey:
+        return cache_key(self.namespace, tokens)
+
+    # -- parent_key continuations ------------------------------------------------------------------------------
+
+    def remember(self, key: CacheKey, tokens: Sequence[int]) -> None:
+        self._recent[key] = tuple(tokens)
+        self._recent.move_to_end(key)
+        while len(self._recent) > self._remember:
+            self._recent.popitem(last=False)
+
+    def parent_tokens(self, key: CacheKey) -> tuple[int, ...] | None:
+        """The tokens a finish key stands for: remembered by this worker, or read from the row's metadata."""
+        known = self._recent.get(key)
+        if known is not None:
+            return known
+        row = self.store.load(key)
+        if row is None or row[0].namespace != self.namespace:
+            return None
+        return row[0].tokens
+
+    def parent_pending(self, key: CacheKey) -> bool:
+        """Whether the parent's row is still being written (its restore should wait for it)."""
+        return self.store.pending(key)
+
+    # -- admission ----------------------------------------------------------------------------------------------
+
+    def restore(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], parent: CacheKey | None) -> CacheHit:
+        """Restore the longest stored prefix of ``tokens`` (at most ``len(tokens) - 1`` long) into an empty
+        ``seq_id``; returns what was found. On any failure the sequence is left empty (cold)."""
+        limit = len(tokens) - 1
+        hit = self.store.index.longest_prefix(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
+        if hit is None:
+            self.counters.record_hit(HitKind.MISS)
+            return _COLD
+        row = self.store.load(hit.key)
+        if row is None:  # dropped between the index walk and the load
+            self.counters.record_hit(HitKind.MISS)
+            return _COLD
+        meta, payload = row
+        try:
+            if meta.tokens != tuple(tokens[: hit.n_tokens]):
+                raise StateError("the row's tokens differ from the prompt prefix it was indexed under")
+            backend.state_set(seq_id, payload)
+            if backend.seq_len(seq_id) != hit.n_tokens:
+                raise StateError(f"restored {backend.seq_len(seq_id)} positions, expected {hit.n_tokens}")
+        except StateError:
+            self.counters.incr("restore_failures")
+            self.store.remove(hit.key)
+            backend.seq_truncate(seq_id, 0)
+            self.counters.record_hit(HitKind.MISS)
+            return _COLD
+        if hit.key == parent:
+            counted = HitKind.RESUME
+        elif hit.n_tokens == limit:
+            counted = HitKind.EXACT
+        else:
+            counted = HitKind.LONGEST_PREFIX
+        self.counters.record_hit(counted)
+        self.counters.incr("restored_tokens", hit.n_tokens)
+        return CacheHit("exact" if hit.n_tokens == limit else "partial", hit.n_tokens, counted)
+
+    def probe(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of ``tokens`` are stored (counts nothing)."""
+        hit = self.store.index.longest_prefix(self.namespace, tokens)
+        return hit.n_tokens if hit is not None else 0
+
+    # -- save points --------------------------------------------------------------------------------------------
+
+    def cold_point(self, n_prompt: int, restored: int) -> int | None:
+        """Where to save a prompt while prefilling it, or None (vetoed, or already covered by the restore)."""
+        point = cold_save_point(self.policy, n_prompt)
+        if isinstance(point, Veto):
+            self.counters.record_veto(point)
+            return None
+        return point if point > restored else None
+
+    def continued_due(self, n_tokens: int, since_last_save: int) -> bool:
+        return allows_continued_save(self.policy, n_tokens, since_last_save) is None
+
+    def final_allowed(self, n_tokens: int) -> bool:
+        veto = allows_final_save(self.policy, n_tokens)
+        if veto is not None:
+            self.counters.record_veto(veto)
+        return veto is None
+
+    def save(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason) -> CacheKey:
+        """Copy the sequence's state out (on this thread) and hand it to the store's writer."""
+        key = self.key(tokens)
+        if key in self.store or self.store.pending(key):
+            self.counters.incr("saves_already_cached")
+            return key
+        self.store.save(self.namespace, tokens, backend.state_get(seq_id), reason)
+        return key
+
+    def save_sync(
+        self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason, timeout_s: float
+    ) -> bool:
+        """Evict and shutdown saves: publish before returning (bounded by ``timeout_s``)."""
+        return self.store.save_sync(self.namespace, tokens, backend.state_get(seq_id), reason, timeout_s)

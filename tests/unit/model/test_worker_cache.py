@@ -1,0 +1,320 @@
+"""The worker with a cache, on the stub backend: admission (exact, longest prefix, parent_key), saves per policy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
+from erllama.cache.kvc import RowMeta
+from erllama.cache.tier import Payload
+from erllama.errors import InvalidInputError
+from erllama.model import DecodeItem, StubBackend
+from erllama.model.worker import DoneEvent, FinishReason, ModelWorker
+
+from .test_worker import reference
+
+POLICY = SavePolicy(min_tokens=8, cold_min_tokens=8, continued_interval=0)
+STUB = {"n_seq_max": 3, "n_batch": 64, "eos_bias": -50.0}
+
+
+def text(s: str) -> list[int]:
+    return StubBackend().tokenize(s)
+
+
+class Recording(StubBackend):
+    """A stub that records each batch as (seq_id, n_tokens, logits) triples."""
+
+    batches: list[list[tuple[int, int, bool]]]
+
+    def decode(self, items):  # type: ignore[no-untyped-def]
+        self.batches.append([(i.seq_id, len(i.tokens), i.logits) for i in items])
+        return super().decode(items)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CacheStore]:
+    s = CacheStore([RamTier(1 << 22), FileTier([tmp_path], 1 << 24)])
+    yield s
+    s.close()
+
+
+def make_worker(store: CacheStore, policy: SavePolicy = POLICY, **stub: object) -> ModelWorker:
+    kw = {**STUB, **stub}
+    w = ModelWorker(lambda: StubBackend(**kw), name="stub", cache=store, policy=policy)  # type: ignore[arg-type]
+    w.start()
+    return w
+
+
+def settle(store: CacheStore) -> None:
+    """Wait until every queued save is published."""
+    assert store.drain(10)
+
+
+def run(w: ModelWorker, prompt: list[int], n: int = 12, **kw: object) -> DoneEvent:
+    return w.submit(prompt, max_tokens=n, **kw).result(timeout_s=20)  # type: ignore[arg-type]
+
+
+def test_repeated_prompt_is_an_exact_hit_with_the_same_reply(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        prompt = text("the quick brown fox jumps over the lazy dog")
+        cold = run(w, prompt)
+        settle(store)
+        warm = run(w, prompt)
+    finally:
+        w.stop()
+    assert (cold.cache_hit, cold.restored_tokens, cold.prefilled_tokens) == ("cold", 0, len(prompt))
+    assert (warm.cache_hit, warm.restored_tokens, warm.prefilled_tokens) == ("exact", len(prompt) - 1, 1)
+    assert warm.tokens == cold.tokens == tuple(reference(prompt, 12, eos_bias=-50.0))
+    snap = store.counters.snapshot()
+    assert snap["saves_cold"] == 1, "the prompt minus its last token, while prefilling"
+    assert snap["saves_finish"] == 1, "the second finish row is the same context: already cached"
+    assert snap["saves_already_cached"] == 1
+    assert snap["hits_exact"] == 1
+    assert snap["misses"] == 1
+    assert w.last_hit is not None
+    assert w.last_hit.kind == "exact"
+
+
+def test_longer_prompt_restores_the_longest_prefix(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        base = text("a system prompt that every request shares")
+        run(w, base, n=4)
+        settle(store)
+        longer = [*base, *text(" and a question")[1:]]
+        warm = run(w, longer)
+    finally:
+        w.stop()
+    assert warm.cache_hit == "partial"
+    # the finish row of the first request (prompt + 4 generated + committed) is not a prefix; its cold row is
+    assert warm.restored_tokens == len(base) - 1
+    assert warm.prefilled_tokens == len(longer) - len(base) + 1
+    assert list(warm.tokens) == reference(longer, 12, eos_bias=-50.0)
+    assert store.counters.snapshot()["hits_longest_prefix"] == 1
+
+
+def test_parent_key_continues_the_previous_context(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        first = run(w, text("turn one of a conversation"), n=10)
+        assert first.finish_key is not None
+        assert first.committed_tokens == len(first.context_tokens), "the last sampled token was committed"
+        follow = text(" turn two")[1:]
+        second = run(w, follow, parent_key=first.finish_key)
+    finally:
+        w.stop()
+    context = [*first.context_tokens, *follow]
+    assert second.context_tokens[: len(context)] == tuple(context)
+    assert second.cache_hit == "partial"
+    assert second.restored_tokens == len(first.context_tokens)
+    assert list(second.tokens) == reference(context, 12, eos_bias=-50.0)
+    assert store.counters.snapshot()["hits_resume"] == 1
+
+
+def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    class SlowTier(RamTier):
+        def publish(self, meta: RowMeta, payload: Payload) -> bool:
+            release.wait(5)
+            return super().publish(meta, payload)
+
+    store = CacheStore([SlowTier(1 << 22)])
+    w = make_worker(store, SavePolicy(min_tokens=8, cold_min_tokens=8, session_resume_wait_ms=5000))
+    try:
+        first = run(w, text("a first turn that is long enough"), n=6)
+        assert first.finish_key is not None
+        assert store.pending(first.finish_key)
+        other = ModelWorker(lambda: StubBackend(**STUB), name="other", cache=store, policy=w._policy)  # type: ignore[arg-type]
+        other.start()
+        try:
+            # another worker does not remember the key: it must wait for the save to learn the context
+            handle = other.submit(text(" ?!")[1:], max_tokens=3, parent_key=first.finish_key)
+            time.sleep(0.2)
+            assert other.in_flight == 0, "parked while the parent's save is in flight"
+            release.set()
+            second = handle.result(timeout_s=10)
+        finally:
+            other.stop()
+    finally:
+        release.set()
+        w.stop()
+        store.close()
+    assert second.context_tokens[: len(first.context_tokens)] == first.context_tokens
+    assert second.cache_hit == "partial"
+    assert second.restored_tokens == len(first.context_tokens)
+
+
+def test_unknown_parent_key_is_a_clear_error(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        handle = w.submit(text("x"), max_tokens=2, parent_key=b"\0" * 32)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="unknown parent_key"):
+            handle.result(timeout_s=5)
+        assert run(w, text("still serving"), n=2).finish_reason is FinishReason.LENGTH
+    finally:
+        w.stop()
+
+
+def test_prefill_only_saves_the_whole_prompt(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        prompt = text("prefill me and keep the state warm")
+        done = run(w, prompt, n=0)
+        assert done.tokens == ()
+        assert done.finish_key is not None
+        assert done.committed_tokens == len(prompt)
+        settle(store)
+        assert done.finish_key in store
+        follow = text(" go on")[1:]
+        cont = run(w, follow, parent_key=done.finish_key)
+    finally:
+        w.stop()
+    assert cont.restored_tokens == len(prompt)
+    assert list(cont.tokens) == reference([*prompt, *follow], 12, eos_bias=-50.0)
+
+
+def test_cold_save_point_and_last_token_in_its_own_step(store: CacheStore) -> None:
+    Recording.batches = []
+    policy = SavePolicy(min_tokens=8, cold_min_tokens=8, boundary_align_tokens=16, continued_interval=0)
+    w = ModelWorker(lambda: Recording(**STUB), name="rec", cache=store, policy=policy)  # type: ignore[arg-type]
+    w.start()
+    try:
+        prompt = text("y" * 100)  # 101 tokens: cold point 96, chunks of at most 64
+        run(w, prompt, n=2)
+    finally:
+        w.stop()
+    sizes = [b[0][1] for b in Recording.batches]
+    logits = [b[0][2] for b in Recording.batches]
+    assert sizes[:4] == [64, 32, 4, 1], "chunks stop at the cold save point and before the last token"
+    assert logits[:4] == [False, False, False, True]
+    settle(store)
+    assert store.counters.snapshot()["saves_cold"] == 1
+    assert store.index.longest_prefix(w.link.namespace, prompt) is not None  # type: ignore[union-attr]
+
+
+def test_continued_saves_during_long_generations(store: CacheStore) -> None:
+    w = make_worker(store, SavePolicy(min_tokens=8, cold_min_tokens=8, continued_interval=10))
+    try:
+        run(w, text("generate a while"), n=35)
+    finally:
+        w.stop()
+    settle(store)
+    assert store.counters.snapshot()["saves_continued"] == 3
+
+
+def test_stop_saves_live_sequences_and_a_fresh_worker_hits(store: CacheStore) -> None:
+    w = make_worker(store, step_delay_s=0.005)
+    prompt = text("a long running generation")
+    handle = w.submit(prompt, max_tokens=2000)
+    events = handle.events(timeout_s=10)
+    for _ in range(20):
+        next(events)
+    w.stop()
+    settle(store)
+    assert store.counters.snapshot()["saves_shutdown"] == 1
+    w2 = make_worker(store)
+    try:
+        # a prompt that extends what the first worker had committed when it stopped
+        rows = [m for tier in store.tiers for m in tier.metas() if m.save_reason.name == "SHUTDOWN"]
+        assert rows
+        saved = list(rows[0].tokens)
+        assert saved[: len(prompt)] == prompt
+        assert len(saved) > len(prompt) + 10
+        done = run(w2, [*saved, *text("!")[1:]], n=3)
+    finally:
+        w2.stop()
+    assert (done.cache_hit, done.restored_tokens) == ("exact", len(saved))
+
+
+def test_a_corrupt_row_falls_back_to_cold_and_is_dropped(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        prompt = text("this row will be damaged")
+        cold = run(w, prompt, n=5)
+        settle(store)
+        hit = store.index.longest_prefix(w.link.namespace, prompt, max_tokens=len(prompt) - 1)  # type: ignore[union-attr]
+        assert hit is not None
+        meta, _ = store.load(hit.key)  # type: ignore[misc]
+        for tier in store.tiers:
+            tier.remove(hit.key)
+        store.tiers[0].publish(meta, b"garbage!" * 3)
+        store.index.add(meta.namespace, meta.tokens)
+        again = run(w, prompt, n=5)
+        settle(store)
+        row = store.load(hit.key)
+    finally:
+        w.stop()
+    assert again.cache_hit == "cold"
+    assert again.tokens == cold.tokens
+    assert store.counters.snapshot()["restore_failures"] == 1
+    assert row is not None
+    assert bytes(row[1]) != b"garbage!" * 3, "the bad row was dropped, then saved afresh"
+
+
+def test_models_sharing_a_store_are_kept_apart(store: CacheStore) -> None:
+    a = make_worker(store, seed=1)
+    b = make_worker(store, seed=2)
+    try:
+        prompt = text("same prompt, different models")
+        run(a, prompt)
+        settle(store)
+        assert run(b, prompt).cache_hit == "cold"
+        assert run(a, prompt).cache_hit == "exact"
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_use_cache_false_neither_restores_nor_saves(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        prompt = text("do not cache this request at all")
+        run(w, prompt)
+        settle(store)
+        done = run(w, prompt, use_cache=False)
+        assert done.cache_hit == "cold"
+        assert done.finish_key is None
+        saves = sum(v for k, v in store.counters.snapshot().items() if k.startswith("saves_") and "refused" not in k)
+    finally:
+        w.stop()
+    assert saves == 2, "only the first request saved (cold + finish)"
+
+
+def test_saves_are_published_off_the_worker_thread(tmp_path: Path) -> None:
+    threads: set[str] = set()
+
+    class Watching(RamTier):
+        def publish(self, meta: RowMeta, payload: Payload) -> bool:
+            threads.add(threading.current_thread().name)
+            return super().publish(meta, payload)
+
+    store = CacheStore([Watching(1 << 22)])
+    w = make_worker(store)
+    try:
+        run(w, text("who writes the rows?"))
+        settle(store)
+    finally:
+        w.stop()
+        store.close()
+    assert threads
+    assert not any(name.startswith("erllama-worker") for name in threads)
+
+
+def test_stub_reference_agrees_with_single_token_steps() -> None:
+    """The reference helper decodes the prompt in one batch; the worker splits off the last token. Same model."""
+    b = StubBackend()
+    prompt = text("split or not")
+    (r1,) = b.decode([DecodeItem(0, prompt)])
+    assert r1 is not None
+    whole = b.sample(0, r1)
+    b.decode([DecodeItem(1, prompt[:-1], logits=False)])
+    (r2,) = b.decode([DecodeItem(1, prompt[-1:])])
+    assert r2 is not None
+    assert whole == b.sample(1, r2)
