@@ -14,6 +14,7 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
     ├── ResourceBusyError (RuntimeError)     a Model closed while contexts still use it
     ├── WorkerStoppedError (RuntimeError)    a model worker stopped or crashed before a request finished
+    ├── NoGpuError (RuntimeError)            GPU information asked of a CPU-only build or machine
     ├── CacheError                           the KV-state cache
     │   └── CorruptCacheFileError (ValueError) a KVC file that is truncated, altered or not one (fields: reason)
     └── NativeError (RuntimeError)           llama.cpp reported a failure
@@ -46,6 +47,7 @@ __all__ = [
     "ModelExistsError",
     "ModelLoadError",
     "NativeError",
+    "NoGpuError",
     "ResourceBusyError",
     "SamplerError",
     "SeqIdError",
@@ -115,6 +117,10 @@ class ResourceBusyError(ErllamaError, RuntimeError):
 
 class WorkerStoppedError(ErllamaError, RuntimeError):
     """A model worker stopped (or crashed) before the request finished."""
+
+
+class NoGpuError(ErllamaError, RuntimeError):
+    """GPU information was asked for, but the library was built for the CPU or sees no GPU device."""
 
 
 class CacheError(ErllamaError):

@@ -6,7 +6,7 @@ one llama.cpp object and free it deterministically in ``close()``; ``Detokenizer
 
 from erllama._native.batch import Batch
 from erllama._native.context import Context, ContextConfig, FlashAttention, KVType
-from erllama._native.loader import Library, abi_mismatches, library
+from erllama._native.loader import GpuDevice, Library, abi_mismatches, library
 from erllama._native.model import LoraAdapter, Model, ModelConfig, ModelInfo
 from erllama._native.sampler import DEFAULT_SEED, Sampler, SamplerConfig
 from erllama._native.text import Detokenizer
@@ -18,6 +18,7 @@ __all__ = [
     "ContextConfig",
     "Detokenizer",
     "FlashAttention",
+    "GpuDevice",
     "KVType",
     "Library",
     "LoraAdapter",

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - only before the first build
         "erllama's cffi module has not been generated yet; run `python build_llama.py` from the source tree"
     ) from exc
 
-__all__ = ["Library", "abi_mismatches", "ffi", "lib", "library", "library_dir"]
+__all__ = ["GpuDevice", "Library", "abi_mismatches", "ffi", "lib", "library", "library_dir"]
 
 log = logging.getLogger("erllama.llama")
 
@@ -66,6 +66,26 @@ class Library:
             int(self.lib.ggml_backend_dev_type(self.lib.ggml_backend_dev_get(i))) in gpu_types for i in range(n)
         )
         return "gpu" if has_gpu else "cpu"
+
+    def gpu_devices(self) -> list[GpuDevice]:
+        """Every GPU device ggml sees, with its free and total memory (empty on CPU builds)."""
+        out = []
+        for i in range(int(self.lib.ggml_backend_dev_count())):
+            dev = self.lib.ggml_backend_dev_get(i)
+            if int(self.lib.ggml_backend_dev_type(dev)) not in (1, 2):  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+                continue
+            free, total = ffi.new("size_t *"), ffi.new("size_t *")
+            self.lib.ggml_backend_dev_memory(dev, free, total)
+            name = ffi.string(self.lib.ggml_backend_dev_name(dev)).decode("utf-8", "replace")
+            out.append(GpuDevice(name, int(free[0]), int(total[0])))
+        return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GpuDevice:
+    name: str
+    free_bytes: int
+    total_bytes: int
 
 
 def _cache_root() -> Path:

@@ -1,15 +1,18 @@
 """Models: the backend protocol and its two implementations (llama.cpp and a deterministic stub).
 
-``ModelWorker`` serves one backend from one thread with continuous batching. The supervisor, registry, cache
-admission and public API arrive with the rest of the runtime.
+``ModelWorker`` serves one backend from one thread with continuous batching and restores / saves sequences through
+its ``CacheLink``; ``Supervisor`` restarts it after crashes; ``Registry`` keeps models by id. The public API over all
+of this is :class:`erllama.runtime.Runtime`.
 """
 
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.llama import LlamaBackend, kv_layout_params
 from erllama.model.registry import Registry
 from erllama.model.stop import StopMatcher, first_stop
 from erllama.model.stub import StubBackend
 from erllama.model.supervisor import ModelStatus, Supervisor
+from erllama.model.think import ThinkSplitter
 from erllama.model.worker import (
     DoneEvent,
     ErrorEvent,
@@ -23,6 +26,8 @@ from erllama.model.worker import (
 
 __all__ = [
     "BackendInfo",
+    "CacheHit",
+    "CacheLink",
     "DecodeItem",
     "DoneEvent",
     "ErrorEvent",
@@ -39,7 +44,9 @@ __all__ = [
     "StopMatcher",
     "StubBackend",
     "Supervisor",
+    "ThinkSplitter",
     "TokenEvent",
     "first_stop",
     "kv_layout_params",
+    "namespace_for",
 ]

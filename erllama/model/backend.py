@@ -16,6 +16,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from erllama._native import SamplerConfig
 
 __all__ = ["BackendInfo", "DecodeItem", "ModelBackend", "SamplerConfig"]
@@ -60,6 +63,10 @@ class ModelBackend(Protocol):
         """The bytes a token renders as (possibly part of a UTF-8 sequence)."""
         ...
 
+    def apply_chat_template(self, messages: Sequence[tuple[str, str]], *, add_assistant: bool = True) -> str:
+        """Render (role, content) messages with the model's chat template."""
+        ...
+
     def decode(self, items: Sequence[DecodeItem]) -> list[int | None]:
         """Run one batch; for each item, its output row (or None when it asked for no logits)."""
         ...
@@ -83,6 +90,24 @@ class ModelBackend(Protocol):
         ...
 
     def state_set(self, seq_id: int, blob: bytes | memoryview) -> None: ...
+
+    def argmax_rows(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
+        """Append ``tokens`` to a sequence with an output at every position; the argmax token of each (verify)."""
+        ...
+
+    def embed(self, seq_id: int, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Decode ``tokens`` into an empty sequence and return their mean-pooled, L2-normalised embedding."""
+        ...
+
+    def load_adapter(self, path: str) -> object:
+        """Load a LoRA adapter file; the handle is passed to :meth:`set_adapters` and :meth:`free_adapter`."""
+        ...
+
+    def set_adapters(self, adapters: Sequence[tuple[object, float]]) -> None:
+        """Apply exactly these adapters with these scales."""
+        ...
+
+    def free_adapter(self, handle: object) -> None: ...
 
     def abort(self) -> None:
         """Stop a running decode as soon as possible (any thread)."""

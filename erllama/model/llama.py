@@ -6,9 +6,12 @@ Create, use and close it on the worker thread: the Context inside refuses any ot
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from erllama._native import Batch, Context, ContextConfig, Model, ModelConfig, Sampler, SamplerConfig
+import numpy as np
+import numpy.typing as npt
+
+from erllama._native import Batch, Context, ContextConfig, LoraAdapter, Model, ModelConfig, Sampler, SamplerConfig
 from erllama.cache.key import FingerprintMode, fingerprint
 from erllama.errors import InvalidInputError
 from erllama.model.backend import BackendInfo, DecodeItem
@@ -83,6 +86,9 @@ class LlamaBackend:
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         return self._model.token_to_piece(token, special=special)
 
+    def apply_chat_template(self, messages: Sequence[tuple[str, str]], *, add_assistant: bool = True) -> str:
+        return self._model.apply_chat_template(messages, add_assistant=add_assistant)
+
     def decode(self, items: Sequence[DecodeItem]) -> list[int | None]:
         batch = self._batch
         batch.clear()
@@ -125,6 +131,51 @@ class LlamaBackend:
 
     def state_set(self, seq_id: int, blob: bytes | memoryview) -> None:
         self._ctx.state_seq_set(blob, seq_id)
+
+    def _decode_all(self, seq_id: int, tokens: Sequence[int]) -> Iterator[int]:
+        """Decode ``tokens`` onto a sequence in chunks with an output at every position; yields each row."""
+        ctx, batch = self._ctx, self._batch
+        ctx.check_seq(seq_id)
+        for off in range(0, len(tokens), batch.capacity):
+            chunk = tokens[off : off + batch.capacity]
+            batch.clear()
+            pos0 = ctx.seq_len(seq_id)
+            for i, token in enumerate(chunk):
+                batch.add(token, pos0 + i, seq_id, logits=True)
+            ctx.decode(batch)
+            yield from range(len(chunk))
+
+    def argmax_rows(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
+        return [int(np.argmax(self._ctx.logits(row))) for row in self._decode_all(seq_id, tokens)]
+
+    def embed(self, seq_id: int, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        if not tokens:
+            raise InvalidInputError("nothing to embed")
+        ctx = self._ctx
+        ctx.set_embeddings(True)
+        try:
+            total = np.zeros(self._model.info.n_embd, dtype=np.float64)
+            for row in self._decode_all(seq_id, tokens):
+                total += ctx.embeddings(row)
+        finally:
+            ctx.set_embeddings(False)
+        norm = float(np.linalg.norm(total))
+        return (total / norm if norm > 0 else total).astype(np.float32)
+
+    def load_adapter(self, path: str) -> object:
+        return self._model.load_adapter(path)
+
+    def set_adapters(self, adapters: Sequence[tuple[object, float]]) -> None:
+        pairs: list[tuple[LoraAdapter, float]] = []
+        for handle, scale in adapters:
+            if not isinstance(handle, LoraAdapter):
+                raise InvalidInputError("not an adapter of this backend")
+            pairs.append((handle, scale))
+        self._ctx.set_adapters(pairs)
+
+    def free_adapter(self, handle: object) -> None:
+        if isinstance(handle, LoraAdapter):
+            handle.close()
 
     def abort(self) -> None:
         self._ctx.request_abort()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from erllama.errors import ModelExistsError, UnknownModelError
 from erllama.model.backend import ModelBackend
@@ -33,6 +34,7 @@ class Registry:
         *,
         max_restarts: int = 3,
         window_s: float = 60.0,
+        worker_options: Mapping[str, Any] | None = None,
     ) -> str:
         """Start a supervised worker for the model; returns its id."""
         with self._lock:
@@ -40,7 +42,13 @@ class Registry:
                 model_id = next(f"model-{n}" for n in self._ids if f"model-{n}" not in self._models)
             elif model_id in self._models:
                 raise ModelExistsError(f"a model with id {model_id!r} is already loaded")
-            sup = Supervisor(backend_factory, name=model_id, max_restarts=max_restarts, window_s=window_s)
+            sup = Supervisor(
+                backend_factory,
+                name=model_id,
+                max_restarts=max_restarts,
+                window_s=window_s,
+                worker_options=worker_options,
+            )
             self._models[model_id] = sup
         try:
             sup.start()

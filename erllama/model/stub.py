@@ -62,6 +62,7 @@ class StubBackend:
         self._seed = seed
         self._owner = threading.get_ident()
         self.decode_calls = 0
+        self.adapters: list[tuple[object, float]] = []
         self._info = BackendInfo(
             name=name,
             n_vocab=N_VOCAB,
@@ -89,6 +90,10 @@ class StubBackend:
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         self._check_token(token)
         return bytes([token - 3]) if token >= 3 else b""
+
+    def apply_chat_template(self, messages: Sequence[tuple[str, str]], *, add_assistant: bool = True) -> str:
+        text = "".join(f"<{role}>{content}\n" for role, content in messages)
+        return text + "<assistant>" if add_assistant else text
 
     def _check_token(self, token: int) -> None:
         if not 0 <= token < N_VOCAB:
@@ -201,6 +206,35 @@ class StubBackend:
         if len(tokens) > self._info.n_ctx_seq:
             raise ContextOverflowError(seq_id, len(tokens), self._info.n_ctx_seq)
         self._seqs[seq_id] = tokens
+
+    def argmax_rows(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
+        out: list[int] = []
+        for token in tokens:
+            self.decode([DecodeItem(seq_id, [token], logits=False)])
+            out.append(int(np.argmax(self._logits(self._seqs[seq_id]))))
+        return out
+
+    def embed(self, seq_id: int, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        if not tokens:
+            raise InvalidInputError("nothing to embed")
+        self._check_seq(seq_id)
+        for token in tokens:
+            self._check_token(token)
+        total = np.zeros(32)
+        for i in range(len(tokens)):
+            total += self._logits(tokens[: i + 1])[3:35]
+        return (total / np.linalg.norm(total)).astype(np.float32)
+
+    def load_adapter(self, path: str) -> object:
+        if not path:
+            raise InvalidInputError("adapter path is empty")
+        return ("stub-adapter", path)
+
+    def set_adapters(self, adapters: Sequence[tuple[object, float]]) -> None:
+        self.adapters = list(adapters)
+
+    def free_adapter(self, handle: object) -> None:
+        pass
 
     def abort(self) -> None:
         self._abort.set()

@@ -13,8 +13,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+from erllama.cache.key import CacheKey
 from erllama.errors import InvalidInputError, WorkerStoppedError
 from erllama.model.backend import ModelBackend, SamplerConfig
 from erllama.model.worker import ErrorEvent, ModelWorker, RequestHandle
@@ -41,13 +43,16 @@ class Supervisor:
         name: str = "model",
         max_restarts: int = 3,
         window_s: float = 60.0,
+        worker_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """``worker_options`` are passed to every :class:`ModelWorker` it starts (cache, policy, adapters, ...)."""
         if max_restarts < 0 or window_s <= 0:
             raise InvalidInputError("max_restarts must be >= 0 and window_s > 0")
         self.name = name
         self.max_restarts = max_restarts
         self.window_s = window_s
         self._factory = backend_factory
+        self._worker_options = dict(worker_options or {})
         self._lock = threading.Lock()
         self._restarts: deque[float] = deque()
         self.restart_count = 0
@@ -63,7 +68,7 @@ class Supervisor:
             self.status = ModelStatus.RUNNING
 
     def _new_worker(self) -> ModelWorker:
-        return ModelWorker(self._factory, name=self.name, on_exit=self._on_exit)
+        return ModelWorker(self._factory, name=self.name, on_exit=self._on_exit, **self._worker_options)
 
     def _on_exit(self, crash: BaseException | None) -> None:
         # Runs on the dying worker's thread, after its requests were failed and its backend closed.
@@ -100,11 +105,13 @@ class Supervisor:
 
     def submit(
         self,
-        prompt: Sequence[int],
+        prompt: Sequence[int] | str,
         *,
         max_tokens: int = 128,
         sampling: SamplerConfig | None = None,
         stop: Sequence[str] = (),
+        parent_key: CacheKey | None = None,
+        use_cache: bool = True,
     ) -> RequestHandle:
         """Forward to the running worker; an immediate error event when the model is failed or stopped."""
         with self._lock:
@@ -114,7 +121,18 @@ class Supervisor:
             handle = RequestHandle(0)
             handle._emit(ErrorEvent(WorkerStoppedError(f"model {self.name} is {status.value}")))
             return handle
-        return worker.submit(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        return worker.submit(
+            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, parent_key=parent_key, use_cache=use_cache
+        )
+
+    def running_worker(self) -> ModelWorker:
+        """The running worker, or WorkerStoppedError naming the model's status."""
+        with self._lock:
+            worker = self._worker if self.status is ModelStatus.RUNNING else None
+            status = self.status
+        if worker is None:
+            raise WorkerStoppedError(f"model {self.name} is {status.value}")
+        return worker
 
     @property
     def worker(self) -> ModelWorker | None:

@@ -19,6 +19,7 @@ attributes published by the worker, so readers never wait on it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import itertools
@@ -36,7 +37,7 @@ from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import SavePolicy
 from erllama.cache.store import CacheStore
-from erllama.errors import InvalidInputError, WorkerStoppedError
+from erllama.errors import InvalidInputError, TokenIdError, WorkerStoppedError
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.stop import StopMatcher
@@ -111,6 +112,8 @@ class RequestHandle:
     def __init__(self, request_id: int) -> None:
         self.id = request_id
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]] | None = None
         self._cancel = threading.Event()
         self._finished = threading.Event()
 
@@ -139,18 +142,37 @@ class RequestHandle:
                 raise event.error
         raise WorkerStoppedError("the event stream ended without a result")  # pragma: no cover
 
+    def async_queue(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[Event]:
+        """Switch delivery to an asyncio queue of ``loop`` (events already queued move over first)."""
+        with self._lock:
+            if self._async is not None:
+                raise InvalidInputError("this request is already being consumed asynchronously")
+            aq: asyncio.Queue[Event] = asyncio.Queue()
+            while not self._events.empty():
+                aq.put_nowait(self._events.get_nowait())
+            self._async = (loop, aq)
+        return aq
+
     def _emit(self, event: Event) -> None:
-        if self._finished.is_set():
-            return
-        if isinstance(event, DoneEvent | ErrorEvent):
-            self._finished.set()
-        self._events.put(event)
+        with self._lock:
+            if self._finished.is_set():
+                return
+            if isinstance(event, DoneEvent | ErrorEvent):
+                self._finished.set()
+            if self._async is None:
+                self._events.put(event)
+                return
+            loop, aq = self._async
+        try:
+            loop.call_soon_threadsafe(aq.put_nowait, event)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            self.cancel()
 
 
 @dataclasses.dataclass(slots=True)
 class _Waiting:
     handle: RequestHandle
-    prompt: list[int]
+    prompt: list[int] | str
     max_tokens: int
     sampling: SamplerConfig
     stop: tuple[str, ...]
@@ -199,6 +221,7 @@ class ModelWorker:
         cache: CacheStore | None = None,
         policy: SavePolicy | None = None,
         salt: str = "",
+        adapters: Callable[[], Sequence[tuple[str, str, float]]] | None = None,
         shutdown_save_timeout_s: float = 10.0,
         idle_wait_s: float = 0.05,
         on_exit: Callable[[BaseException | None], None] | None = None,
@@ -210,10 +233,13 @@ class ModelWorker:
         self._cache = cache
         self._policy = policy or SavePolicy()
         self._salt = salt
+        self._adapter_specs = adapters
+        self._adapter_handles: dict[str, object] = {}
         self._shutdown_save_timeout_s = shutdown_save_timeout_s
         self._idle_wait_s = idle_wait_s
         self._inbox: deque[_Waiting] = deque()
         self._calls: deque[tuple[Callable[[ModelBackend], Any], Future[Any]]] = deque()
+        self._seq_calls: deque[tuple[Callable[[ModelBackend, int], Any], Future[Any]]] = deque()
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._ids = itertools.count(1)
@@ -248,7 +274,7 @@ class ModelWorker:
 
     def submit(
         self,
-        prompt: Sequence[int],
+        prompt: Sequence[int] | str,
         *,
         max_tokens: int = 128,
         sampling: SamplerConfig | None = None,
@@ -258,6 +284,7 @@ class ModelWorker:
     ) -> RequestHandle:
         """Queue a request; events arrive on the returned handle.
 
+        A text prompt is tokenized on the worker (special tokens parsed; BOS added unless it continues a parent).
         ``stop`` ends the reply at a stop sequence. With ``parent_key`` (a previous request's ``finish_key``) the
         prompt continues that request's context. ``max_tokens=0`` only prefills (and saves) the prompt.
         """
@@ -271,7 +298,7 @@ class ModelWorker:
         wait_s = self._policy.session_resume_wait_ms / 1000.0
         waiting = _Waiting(
             handle,
-            list(prompt),
+            prompt if isinstance(prompt, str) else list(prompt),
             max_tokens,
             sampling or SamplerConfig(),
             tuple(stop),
@@ -298,6 +325,20 @@ class ModelWorker:
             self._wake.notify()
         return future.result(timeout_s)
 
+    def call_with_seq(self, fn: Callable[[ModelBackend, int], _T], timeout_s: float | None = 60.0) -> _T:
+        """Like :meth:`call`, with an empty sequence lent to ``fn`` (waits for one to be free; emptied after)."""
+        future: Future[_T] = Future()
+        with self._wake:
+            if self._stop.is_set() or not self._thread.is_alive():
+                raise WorkerStoppedError(f"worker {self.name} is not running")
+            self._seq_calls.append((fn, future))
+            self._wake.notify()
+        return future.result(timeout_s)
+
+    def reapply_adapters(self, timeout_s: float = 60.0) -> None:
+        """Load / detach / rescale adapters to match the adapter provider (between two ticks)."""
+        self.call(self._apply_adapters, timeout_s)
+
     def save_live(self, reason: SaveReason, timeout_s: float = 10.0) -> int:
         """Save the committed state of every active sequence now (evict / shutdown saves); returns rows written."""
         return self.call(lambda backend: self._save_live(backend, reason, timeout_s), timeout_s + 5.0)
@@ -318,6 +359,12 @@ class ModelWorker:
             self.info = backend.info
             if self._cache is not None:
                 self.link = CacheLink(self._cache, self._policy, namespace_for(backend.info, salt=self._salt))
+            if self._adapter_specs is not None:
+                try:
+                    self._apply_adapters(backend)
+                except BaseException:
+                    backend.close()
+                    raise
         except Exception as exc:  # noqa: BLE001 - handed to start(), which re-raises it on the caller's thread
             self._startup_error = exc
             self._ready.set()
@@ -343,6 +390,22 @@ class ModelWorker:
                 if self._on_exit is not None:
                     self._on_exit(self.crash)
 
+    def _apply_adapters(self, backend: ModelBackend) -> None:
+        specs = list(self._adapter_specs()) if self._adapter_specs is not None else []
+        handles = self._adapter_handles
+        for path, _, _ in specs:
+            if path not in handles:
+                handles[path] = backend.load_adapter(path)
+        backend.set_adapters([(handles[path], scale) for path, _, scale in specs])
+        wanted = {path for path, _, _ in specs}
+        for path in [p for p in handles if p not in wanted]:
+            backend.free_adapter(handles.pop(path))
+        if self.link is not None:
+            adapters = [(fp, scale) for _, fp, scale in specs]
+            self.link.namespace = namespace_for(backend.info, adapters, self._salt)
+        for a in self._active.values():
+            a.use_cache = False  # its KV mixes two adapter settings: never restore or save it
+
     def _shutdown_save(self, backend: ModelBackend) -> None:
         try:
             self._save_live(backend, SaveReason.SHUTDOWN, self._shutdown_save_timeout_s)
@@ -367,8 +430,9 @@ class ModelWorker:
         with self._wake:
             waiting = list(self._inbox)
             self._inbox.clear()
-            calls = list(self._calls)
+            calls: list[tuple[Any, Future[Any]]] = [*self._calls, *self._seq_calls]
             self._calls.clear()
+            self._seq_calls.clear()
         for w in waiting:
             w.handle._emit(ErrorEvent(exc))
         for _, future in calls:
@@ -376,31 +440,46 @@ class ModelWorker:
         self.in_flight = 0
         self.pending_len = 0
 
-    def _run_calls(self, backend: ModelBackend) -> None:
+    def _run_calls(self, backend: ModelBackend, free: deque[int]) -> None:
         while True:
+            fn: Callable[[ModelBackend], Any] | None = None
+            seq_fn: Callable[[ModelBackend, int], Any] | None = None
+            seq_id = -1
             with self._wake:
-                if not self._calls:
+                if self._calls:
+                    fn, future = self._calls.popleft()
+                elif self._seq_calls and free:
+                    seq_fn, future = self._seq_calls.popleft()
+                    seq_id = free.popleft()
+                else:
                     return
-                fn, future = self._calls.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(fn(backend))
+                if future.set_running_or_notify_cancel():
+                    if seq_fn is not None:
+                        backend.seq_truncate(seq_id, 0)
+                        future.set_result(seq_fn(backend, seq_id))
+                    elif fn is not None:
+                        future.set_result(fn(backend))
             except Exception as exc:  # noqa: BLE001 - the caller of call() gets it
                 future.set_exception(exc)
+            finally:
+                if seq_fn is not None:
+                    backend.seq_truncate(seq_id, 0)
+                    free.append(seq_id)
 
     def _loop(self, backend: ModelBackend, active: dict[int, _Active]) -> None:
         info = backend.info
         free = deque(range(info.n_seq_max))
         while not self._stop.is_set():
-            self._run_calls(backend)
+            self._run_calls(backend, free)
             parked = self._admit(backend, active, free)
             for a in [a for a in active.values() if a.handle.cancelled]:
                 self._complete(backend, active, free, a, a.closing or FinishReason.CANCELLED, save=False)
             if not active:
                 self.phase = Phase.IDLE
                 with self._wake:
-                    if (parked or not self._inbox) and not self._calls and not self._stop.is_set():
+                    idle = (parked or not self._inbox) and not self._calls and not self._seq_calls
+                    if idle and not self._stop.is_set():
                         self._wake.wait(0.002 if parked else self._idle_wait_s)
                 continue
             self._tick(backend, active, free)
@@ -414,12 +493,16 @@ class ModelWorker:
                     break
                 w = self._inbox.popleft()
             if w.handle.cancelled:
-                w.handle._emit(DoneEvent(FinishReason.CANCELLED, (), "", len(w.prompt), 0.0, 0.0))
+                w.handle._emit(DoneEvent(FinishReason.CANCELLED, (), "", 0, 0.0, 0.0))
                 continue
-            tokens = self._context_of(w, parked)
+            tokens = self._context_of(backend, w, parked)
             if tokens is None:
                 continue
-            n_ctx = backend.info.n_ctx_seq
+            n_ctx, n_vocab = backend.info.n_ctx_seq, backend.info.n_vocab
+            if min(tokens) < 0 or max(tokens) >= n_vocab:
+                bad = next(t for t in tokens if not 0 <= t < n_vocab)
+                w.handle._emit(ErrorEvent(TokenIdError(bad, n_vocab)))
+                continue
             if len(tokens) + w.max_tokens > n_ctx:
                 msg = f"prompt of {len(tokens)} tokens + max_tokens {w.max_tokens} exceeds the {n_ctx}-token context"
                 w.handle._emit(ErrorEvent(InvalidInputError(msg)))
@@ -452,8 +535,17 @@ class ModelWorker:
                 self._inbox.extendleft(reversed(parked))
         return bool(parked)
 
-    def _context_of(self, w: _Waiting, parked: list[_Waiting]) -> list[int] | None:
+    def _context_of(self, backend: ModelBackend, w: _Waiting, parked: list[_Waiting]) -> list[int] | None:
         """The request's whole context: its prompt, after its parent's tokens for a parent_key continuation."""
+        if isinstance(w.prompt, str):
+            try:
+                w.prompt = backend.tokenize(w.prompt, add_special=w.parent_key is None, parse_special=True)
+            except InvalidInputError as exc:
+                w.handle._emit(ErrorEvent(exc))
+                return None
+            if not w.prompt:
+                w.handle._emit(ErrorEvent(InvalidInputError("the prompt tokenizes to nothing")))
+                return None
         if w.parent_key is None:
             return w.prompt
         link = self.link

@@ -12,7 +12,8 @@ PACKAGES = {
     "erllama.testing": ["fetch", "tiny"],
     "erllama.cache": ["counters", "index", "key", "policy", "store", "tier", "writer"],
     "erllama.pressure": ["sampler", "scheduler"],
-    "erllama.model": ["backend", "llama", "registry", "stop", "stub", "supervisor", "worker"],
+    "erllama.model": ["backend", "cachelink", "llama", "registry", "stop", "stub", "supervisor", "think", "worker"],
+    "erllama": ["api", "runtime"],
 }
 
 

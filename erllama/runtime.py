@@ -1,0 +1,650 @@
+"""``Runtime``: erllama's public API — load models as supervised workers, complete and stream, keep prompts warm.
+
+A runtime owns a registry of models (each a supervised :class:`~erllama.model.worker.ModelWorker`) and one cache
+shared by all of them, kept apart by namespace. Every call names a model by id::
+
+    rt = Runtime()
+    model = rt.load_model("smollm2.gguf")
+    first = rt.complete(model, "Once upon a time", max_tokens=32)
+    again = rt.complete(model, "Once upon a time", max_tokens=32)      # exact hit: restored, not prefilled
+    more = rt.complete(model, " and then", parent_key=first.finish_key)  # continues the first context
+    for event in rt.infer(model, "Tell me a story"):                    # or `async for` in a coroutine
+        ...
+
+The module-level functions of :mod:`erllama` (``erllama.load_model``, ``erllama.complete``, ...) call the same
+methods on a process-wide default runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from erllama.cache import CacheStore, FingerprintMode, RamTier, SavePolicy, fingerprint
+from erllama.cache.counters import Counters
+from erllama.cache.key import CacheKey
+from erllama.cache.kvc import SaveReason
+from erllama.errors import InvalidInputError, NoGpuError, UnknownModelError
+from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.registry import Registry
+from erllama.model.supervisor import ModelStatus, Supervisor
+from erllama.model.think import ThinkSplitter
+from erllama.model.worker import DoneEvent, ErrorEvent, ModelWorker, RequestHandle, TokenEvent
+from erllama.pressure import PressureScheduler
+
+__all__ = [
+    "AdapterInfo",
+    "Completion",
+    "Failed",
+    "Finished",
+    "ModelSummary",
+    "Runtime",
+    "Stats",
+    "Stream",
+    "StreamEvent",
+    "TextDelta",
+    "ThinkingDelta",
+    "VramInfo",
+]
+
+DEFAULT_RAM_CACHE_BYTES = 1 << 30
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stats:
+    """Timings and token counts of one request. ``ttft_s`` runs from admission to the first sampled token."""
+
+    prompt_tokens: int
+    restored_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    generate_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed after the first token."""
+        return (self.generated_tokens - 1) / self.generate_s if self.generated_tokens > 1 and self.generate_s else 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Completion:
+    """The result of :meth:`Runtime.complete` (and the final event of a stream)."""
+
+    reply: str
+    generated: tuple[int, ...]
+    context_tokens: tuple[int, ...]
+    committed_tokens: int
+    finish_key: CacheKey | None
+    cache_hit_kind: str  # exact | partial | cold
+    finish_reason: str  # stop | length | cancelled
+    stop_sequence: str | None
+    thinking: str
+    stats: Stats
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    token: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThinkingDelta:
+    text: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finished:
+    completion: Completion
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failed:
+    error: BaseException
+
+
+StreamEvent = TextDelta | ThinkingDelta | Finished | Failed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSummary:
+    model_id: str
+    status: str
+    path: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    name: str
+    path: str
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VramInfo:
+    total_b: int
+    free_b: int
+    used_b: int
+    devices: tuple[str, ...]
+
+
+class Stream:
+    """A streaming request: iterate it (``for`` or ``async for``) for events; :meth:`cancel` from anywhere.
+
+    Events: :class:`TextDelta` per reply token (text is UTF-8-safe and has stop sequences trimmed),
+    :class:`ThinkingDelta` for text inside ``<think>`` ... ``</think>`` when thinking is split out, then exactly one
+    :class:`Finished` or :class:`Failed`.
+    """
+
+    def __init__(self, handle: RequestHandle, thinking: bool) -> None:
+        self._handle = handle
+        self._split = ThinkSplitter() if thinking else None
+        self._thinking: list[str] = []
+        self.completion: Completion | None = None
+
+    @property
+    def id(self) -> int:
+        return self._handle.id
+
+    def cancel(self) -> None:
+        """Stop the request (idempotent); the final event is Finished with finish_reason ``cancelled``."""
+        self._handle.cancel()
+
+    def _convert(self, event: TokenEvent | DoneEvent | ErrorEvent) -> list[StreamEvent]:
+        if isinstance(event, TokenEvent):
+            if self._split is None:
+                return [TextDelta(event.text, event.token)] if event.text else []
+            return self._parts(self._split.feed(event.text), event.token)
+        if isinstance(event, ErrorEvent):
+            return [Failed(event.error)]
+        out = self._parts(self._split.flush(), -1) if self._split is not None else []
+        self.completion = _completion(event, "".join(self._thinking), self._split)
+        return [*out, Finished(self.completion)]
+
+    def _parts(self, parts: list[tuple[bool, str]], token: int) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        for thinking, text in parts:
+            if thinking:
+                self._thinking.append(text)
+                out.append(ThinkingDelta(text))
+            else:
+                out.append(TextDelta(text, token))
+        return out
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        for event in self._handle.events():
+            yield from self._convert(event)
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        queue = self._handle.async_queue(asyncio.get_running_loop())
+        try:
+            while True:
+                event = await queue.get()
+                for out in self._convert(event):
+                    yield out
+                if isinstance(event, DoneEvent | ErrorEvent):
+                    return
+        finally:
+            if self.completion is None:
+                self._handle.cancel()  # the consumer went away (e.g. a client disconnected)
+
+    def result(self, timeout_s: float | None = None) -> Completion:
+        """Wait for the end; raises the request's error if it failed."""
+        for event in self._handle.events(timeout_s):
+            for out in self._convert(event):
+                if isinstance(out, Failed):
+                    raise out.error
+        assert self.completion is not None
+        return self.completion
+
+
+def _completion(done: DoneEvent, thinking: str, split: ThinkSplitter | None) -> Completion:
+    reply = done.text
+    if split is not None:
+        reply = "".join(text for inside, text in ThinkSplitter().feed_all(done.text) if not inside)
+    return Completion(
+        reply=reply,
+        generated=done.tokens,
+        context_tokens=done.context_tokens,
+        committed_tokens=done.committed_tokens,
+        finish_key=done.finish_key,
+        cache_hit_kind=done.cache_hit,
+        finish_reason=done.finish_reason.value,
+        stop_sequence=done.stop_sequence,
+        thinking=thinking,
+        stats=Stats(
+            prompt_tokens=done.prompt_tokens,
+            restored_tokens=done.restored_tokens,
+            prefilled_tokens=done.prefilled_tokens,
+            generated_tokens=len(done.tokens),
+            ttft_s=done.prefill_s,
+            generate_s=done.generate_s,
+        ),
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _Model:
+    supervisor: Supervisor
+    path: str | None
+    adapters: dict[str, AdapterInfo] = dataclasses.field(default_factory=dict)
+    adapter_fps: dict[str, str] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def adapter_specs(self) -> list[tuple[str, str, float]]:
+        return [(a.path, self.adapter_fps[a.path], a.scale) for a in self.adapters.values()]
+
+
+class Runtime:
+    """Models by id, one shared cache, an optional memory-pressure scheduler.
+
+    Args:
+        cache: the shared cache; by default a RAM tier of ``DEFAULT_RAM_CACHE_BYTES``; ``None`` disables caching.
+        policy: the default save policy of models loaded here.
+        scheduler: a pressure scheduler; each model registers an evict hook with it (freeing cache bytes).
+    """
+
+    def __init__(
+        self,
+        cache: CacheStore | str | None = "default",
+        *,
+        policy: SavePolicy | None = None,
+        scheduler: PressureScheduler | None = None,
+    ) -> None:
+        if cache == "default":
+            self.cache: CacheStore | None = CacheStore([RamTier(DEFAULT_RAM_CACHE_BYTES)])
+            self._owns_cache = True
+        elif cache is None or isinstance(cache, CacheStore):
+            self.cache = cache
+            self._owns_cache = False
+        else:
+            raise InvalidInputError("cache must be a CacheStore, None or 'default'")
+        self.policy = policy or SavePolicy()
+        self.scheduler = scheduler
+        self._registry = Registry()
+        self._models: dict[str, _Model] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- models -------------------------------------------------------------------------------------------------
+
+    def load_model(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        model_id: str | None = None,
+        *,
+        backend: Callable[[], ModelBackend] | None = None,
+        model_config: Any = None,
+        context_config: Any = None,
+        fingerprint_mode: FingerprintMode = FingerprintMode.GGUF_CHUNKED,
+        fingerprint_value: str | None = None,
+        policy: SavePolicy | None = None,
+        salt: str = "",
+        max_restarts: int = 3,
+        window_s: float = 60.0,
+    ) -> str:
+        """Load a GGUF (``path``) or a custom backend (``backend``, a factory run on the worker thread) as a
+        supervised worker; returns the model id (``model_id`` or a generated one)."""
+        if (path is None) == (backend is None):
+            raise InvalidInputError("load_model needs exactly one of path and backend")
+        factory: Callable[[], ModelBackend]
+        if path is not None:
+            from erllama.model.llama import LlamaBackend
+
+            gguf = os.fspath(path)
+            if not Path(gguf).is_file():
+                raise InvalidInputError(f"no model file at {gguf}")
+
+            def factory() -> ModelBackend:
+                return LlamaBackend(
+                    gguf,
+                    model_config,
+                    context_config,
+                    fingerprint_mode=fingerprint_mode,
+                    fingerprint_value=fingerprint_value,
+                )
+
+        else:
+            assert backend is not None
+            factory = backend
+        entry_box: list[_Model] = []
+        options: dict[str, Any] = {
+            "cache": self.cache,
+            "policy": policy or self.policy,
+            "salt": salt,
+            "adapters": lambda: entry_box[0].adapter_specs() if entry_box else [],
+        }
+        model_id = self._registry.load(
+            factory, model_id, max_restarts=max_restarts, window_s=window_s, worker_options=options
+        )
+        entry = _Model(self._registry.get(model_id), os.fspath(path) if path is not None else None)
+        entry_box.append(entry)
+        with self._lock:
+            self._models[model_id] = entry
+        if self.scheduler is not None and self.cache is not None:
+            self.scheduler.register("system", model_id, self.cache.evict_bytes)
+        return model_id
+
+    def unload(self, model_id: str) -> None:
+        """Stop the model: live sequences get a shutdown save, then its native memory is freed."""
+        with self._lock:
+            self._models.pop(model_id, None)
+        if self.scheduler is not None:
+            self.scheduler.unregister("system", model_id)
+        self._registry.unload(model_id)
+
+    unload_model = unload
+
+    def close(self) -> None:
+        """Unload every model, then close the cache if this runtime created it."""
+        for model_id in list(self._registry.list()):
+            with contextlib.suppress(UnknownModelError):
+                self.unload(model_id)
+        if self.cache is not None and self._owns_cache:
+            self.cache.close()
+
+    def _entry(self, model_id: str) -> _Model:
+        with self._lock:
+            entry = self._models.get(model_id)
+        if entry is None:
+            raise UnknownModelError(f"no model with id {model_id!r} is loaded")
+        return entry
+
+    def _worker(self, model_id: str) -> ModelWorker:
+        return self._entry(model_id).supervisor.running_worker()
+
+    def models(self) -> list[str]:
+        return sorted(self._registry.list())
+
+    def list_models(self) -> list[ModelSummary]:
+        with self._lock:
+            entries = dict(self._models)
+        return [ModelSummary(mid, e.supervisor.status.value, e.path) for mid, e in sorted(entries.items())]
+
+    def model_info(self, model_id: str) -> dict[str, Any]:
+        entry = self._entry(model_id)
+        worker = entry.supervisor.worker
+        info: BackendInfo | None = worker.info if worker is not None else None
+        out: dict[str, Any] = {
+            "model_id": model_id,
+            "path": entry.path,
+            "status": entry.supervisor.status.value,
+            "restarts": entry.supervisor.restart_count,
+            "adapters": [dataclasses.asdict(a) for a in entry.adapters.values()],
+        }
+        if info is not None:
+            out.update(dataclasses.asdict(info))
+            out["eog_tokens"] = sorted(info.eog_tokens)
+            out["ctx_params"] = dict(info.ctx_params)
+        return out
+
+    # -- requests -----------------------------------------------------------------------------------------------
+
+    def infer(
+        self,
+        model_id: str,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 128,
+        parent_key: CacheKey | None = None,
+        stop: Sequence[str] = (),
+        sampling: SamplerConfig | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        seed: int | None = None,
+        grammar: str | None = None,
+        thinking: bool = False,
+        use_cache: bool = True,
+    ) -> Stream:
+        """Start a request and stream it (see :class:`Stream`). A text prompt is tokenized with special tokens
+        parsed; with ``parent_key`` the prompt continues that finish key's context."""
+        config = _sampling(
+            sampling,
+            {
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "min_p": min_p,
+                "repeat_penalty": repeat_penalty,
+                "seed": seed,
+                "grammar": grammar,
+            },
+        )
+        handle = self._entry(model_id).supervisor.submit(
+            prompt if isinstance(prompt, str) else list(prompt),
+            max_tokens=max_tokens,
+            sampling=config,
+            stop=stop,
+            parent_key=parent_key,
+            use_cache=use_cache,
+        )
+        return Stream(handle, thinking)
+
+    def complete(
+        self, model_id: str, prompt: Prompt, /, *, timeout_s: float | None = None, **params: Any
+    ) -> Completion:
+        """Run a request to the end (parameters as for :meth:`infer`)."""
+        return self.infer(model_id, prompt, **params).result(timeout_s)
+
+    async def acomplete(self, model_id: str, prompt: Prompt, /, **params: Any) -> Completion:
+        """:meth:`complete` for coroutines (the wait does not block the event loop)."""
+        stream = self.infer(model_id, prompt, **params)
+        async for event in stream:
+            if isinstance(event, Failed):
+                raise event.error
+        assert stream.completion is not None
+        return stream.completion
+
+    def prefill_only(
+        self, model_id: str, prompt: Prompt, *, parent_key: CacheKey | None = None, timeout_s: float | None = None
+    ) -> Completion:
+        """Decode the prompt into the KV cache and save it without sampling; returns its finish_key."""
+        return self.infer(model_id, prompt, max_tokens=0, parent_key=parent_key).result(timeout_s)
+
+    def cancel(self, stream: Stream) -> None:
+        stream.cancel()
+
+    # -- vocabulary, templates, embeddings ---------------------------------------------------------------------
+
+    def tokenize(self, model_id: str, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self._worker(model_id).call(
+            lambda b: b.tokenize(text, add_special=add_special, parse_special=parse_special)
+        )
+
+    def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
+        toks = [int(t) for t in tokens]
+        pieces = self._worker(model_id).call(lambda b: b"".join(b.token_to_piece(t) for t in toks))
+        return pieces.decode("utf-8", "replace")
+
+    def apply_chat_template(
+        self,
+        model_id: str,
+        messages: Sequence[Mapping[str, str]] | Sequence[tuple[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Render messages ({"role", "content"} mappings or (role, content) pairs) with the model's template."""
+        pairs = [(m["role"], m["content"]) if isinstance(m, Mapping) else (m[0], m[1]) for m in messages]
+        return self._worker(model_id).call(lambda b: b.apply_chat_template(pairs, add_assistant=add_generation_prompt))
+
+    def embed(self, model_id: str, prompt: Prompt) -> list[float]:
+        """A mean-pooled, L2-normalised embedding of the prompt."""
+
+        def run(b: ModelBackend, seq_id: int) -> list[float]:
+            tokens = b.tokenize(prompt, parse_special=True) if isinstance(prompt, str) else list(prompt)
+            return [float(x) for x in b.embed(seq_id, tokens)]
+
+        return self._worker(model_id).call_with_seq(run)
+
+    # -- speculative decoding primitives -----------------------------------------------------------------------
+
+    def draft_tokens(self, model_id: str, prefix: Sequence[int], max_tokens: int = 4) -> list[int]:
+        """Up to ``max_tokens`` greedy next tokens after ``prefix`` (fewer at an end token)."""
+        return list(self.complete(model_id, list(prefix), max_tokens=max_tokens, temperature=0.0).generated)
+
+    def verify(
+        self, model_id: str, prefix: Sequence[int], candidates: Sequence[int], k: int | None = None
+    ) -> tuple[int, int | None]:
+        """Check draft ``candidates`` after ``prefix`` in one forward pass: returns how many the model accepts
+        (its own greedy choice agrees) and its next token after them (None for an end-of-generation token)."""
+        cands = [int(t) for t in candidates][: k if k is not None else len(candidates)]
+        toks = [int(t) for t in prefix]
+        if not toks:
+            raise InvalidInputError("verify needs a non-empty prefix")
+        worker = self._worker(model_id)
+
+        def run(b: ModelBackend, seq_id: int) -> tuple[int, int | None]:
+            fed = worker.link.restore(b, seq_id, toks, None).prefix_len if worker.link is not None else 0
+            n_batch = b.info.n_batch
+            while fed < len(toks) - 1:
+                chunk = toks[fed : min(len(toks) - 1, fed + n_batch)]
+                b.decode([DecodeItem(seq_id, chunk, logits=False)])
+                fed += len(chunk)
+            preds = b.argmax_rows(seq_id, [toks[-1], *cands])
+            accepted = 0
+            while accepted < len(cands) and cands[accepted] == preds[accepted]:
+                accepted += 1
+            nxt = preds[accepted]
+            return accepted, None if nxt in b.info.eog_tokens else nxt
+
+        return worker.call_with_seq(run)
+
+    # -- cache --------------------------------------------------------------------------------------------------
+
+    def evict(self, model_id: str, timeout_s: float = 10.0) -> int:
+        """Save the live state of the model's active sequences now (evict saves); returns rows written."""
+        return self._worker(model_id).save_live(SaveReason.EVICT, timeout_s)
+
+    def shutdown(self, model_id: str, timeout_s: float = 10.0) -> int:
+        """Fire the shutdown save of the model's active sequences and return once it is published."""
+        return self._worker(model_id).save_live(SaveReason.SHUTDOWN, timeout_s)
+
+    def list_cached_prefixes(self, model_id: str, tokens: Sequence[int]) -> int:
+        """How many leading tokens of ``tokens`` are cached for this model (its current adapters included)."""
+        link = self._worker(model_id).link
+        return link.probe([int(t) for t in tokens]) if link is not None and tokens else 0
+
+    def counters(self) -> dict[str, float]:
+        return self.cache.counters.snapshot() if self.cache is not None else Counters().snapshot()
+
+    # -- live state ---------------------------------------------------------------------------------------------
+
+    def status(self, model_id: str) -> str:
+        """running | restarting | failed | stopped."""
+        return self._entry(model_id).supervisor.status.value
+
+    def phase(self, model_id: str) -> str:
+        """idle | prefilling | generating (idle when the model is not running)."""
+        worker = self._entry(model_id).supervisor.worker
+        return worker.phase.value if worker is not None else "idle"
+
+    def pending_len(self, model_id: str) -> int:
+        """Prompt tokens still to prefill over the model's active requests."""
+        worker = self._entry(model_id).supervisor.worker
+        return worker.pending_len if worker is not None else 0
+
+    def queue_depth(self, model_id: str) -> int:
+        """Requests waiting for a free sequence."""
+        worker = self._entry(model_id).supervisor.worker
+        return worker.queue_depth if worker is not None else 0
+
+    def in_flight(self, model_id: str) -> int:
+        worker = self._entry(model_id).supervisor.worker
+        return worker.in_flight if worker is not None else 0
+
+    def last_cache_hit(self, model_id: str) -> dict[str, Any] | None:
+        """``{"kind": exact | partial | cold, "prefix_len": n}`` of the latest admission, or None."""
+        worker = self._entry(model_id).supervisor.worker
+        hit = worker.last_hit if worker is not None else None
+        return None if hit is None else {"kind": hit.kind, "prefix_len": hit.prefix_len}
+
+    # -- adapters -----------------------------------------------------------------------------------------------
+
+    def load_adapter(
+        self, model_id: str, path: str | os.PathLike[str], scale: float = 1.0, name: str | None = None
+    ) -> str:
+        """Attach a LoRA adapter; adapters and their scales split the cache namespace. Returns its name."""
+        entry = self._entry(model_id)
+        p = os.fspath(path)
+        if not Path(p).is_file():
+            raise InvalidInputError(f"no adapter file at {p}")
+        name = name or Path(p).stem
+        with entry.lock:
+            if name in entry.adapters:
+                raise InvalidInputError(f"adapter {name!r} is already loaded on {model_id}")
+            entry.adapter_fps[p] = fingerprint(p, FingerprintMode.SAFE)
+            entry.adapters[name] = AdapterInfo(name, p, float(scale))
+            self._reapply(entry, lambda: entry.adapters.pop(name))
+        return name
+
+    def set_adapter_scale(self, model_id: str, name: str, scale: float) -> None:
+        entry = self._entry(model_id)
+        with entry.lock:
+            old = self._adapter(entry, name)
+            entry.adapters[name] = dataclasses.replace(old, scale=float(scale))
+            self._reapply(entry, lambda: entry.adapters.__setitem__(name, old))
+
+    def unload_adapter(self, model_id: str, name: str) -> None:
+        entry = self._entry(model_id)
+        with entry.lock:
+            old = self._adapter(entry, name)
+            del entry.adapters[name]
+            self._reapply(entry, lambda: entry.adapters.__setitem__(name, old))
+
+    def list_adapters(self, model_id: str) -> list[AdapterInfo]:
+        return list(self._entry(model_id).adapters.values())
+
+    @staticmethod
+    def _adapter(entry: _Model, name: str) -> AdapterInfo:
+        if name not in entry.adapters:
+            raise InvalidInputError(f"no adapter named {name!r}")
+        return entry.adapters[name]
+
+    def _reapply(self, entry: _Model, undo: Callable[[], object]) -> None:
+        try:
+            entry.supervisor.running_worker().reapply_adapters()
+        except BaseException:
+            undo()
+            raise
+
+    # -- devices ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def vram_info() -> VramInfo:
+        """GPU memory summed over every GPU device libllama sees; NoGpuError on CPU-only builds or machines."""
+        from erllama._native import library
+
+        lib = library()
+        devices = lib.gpu_devices()
+        if not devices:
+            raise NoGpuError(f"libllama is a {lib.backend} build and sees no GPU device")
+        total = sum(d.total_bytes for d in devices)
+        free = sum(d.free_bytes for d in devices)
+        return VramInfo(total, free, total - free, tuple(d.name for d in devices))
+
+    def model_status(self, model_id: str) -> ModelStatus:
+        return self._entry(model_id).supervisor.status
+
+
+def _sampling(base: SamplerConfig | None, changes: Mapping[str, Any]) -> SamplerConfig:
+    """``base`` (or the default: greedy) with the given fields replaced; None values leave a field alone."""
+    given: dict[str, Any] = {name: value for name, value in changes.items() if value is not None}
+    return dataclasses.replace(base or SamplerConfig(), **given)
