@@ -665,23 +665,22 @@ class ModelWorker:
             reason = FinishReason.STOP  # the last tokens completed a stop sequence
         now = time.perf_counter()
         first = a.t_first or now
-        a.handle._emit(
-            DoneEvent(
-                reason,
-                tuple(a.tokens[a.n_prompt : a.n_prompt + a.n_generated]),
-                "".join(a.text) + tail,
-                a.n_prompt,
-                first - a.t_start,
-                now - first,
-                stop_sequence,
-                context_tokens=tuple(a.tokens),
-                committed_tokens=a.fed,
-                finish_key=finish_key,
-                cache_hit=a.hit.kind,
-                restored_tokens=a.hit.prefix_len,
-                prefilled_tokens=min(a.fed, a.n_prompt) - a.hit.prefix_len,
-            )
+        done = DoneEvent(
+            reason,
+            tuple(a.tokens[a.n_prompt : a.n_prompt + a.n_generated]),
+            "".join(a.text) + tail,
+            a.n_prompt,
+            first - a.t_start,
+            now - first,
+            stop_sequence,
+            context_tokens=tuple(a.tokens),
+            committed_tokens=a.fed,
+            finish_key=finish_key,
+            cache_hit=a.hit.kind,
+            restored_tokens=a.hit.prefix_len,
+            prefilled_tokens=min(a.fed, a.n_prompt) - a.hit.prefix_len,
         )
         backend.seq_truncate(a.seq_id, 0)
         free.append(a.seq_id)
         self.in_flight = len(active)
+        a.handle._emit(done)  # after the sequence is free: whoever sees the end can count on it

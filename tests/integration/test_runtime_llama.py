@@ -1,0 +1,190 @@
+"""The runtime over llama.cpp (tiny model and SmolLM2): warm replies equal cold ones, parallel equals sequential,
+cancellation frees sequences, and the shutdown save on unload is found by a fresh load.
+
+Exact and parent_key-resumed hits restore everything but the last prompt token, which the worker always decodes in a
+one-token step of its own, cold or warm: the first reply token's logits are then computed from the same KV bytes by
+the same one-token graph, so they are compared bit for bit (``np.array_equal``). A longest-prefix hit prefills the
+rest of the prompt in a chunk whose shape differs from the cold run's chunks, and llama.cpp's CPU kernels may round
+differently for different batch shapes (the same dot products summed in a different order); there the logits are
+compared within a tight tolerance and the tokens must still agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from erllama import Runtime, TextDelta
+from erllama._native import ContextConfig
+from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
+from erllama.model import LlamaBackend, SamplerConfig
+
+pytestmark = pytest.mark.native
+
+POLICY = SavePolicy(min_tokens=4, cold_min_tokens=4)
+TEXT = (
+    "The cache keeps the state of every prompt it has seen, keyed by its exact tokens, so the next request that "
+    "starts the same way restores it instead of computing it again. "
+)
+
+
+class Recording(LlamaBackend):
+    """Keeps a copy of the logits every token was sampled from (per sequence, in order)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.sampled_from: list[npt.NDArray[np.float32]] = []
+
+    def sample(self, seq_id: int, row: int) -> int:
+        self.sampled_from.append(self.context.logits(row))
+        return super().sample(seq_id, row)
+
+
+def load(rt: Runtime, path: Path, box: list[Recording], n_seq_max: int = 1, n_batch: int = 64) -> str:
+    def factory() -> Recording:
+        backend = Recording(
+            path, context_config=ContextConfig(n_ctx=1024 * n_seq_max, n_batch=n_batch, n_seq_max=n_seq_max)
+        )
+        box.append(backend)
+        return backend
+
+    return rt.load_model(backend=factory)
+
+
+@pytest.fixture
+def rt(tmp_path: Path) -> Iterator[Runtime]:
+    runtime = Runtime(CacheStore([RamTier(1 << 30), FileTier([tmp_path / "disk"], 1 << 30)]), policy=POLICY)
+    yield runtime
+    runtime.close()
+    assert runtime.cache is not None
+    runtime.cache.close()
+
+
+SAMPLINGS = {"greedy": {}, "seeded": {"temperature": 0.8, "top_k": 40, "seed": 11}}
+
+
+@pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
+def test_exact_hit_equals_cold_bit_for_bit(rt: Runtime, model_path: Path, sampling: str) -> None:
+    box: list[Recording] = []
+    model = load(rt, model_path, box)
+    params = SAMPLINGS[sampling]
+    cold = rt.complete(model, TEXT, max_tokens=16, **params)
+    cold_logits = box[0].sampled_from[0]
+    assert rt.cache is not None
+    rt.cache.drain()
+    warm = rt.complete(model, TEXT, max_tokens=16, **params)
+    warm_logits = box[0].sampled_from[len(cold.generated) + (cold.finish_reason == "stop")]
+    assert cold.cache_hit_kind == "cold"
+    assert (warm.cache_hit_kind, warm.stats.restored_tokens) == ("exact", cold.stats.prompt_tokens - 1)
+    assert warm.generated == cold.generated
+    assert np.array_equal(warm_logits, cold_logits)
+
+
+def test_longest_prefix_hit_matches_cold(rt: Runtime, model_path: Path) -> None:
+    box: list[Recording] = []
+    model = load(rt, model_path, box)
+    longer = TEXT + "Fifty more tokens of question follow the shared prefix here, and they are new to the cache."
+    rt.complete(model, TEXT, max_tokens=1)
+    assert rt.cache is not None
+    rt.cache.drain()
+    before = len(box[0].sampled_from)
+    warm = rt.complete(model, longer, max_tokens=16)
+    warm_logits = box[0].sampled_from[before]
+
+    fresh: list[Recording] = []
+    with Runtime(None) as cold_rt:
+        cold_model = load(cold_rt, model_path, fresh)
+        cold = cold_rt.complete(cold_model, longer, max_tokens=16)
+        cold_logits = fresh[0].sampled_from[0]
+    assert warm.cache_hit_kind == "partial"
+    assert warm.stats.restored_tokens == len(rt.tokenize(model, TEXT, parse_special=True)) - 1
+    assert warm.generated == cold.generated
+    scale = float(np.abs(cold_logits).max())
+    assert np.abs(warm_logits - cold_logits).max() <= 1e-3 * scale
+
+
+def test_parent_key_resume_equals_an_uninterrupted_run(rt: Runtime, model_path: Path) -> None:
+    box: list[Recording] = []
+    model = load(rt, model_path, box)
+    first = rt.complete(model, TEXT, max_tokens=12)
+    assert first.finish_key is not None
+    follow = " And then the second turn asks one more thing"
+    second = rt.complete(model, follow, parent_key=first.finish_key, max_tokens=12)
+    assert second.stats.restored_tokens == len(first.context_tokens)
+    assert rt.counters()["hits_resume"] == 1
+
+    # the same context computed without any save or restore: the same worker path, cache off
+    with Runtime(None) as plain:
+        m = load(plain, model_path, [])
+        whole = plain.complete(m, list(second.context_tokens[: second.stats.prompt_tokens]), max_tokens=12)
+    assert second.generated == whole.generated
+
+
+def test_parallel_equals_sequential_with_the_cache(rt: Runtime, model_path: Path) -> None:
+    model = load(rt, model_path, [], n_seq_max=4)
+    prompts = [TEXT + f"Question {i}: what comes next?" for i in range(4)]
+    one_by_one = [rt.complete(model, p, max_tokens=12).generated for p in prompts]
+    streams = [rt.infer(model, p, max_tokens=12) for p in prompts]
+    together = [s.result(timeout_s=300).generated for s in streams]
+    assert together == one_by_one
+    seeded = SamplerConfig(temperature=0.9, top_k=40, seed=5)
+    a, b = (rt.infer(model, prompts[0], max_tokens=12, sampling=seeded) for _ in range(2))
+    assert a.result(timeout_s=300).generated == b.result(timeout_s=300).generated
+
+
+def test_cancel_during_prefill_and_generation_frees_the_sequence(rt: Runtime, model_path: Path) -> None:
+    model = load(rt, model_path, [], n_batch=16)
+    long_prompt = TEXT * 4
+    in_prefill = rt.infer(model, long_prompt, max_tokens=4, use_cache=False)
+    in_prefill.cancel()
+    done = in_prefill.result(timeout_s=120)
+    assert done.finish_reason == "cancelled"
+    assert done.generated == ()
+    worker = rt._worker(model)
+    generating = rt.infer(model, TEXT, max_tokens=500, use_cache=False)
+    ticks_at_cancel = -1
+    for event in generating:
+        if isinstance(event, TextDelta) and ticks_at_cancel < 0:
+            ticks_at_cancel = worker.ticks
+            generating.cancel()
+    assert generating.completion is not None
+    assert generating.completion.finish_reason == "cancelled"
+    assert len(generating.completion.generated) < 500
+    # observed at the next tick: at most the tick running when cancel() was called completes after it
+    assert worker.ticks - ticks_at_cancel <= 1
+    assert rt.in_flight(model) == 0
+    assert rt.complete(model, "next", max_tokens=3).finish_reason in {"length", "stop"}
+
+
+def test_unload_fires_the_shutdown_save_and_a_fresh_load_hits(tmp_path: Path, model_path: Path) -> None:
+    disk = tmp_path / "disk"
+    rt = Runtime(CacheStore([FileTier([disk], 1 << 30)]), policy=POLICY)
+    model = load(rt, model_path, [])
+    stream = rt.infer(model, TEXT, max_tokens=900, temperature=0.0)
+    seen = 0
+    for event in stream:
+        if isinstance(event, TextDelta):
+            seen += 1
+            if seen == 20:
+                rt.unload(model)  # the request is live: its state is saved as it stands
+    assert rt.counters()["saves_shutdown"] == 1
+    assert rt.cache is not None
+    rt.cache.close()
+
+    again = Runtime(CacheStore([FileTier([disk], 1 << 30)]), policy=POLICY)
+    try:
+        m = load(again, model_path, [])
+        rows = [meta for meta in again.cache.tiers[0].metas() if meta.save_reason.name == "SHUTDOWN"]  # type: ignore[union-attr]
+        assert len(rows) == 1
+        saved: Sequence[int] = rows[0].tokens
+        assert len(saved) >= 20
+        hit = again.complete(m, [*saved, *again.tokenize(m, " more", add_special=False)], max_tokens=4)
+        assert (hit.cache_hit_kind, hit.stats.restored_tokens) in {("partial", len(saved)), ("exact", len(saved))}
+    finally:
+        again.close()
+        assert again.cache is not None
+        again.cache.close()
