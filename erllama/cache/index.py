@@ -141,3 +141,35 @@ class PrefixIndex:
                     return best
                 link = nxt
                 base += BLOCK_TOKENS
+
+    def deepest_shared(
+        self,
+        namespace: Namespace | bytes,
+        tokens: Sequence[int] | npt.NDArray[np.integer],
+        max_tokens: int | None = None,
+    ) -> PrefixHit | None:
+        """A stored row that shares the most whole blocks with ``tokens`` (at most ``max_tokens`` tokens' worth).
+
+        Unlike :meth:`longest_prefix`, the row may be longer than what it shares (e.g. the same document followed
+        by another question): ``n_tokens`` is the shared length, a multiple of ``BLOCK_TOKENS``, and restoring the
+        row then dropping its positions from ``n_tokens`` on gives the state of ``tokens[:n_tokens]``. The walk is
+        one pass over the prompt; finding a row through the deepest shared link scans the rows, so call this only
+        when the prefix lookup came up short.
+        """
+        arr = token_array(tokens)
+        limit = len(arr) if max_tokens is None else min(max_tokens, len(arr))
+        root = namespace.digest() if isinstance(namespace, Namespace) else namespace
+        with self._lock:
+            if root not in self._through:
+                return None
+            depth, deepest = 0, b""
+            for d, link in enumerate(block_chain(root, arr[: (limit // BLOCK_TOKENS) * BLOCK_TOKENS]), start=1):
+                if link not in self._through:
+                    break
+                depth, deepest = d, link
+            if depth == 0:
+                return None
+            for key, row in self._rows.items():
+                if len(row.links) > depth and row.links[depth] == deepest:
+                    return PrefixHit(key=key, n_tokens=depth * BLOCK_TOKENS)
+        return None  # pragma: no cover - a link in _through always has a row through it

@@ -30,7 +30,7 @@ from erllama.cache.policy import (
     cold_save_point,
 )
 from erllama.cache.store import CacheStore
-from erllama.errors import StateError
+from erllama.errors import ErllamaError, StateError
 from erllama.model.backend import BackendInfo, ModelBackend
 
 __all__ = ["CacheHit", "CacheLink", "namespace_for"]
@@ -101,39 +101,62 @@ class CacheLink:
     # -- admission ----------------------------------------------------------------------------------------------
 
     def restore(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], parent: CacheKey | None) -> CacheHit:
-        """Restore the longest stored prefix of ``tokens`` (at most ``len(tokens) - 1`` long) into an empty
-        ``seq_id``; returns what was found. On any failure the sequence is left empty (cold)."""
+        """Restore the most of ``tokens`` the cache can give (at most ``len(tokens) - 1``) into an empty ``seq_id``;
+        returns what was found. On any failure the sequence is left empty (cold).
+
+        Candidates: the longest stored row that is a prefix of ``tokens``, and, when a stored row shares more whole
+        blocks with ``tokens`` than that (the same document followed by another question), that row, restored and
+        then cut back to the shared length. Cutting back fails on models that cannot drop positions (sliding-window
+        caches keep only the last window); the prefix row is tried next.
+        """
         limit = len(tokens) - 1
-        hit = self.store.index.longest_prefix(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
-        if hit is None:
-            self.counters.record_hit(HitKind.MISS)
-            return _COLD
-        row = self.store.load(hit.key)
+        index = self.store.index
+        prefix = index.longest_prefix(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
+        shared = index.deepest_shared(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
+        candidates = [c for c in (shared,) if c is not None and c.n_tokens > (prefix.n_tokens if prefix else 0)]
+        candidates += [prefix] if prefix is not None else []
+        for hit in candidates:
+            if self._restore_row(backend, seq_id, tokens, hit.key, hit.n_tokens):
+                if hit.key == parent:
+                    counted = HitKind.RESUME
+                elif hit.n_tokens == limit:
+                    counted = HitKind.EXACT
+                else:
+                    counted = HitKind.LONGEST_PREFIX
+                self.counters.record_hit(counted)
+                self.counters.incr("restored_tokens", hit.n_tokens)
+                return CacheHit("exact" if hit.n_tokens == limit else "partial", hit.n_tokens, counted)
+        self.counters.record_hit(HitKind.MISS)
+        return _COLD
+
+    def _restore_row(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], key: CacheKey, n: int) -> bool:
+        row = self.store.load(key)
         if row is None:  # dropped between the index walk and the load
-            self.counters.record_hit(HitKind.MISS)
-            return _COLD
+            return False
         meta, payload = row
         try:
-            if meta.tokens != tuple(tokens[: hit.n_tokens]):
+            if meta.n_tokens < n or meta.tokens[:n] != tuple(tokens[:n]):
                 raise StateError("the row's tokens differ from the prompt prefix it was indexed under")
             backend.state_set(seq_id, payload)
-            if backend.seq_len(seq_id) != hit.n_tokens:
-                raise StateError(f"restored {backend.seq_len(seq_id)} positions, expected {hit.n_tokens}")
+            if backend.seq_len(seq_id) != meta.n_tokens:
+                raise StateError(f"restored {backend.seq_len(seq_id)} positions, expected {meta.n_tokens}")
         except StateError:
             self.counters.incr("restore_failures")
-            self.store.remove(hit.key)
+            self.store.remove(key)
             backend.seq_truncate(seq_id, 0)
-            self.counters.record_hit(HitKind.MISS)
-            return _COLD
-        if hit.key == parent:
-            counted = HitKind.RESUME
-        elif hit.n_tokens == limit:
-            counted = HitKind.EXACT
-        else:
-            counted = HitKind.LONGEST_PREFIX
-        self.counters.record_hit(counted)
-        self.counters.incr("restored_tokens", hit.n_tokens)
-        return CacheHit("exact" if hit.n_tokens == limit else "partial", hit.n_tokens, counted)
+            return False
+        if meta.n_tokens > n:
+            try:
+                backend.seq_truncate(seq_id, n)
+            except ErllamaError:
+                backend.seq_truncate(seq_id, 0)
+                self.counters.incr("restore_cut_refused")
+                return False
+            if backend.seq_len(seq_id) != n:
+                backend.seq_truncate(seq_id, 0)
+                self.counters.incr("restore_cut_refused")
+                return False
+        return True
 
     def probe(self, tokens: Sequence[int]) -> int:
         """How many leading tokens of ``tokens`` are stored (counts nothing)."""

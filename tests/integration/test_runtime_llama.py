@@ -188,3 +188,23 @@ def test_unload_fires_the_shutdown_save_and_a_fresh_load_hits(tmp_path: Path, mo
         again.close()
         assert again.cache is not None
         again.cache.close()
+
+
+def test_same_document_other_question_cuts_a_longer_row_back(rt: Runtime, model_path: Path) -> None:
+    box: list[Recording] = []
+    model = load(rt, model_path, box)
+    rt.complete(model, TEXT + "Question: what does the cache key on?", max_tokens=2)
+    assert rt.cache is not None
+    rt.cache.drain()
+    other = TEXT + "Question: why is it fast?"
+    before = len(box[0].sampled_from)
+    warm = rt.complete(model, other, max_tokens=16)
+    warm_logits = box[0].sampled_from[before]
+    with Runtime(None) as cold_rt:
+        fresh: list[Recording] = []
+        cold = cold_rt.complete(load(cold_rt, model_path, fresh), other, max_tokens=16)
+        cold_logits = fresh[0].sampled_from[0]
+    assert warm.cache_hit_kind == "partial"
+    assert warm.stats.restored_tokens >= len(rt.tokenize(model, TEXT)) - 16
+    assert warm.generated == cold.generated
+    assert np.abs(warm_logits - cold_logits).max() <= 1e-3 * float(np.abs(cold_logits).max())

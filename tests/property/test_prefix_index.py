@@ -101,3 +101,33 @@ def test_empty_index_and_internal_tables_drain() -> None:
     assert len(index) == 0
     assert not index._through
     assert not index._anchors
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 1), TOKENS), max_size=25), st.integers(0, 1), TOKENS, st.integers(0, 40))
+def test_deepest_shared_matches_brute_force(
+    rows: list[tuple[int, list[int]]], ns: int, prompt: list[int], limit: int
+) -> None:
+    index = PrefixIndex()
+    stored: dict[bytes, tuple[int, list[int]]] = {}
+    for row_ns, toks in rows:
+        stored[index.add(NS[row_ns], toks)] = (row_ns, toks)
+
+    def shared_blocks(row: list[int]) -> int:
+        n = 0
+        while (n + 1) * BLOCK_TOKENS <= min(len(row), len(prompt), limit) and row[: (n + 1) * BLOCK_TOKENS] == prompt[
+            : (n + 1) * BLOCK_TOKENS
+        ]:
+            n += 1
+        return n * BLOCK_TOKENS
+
+    expected = max((shared_blocks(t) for r_ns, t in stored.values() if r_ns == ns), default=0)
+    hit = index.deepest_shared(NS[ns], prompt, max_tokens=limit)
+    if expected == 0:
+        assert hit is None
+    else:
+        assert hit is not None
+        assert hit.n_tokens == expected
+        row_ns, toks = stored[hit.key]
+        assert row_ns == ns
+        assert toks[:expected] == prompt[:expected]

@@ -318,3 +318,19 @@ def test_stub_reference_agrees_with_single_token_steps() -> None:
     (r2,) = b.decode([DecodeItem(1, prompt[-1:])])
     assert r2 is not None
     assert whole == b.sample(1, r2)
+
+
+def test_same_document_with_another_question_restores_the_shared_blocks(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        doc = text("a long document that several questions are asked about, " * 3)
+        first = run(w, [*doc, *text("what is it about?")[1:]], n=4)
+        settle(store)
+        second_prompt = [*doc, *text("who wrote it?")[1:]]
+        second = run(w, second_prompt)
+    finally:
+        w.stop()
+    assert first.cache_hit == "cold"
+    shared = (len(doc) // 16) * 16  # whole blocks of the document ("w" differs from the first question)
+    assert (second.cache_hit, second.restored_tokens) == ("partial", shared)
+    assert list(second.tokens) == reference(second_prompt, 12, eos_bias=-50.0)
