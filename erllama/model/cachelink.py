@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from erllama.cache.counters import Counters, HitKind
-from erllama.cache.key import CacheKey, Namespace, cache_key, ctx_params_hash
+from erllama.cache.key import BLOCK_TOKENS, CacheKey, Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import (
     SavePolicy,
@@ -112,7 +112,8 @@ class CacheLink:
         limit = len(tokens) - 1
         index = self.store.index
         prefix = index.longest_prefix(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
-        shared = index.deepest_shared(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
+        short = limit > 0 and (prefix is None or prefix.n_tokens <= limit - BLOCK_TOKENS)
+        shared = index.deepest_shared(self.namespace, tokens, max_tokens=limit) if short else None
         candidates = [c for c in (shared,) if c is not None and c.n_tokens > (prefix.n_tokens if prefix else 0)]
         candidates += [prefix] if prefix is not None else []
         for hit in candidates:

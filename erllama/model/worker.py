@@ -507,6 +507,7 @@ class ModelWorker:
                 msg = f"prompt of {len(tokens)} tokens + max_tokens {w.max_tokens} exceeds the {n_ctx}-token context"
                 w.handle._emit(ErrorEvent(InvalidInputError(msg)))
                 continue
+            t_start = time.perf_counter()  # the restore counts towards time-to-first-token
             seq_id = free.popleft()
             backend.seq_truncate(seq_id, 0)
             link = self.link if w.use_cache else None
@@ -524,6 +525,7 @@ class ModelWorker:
                 link is not None,
                 fed=hit.prefix_len,
                 last_save=hit.prefix_len,
+                t_start=t_start,
             )
             if link is not None:
                 a.cold_point = link.cold_point(len(tokens), hit.prefix_len)
