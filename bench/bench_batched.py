@@ -54,7 +54,7 @@ async def _streams(rt: Runtime, model: str, prompts: list[list[int]], sampling: 
 
 
 def ours(rt: Runtime, model: str, npl: int, eog: list[int]) -> float:
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
     prompts = []
     for i in range(npl):
         toks = rt.tokenize(model, " ".join(words[(i + j) % len(words)] for j in range(400)))

@@ -19,6 +19,8 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
+
 from erllama.cache.counters import Counters, HitKind
 from erllama.cache.key import BLOCK_TOKENS, CacheKey, Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import SaveReason
@@ -106,7 +108,8 @@ class CacheLink:
 
         Candidates: the longest stored row that is a prefix of ``tokens``, and, when a stored row shares more whole
         blocks with ``tokens`` than that (the same document followed by another question), that row, restored and
-        then cut back to the shared length. Cutting back fails on models that cannot drop positions (sliding-window
+        then cut back to the longest prefix it has in common with ``tokens``. Cutting back fails on models that
+        cannot drop positions (sliding-window
         caches keep only the last window); the prefix row is tried next.
         """
         limit = len(tokens) - 1
@@ -117,23 +120,28 @@ class CacheLink:
         candidates = [c for c in (shared,) if c is not None and c.n_tokens > (prefix.n_tokens if prefix else 0)]
         candidates += [prefix] if prefix is not None else []
         for hit in candidates:
-            if self._restore_row(backend, seq_id, tokens, hit.key, hit.n_tokens):
+            n = self._restore_row(backend, seq_id, tokens, hit.key, n=hit.n_tokens, limit=limit)
+            if n:
                 if hit.key == parent:
                     counted = HitKind.RESUME
-                elif hit.n_tokens == limit:
+                elif n == limit:
                     counted = HitKind.EXACT
                 else:
                     counted = HitKind.LONGEST_PREFIX
                 self.counters.record_hit(counted)
-                self.counters.incr("restored_tokens", hit.n_tokens)
-                return CacheHit("exact" if hit.n_tokens == limit else "partial", hit.n_tokens, counted)
+                self.counters.incr("restored_tokens", n)
+                return CacheHit("exact" if n == limit else "partial", n, counted)
         self.counters.record_hit(HitKind.MISS)
         return _COLD
 
-    def _restore_row(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], key: CacheKey, n: int) -> bool:
+    def _restore_row(
+        self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], key: CacheKey, *, n: int, limit: int
+    ) -> int:
+        """Restore a row known to share at least ``n`` tokens with ``tokens``; keep the longest common prefix (at
+        most ``limit``). Returns the tokens kept, 0 on failure (the sequence is then empty)."""
         row = self.store.load(key)
         if row is None:  # dropped between the index walk and the load
-            return False
+            return 0
         meta, payload = row
         try:
             if meta.n_tokens < n or meta.tokens[:n] != tuple(tokens[:n]):
@@ -145,19 +153,20 @@ class CacheLink:
             self.counters.incr("restore_failures")
             self.store.remove(key)
             backend.seq_truncate(seq_id, 0)
-            return False
-        if meta.n_tokens > n:
+            return 0
+        keep = min(_common_prefix(meta.tokens, tokens), limit)
+        if meta.n_tokens > keep:
             try:
-                backend.seq_truncate(seq_id, n)
+                backend.seq_truncate(seq_id, keep)
             except ErllamaError:
-                backend.seq_truncate(seq_id, 0)
                 self.counters.incr("restore_cut_refused")
-                return False
-            if backend.seq_len(seq_id) != n:
                 backend.seq_truncate(seq_id, 0)
+                return 0
+            if backend.seq_len(seq_id) != keep:
                 self.counters.incr("restore_cut_refused")
-                return False
-        return True
+                backend.seq_truncate(seq_id, 0)
+                return 0
+        return keep
 
     def probe(self, tokens: Sequence[int]) -> int:
         """How many leading tokens of ``tokens`` are stored (counts nothing)."""
@@ -197,3 +206,10 @@ class CacheLink:
     ) -> bool:
         """Evict and shutdown saves: publish before returning (bounded by ``timeout_s``)."""
         return self.store.save_sync(self.namespace, tokens, backend.state_get(seq_id), reason, timeout_s)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:m], dtype=np.int64) != np.asarray(b[:m], dtype=np.int64))
+    return int(diff[0]) if diff.size else m
