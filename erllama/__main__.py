@@ -1,4 +1,7 @@
-"""``python -m erllama generate PROMPT``: stream a chat completion from a local GGUF model.
+"""``python -m erllama generate PROMPT``: stream a chat completion from a local GGUF model through the runtime.
+
+States are cached in RAM and on disk under ``$ERLLAMA_CACHE_DIR/kv``, so running the same prompt again (``--again``
+or another invocation) restores it instead of prefilling it.
 
 The seed of the command line (serve, pull, run, ps and rm arrive with the CLI); the default model is
 SmolLM2-135M-Instruct, installed from its PyPI package on first use.
@@ -8,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,43 +18,41 @@ from erllama.errors import ErllamaError
 
 
 def generate(args: argparse.Namespace) -> int:
-    from erllama._native import Batch, Context, ContextConfig, Detokenizer, Model, Sampler, SamplerConfig
+    import os
+
+    from erllama._native import ContextConfig
+    from erllama.cache import CacheStore, FileTier, RamTier
+    from erllama.model import LlamaBackend
+    from erllama.runtime import Runtime, TextDelta
     from erllama.testing import fetch
 
     path = Path(args.model) if args.model else fetch()
-    with Model(path) as model:
+    root = Path(os.environ.get("ERLLAMA_CACHE_DIR", Path.home() / ".cache" / "erllama"))
+    kv_dir = Path(args.kv_dir) if args.kv_dir else root / "kv"
+    store = CacheStore([RamTier(1 << 30), FileTier([kv_dir], 4 << 30)])
+    cfg = ContextConfig(n_ctx=4096, n_batch=512)
+    with Runtime(store) as rt:
+        model = rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg))
         prompt = args.prompt
-        if not args.raw and model.info.chat_template:
-            prompt = model.apply_chat_template([("user", args.prompt)])
-        tokens = model.tokenize(prompt, parse_special=True)
-        cfg = ContextConfig(n_ctx=max(512, len(tokens) + args.max_tokens + 1), n_batch=512)
-        sampling = SamplerConfig(temperature=args.temperature, top_p=0.95, seed=args.seed)
-        with Context(model, cfg) as ctx, Sampler(model, sampling) as sampler:
-            t0 = time.perf_counter()
-            row = ctx.decode_tokens(tokens)
-            t_prompt = time.perf_counter() - t0
-            detok = Detokenizer(model)
-            step = Batch(1)
-            n = 0
-            t1 = time.perf_counter()
-            while n < args.max_tokens:
-                token = sampler.sample(ctx, row)
-                if model.is_eog(token):
-                    break
-                n += 1
-                sys.stdout.write(detok.feed(token))
-                sys.stdout.flush()
-                step.clear()
-                row = step.add(token, ctx.seq_len(0), 0, logits=True)
-                ctx.decode(step)
-            sys.stdout.write(detok.flush() + "\n")
-            sys.stdout.flush()
-            t_gen = time.perf_counter() - t1
-    print(
-        f"[{path.name}: prompt {len(tokens)} tokens in {t_prompt * 1e3:.0f} ms, "
-        f"generated {n} tokens at {n / t_gen if t_gen else 0:.1f} tokens/s]",
-        file=sys.stderr,
-    )
+        if not args.raw and rt.model_info(model).get("chat_template"):
+            prompt = rt.apply_chat_template(model, [("user", args.prompt)])
+        for run in range(1 + args.again):
+            stream = rt.infer(model, prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+            for event in stream:
+                if isinstance(event, TextDelta):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            done = stream.result()
+            sys.stdout.write("\n")
+            s = done.stats
+            print(
+                f"[run {run + 1}: {path.name}, prompt {s.prompt_tokens} tokens, cache {done.cache_hit_kind} "
+                f"({s.restored_tokens} restored, {s.prefilled_tokens} prefilled), first token after "
+                f"{s.ttft_s * 1e3:.1f} ms, {s.generated_tokens} tokens at {s.tokens_per_s:.1f} tokens/s]",
+                file=sys.stderr,
+            )
+            store.drain()
+    store.close()
     return 0
 
 
@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    gen.add_argument("--again", type=int, default=0, help="run the prompt this many more times (cache hits)")
+    gen.add_argument("--kv-dir", help="disk tier of the KV-state cache (default: $ERLLAMA_CACHE_DIR/kv)")
     args = parser.parse_args(argv)
     try:
         return generate(args)

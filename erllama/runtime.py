@@ -150,6 +150,7 @@ class Stream:
         self._split = ThinkSplitter() if thinking else None
         self._thinking: list[str] = []
         self.completion: Completion | None = None
+        self.error: BaseException | None = None
 
     @property
     def id(self) -> int:
@@ -165,6 +166,7 @@ class Stream:
                 return [TextDelta(event.text, event.token)] if event.text else []
             return self._parts(self._split.feed(event.text), event.token)
         if isinstance(event, ErrorEvent):
+            self.error = event.error
             return [Failed(event.error)]
         out = self._parts(self._split.flush(), -1) if self._split is not None else []
         self.completion = _completion(event, "".join(self._thinking), self._split)
@@ -198,7 +200,11 @@ class Stream:
                 self._handle.cancel()  # the consumer went away (e.g. a client disconnected)
 
     def result(self, timeout_s: float | None = None) -> Completion:
-        """Wait for the end; raises the request's error if it failed."""
+        """Wait for the end (or return it, when the stream was already read); raises the request's error."""
+        if self.error is not None:
+            raise self.error
+        if self.completion is not None:
+            return self.completion
         for event in self._handle.events(timeout_s):
             for out in self._convert(event):
                 if isinstance(out, Failed):

@@ -298,3 +298,14 @@ def test_think_splitter_streams_like_a_whole_text_split(pieces: list[str]) -> No
         return out
 
     assert merge(streamed) == merge(whole)
+
+
+def test_result_after_reading_the_stream_returns_at_once(rt: Runtime, model: str) -> None:
+    stream = rt.infer(model, "read me first", max_tokens=3)
+    events = list(stream)
+    assert isinstance(events[-1], Finished)
+    assert stream.result(timeout_s=1) is events[-1].completion
+    failed = rt.infer(model, [999999])
+    list(failed)
+    with pytest.raises(InvalidInputError):
+        failed.result(timeout_s=1)

@@ -12,7 +12,7 @@ import pytest
 from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
 from erllama.cache.kvc import RowMeta
 from erllama.cache.tier import Payload
-from erllama.errors import InvalidInputError
+from erllama.errors import InvalidInputError, StateError
 from erllama.model import DecodeItem, StubBackend
 from erllama.model.worker import DoneEvent, FinishReason, ModelWorker
 
@@ -334,3 +334,31 @@ def test_same_document_with_another_question_restores_the_common_prefix(store: C
     common = len(doc) + 2  # the document and "wh", shared by both questions
     assert (second.cache_hit, second.restored_tokens) == ("partial", common)
     assert list(second.tokens) == reference(second_prompt, 12, eos_bias=-50.0)
+
+
+def test_a_cache_that_cannot_drop_positions_falls_back_to_prefix_rows(store: CacheStore) -> None:
+    """Like a sliding-window KV cache: a restored longer row cannot be cut back, so a prefix row (or cold) serves."""
+
+    class NoCut(StubBackend):
+        def seq_truncate(self, seq_id: int, n_tokens: int) -> None:
+            if 0 < n_tokens < self.seq_len(seq_id):
+                raise StateError("this cache keeps only the last window; it cannot drop positions")
+            super().seq_truncate(seq_id, n_tokens)
+
+    w = ModelWorker(lambda: NoCut(**STUB), name="swa", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        doc = text("a document read under a sliding window, " * 3)
+        run(w, [*doc, *text("first question?")[1:]], n=4)
+        settle(store)
+        other = [*doc, *text("second one?")[1:]]
+        cut = run(w, other)  # the only rows are longer than what they share: refused, so cold
+        assert cut.cache_hit == "cold"
+        assert list(cut.tokens) == reference(other, 12, eos_bias=-50.0)
+        assert store.counters.snapshot()["restore_cut_refused"] >= 1
+        settle(store)
+        again = run(w, other)  # its own cold row is a prefix: no cut needed
+    finally:
+        w.stop()
+    assert (again.cache_hit, again.restored_tokens) == ("exact", len(other) - 1)
+    assert again.tokens == cut.tokens
