@@ -309,3 +309,29 @@ def test_result_after_reading_the_stream_returns_at_once(rt: Runtime, model: str
     list(failed)
     with pytest.raises(InvalidInputError):
         failed.result(timeout_s=1)
+
+
+def test_models_register_an_evict_hook_with_the_pressure_scheduler() -> None:
+    from erllama.pressure import CallableSampler, PressureScheduler
+
+    store = CacheStore([RamTier(1 << 24)])
+    used = [0]
+    scheduler = PressureScheduler([CallableSampler("system", lambda: (used[0], 1000))])
+    runtime = Runtime(store, policy=POLICY, scheduler=scheduler)
+    try:
+        m = runtime.load_model(backend=stub)
+        runtime.complete(m, "fill the cache with a row or two", max_tokens=4)
+        store.drain()
+        before = store.tiers[0].used_bytes
+        assert before > 0
+        used[0] = 950  # above the high watermark: the model's hook frees cache bytes
+        (report,) = scheduler.poll_once()
+        assert store.tiers[0].used_bytes < before
+        assert report.evicted_bytes > 0
+        runtime.unload(m)
+        used[0] = 990
+        (report,) = scheduler.poll_once()
+        assert report.evicted_bytes == 0, "the unloaded model's hook is gone"
+    finally:
+        runtime.close()
+        store.close()
