@@ -73,8 +73,13 @@ BASE_CMAKE_FLAGS = (
     "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_TOOLS_INSTALL=OFF",
 )
+# CPU builds turn llamafile's sgemm off: it serves prompt batches (n >= 2) while one-token steps go through ggml's
+# vec_dot, so a token's K/V and logits depended on the batch it was decoded in. Without it every CPU matmul computes
+# each output element the same way whatever the batch, so a restored or resumed sequence continues bit for bit like
+# the cold run (docs/native.md, "Batch invariance"; measured cost on SmolLM2 Q4_1: pp512 -9%, pp2048 -20%, tg +-0).
+# Pass --cmake-flag=-DGGML_LLAMAFILE=ON to trade that guarantee for prefill speed.
 BACKEND_CMAKE_FLAGS = {
-    "cpu": ("-DGGML_NATIVE=ON",),
+    "cpu": ("-DGGML_NATIVE=ON", "-DGGML_LLAMAFILE=OFF"),
     "cuda": ("-DGGML_NATIVE=ON", "-DGGML_CUDA=ON"),
     "metal": ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"),
 }

@@ -67,6 +67,13 @@ class Library:
         )
         return "gpu" if has_gpu else "cpu"
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether this is a CPU build whose kernels compute a token the same way in any batch (see build_llama.py:
+        llamafile's sgemm off). Restored and resumed sequences then match cold runs bit for bit."""
+        flags = [str(f) for f in self.manifest.get("cmake_flags", [])]
+        return self.backend == "cpu" and "-DGGML_LLAMAFILE=OFF" in flags and "-DGGML_LLAMAFILE=ON" not in flags
+
     def gpu_devices(self) -> list[GpuDevice]:
         """Every GPU device ggml sees, with its free and total memory (empty on CPU builds)."""
         out = []
