@@ -45,6 +45,7 @@ class PrefixHit:
 class _Row:
     links: list[bytes]  # root, then one link per full block
     n_tokens: int
+    tokens: npt.NDArray[np.int32]
 
 
 class PrefixIndex:
@@ -73,7 +74,7 @@ class PrefixIndex:
         with self._lock:
             if key in self._rows:
                 return key
-            self._rows[key] = _Row(links=links, n_tokens=len(arr))
+            self._rows[key] = _Row(links=links, n_tokens=len(arr), tokens=arr.copy())
             for link in links:
                 self._through[link] = self._through.get(link, 0) + 1
             self._anchors.setdefault(links[-1], {}).setdefault(tail, set()).add(key)
@@ -148,17 +149,19 @@ class PrefixIndex:
         tokens: Sequence[int] | npt.NDArray[np.integer],
         max_tokens: int | None = None,
     ) -> PrefixHit | None:
-        """A stored row that shares the most whole blocks with ``tokens`` (at most ``max_tokens`` tokens' worth).
+        """The stored row with the longest common prefix with ``tokens`` (capped at ``max_tokens``), among rows
+        that share at least one whole block with it.
 
         Unlike :meth:`longest_prefix`, the row may be longer than what it shares (e.g. the same document followed
-        by another question): ``n_tokens`` is the shared length, a multiple of ``BLOCK_TOKENS``, and restoring the
-        row then dropping its positions from ``n_tokens`` on gives the state of ``tokens[:n_tokens]``. The walk is
-        one pass over the prompt; finding a row through the deepest shared link scans the rows, so call this only
-        when the prefix lookup came up short.
+        by another question): ``n_tokens`` is the common length, and restoring the row then dropping its positions
+        from ``n_tokens`` on gives the state of ``tokens[:n_tokens]``. The chain walk is one pass over the prompt;
+        the rows through the deepest shared link are then compared token by token (a scan of the rows, so call this
+        when the prefix lookup came up short).
         """
         arr = token_array(tokens)
         limit = len(arr) if max_tokens is None else min(max_tokens, len(arr))
         root = namespace.digest() if isinstance(namespace, Namespace) else namespace
+        best: PrefixHit | None = None
         with self._lock:
             if root not in self._through:
                 return None
@@ -171,5 +174,13 @@ class PrefixIndex:
                 return None
             for key, row in self._rows.items():
                 if len(row.links) > depth and row.links[depth] == deepest:
-                    return PrefixHit(key=key, n_tokens=depth * BLOCK_TOKENS)
-        return None  # pragma: no cover - a link in _through always has a row through it
+                    n = min(_common_prefix(row.tokens, arr), limit)
+                    if best is None or n > best.n_tokens:
+                        best = PrefixHit(key=key, n_tokens=n)
+        return best
+
+
+def _common_prefix(a: npt.NDArray[np.int32], b: npt.NDArray[np.int32]) -> int:
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if diff.size else m

@@ -40,6 +40,10 @@ class BackendInfo:
     quantization: str
     ctx_params: Mapping[str, object]
     chat_template: str | None = None
+    last_token_foldable: bool = False
+    """True when decoding the last prompt token inside the final prefill chunk gives bit for bit the logits of a
+    one-token step (batch-invariant kernels, checked at load) and restored rows can be cut back: the worker then
+    skips the separate last-token step on cold and partial paths (see ``worker.py``)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from erllama.cache.counters import Counters, HitKind
-from erllama.cache.key import BLOCK_TOKENS, CacheKey, Namespace, cache_key, ctx_params_hash
+from erllama.cache.key import CacheKey, Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import (
     SavePolicy,
@@ -106,16 +106,16 @@ class CacheLink:
         """Restore the most of ``tokens`` the cache can give (at most ``len(tokens) - 1``) into an empty ``seq_id``;
         returns what was found. On any failure the sequence is left empty (cold).
 
-        Candidates: the longest stored row that is a prefix of ``tokens``, and, when a stored row shares more whole
-        blocks with ``tokens`` than that (the same document followed by another question), that row, restored and
-        then cut back to the longest prefix it has in common with ``tokens``. Cutting back fails on models that
+        Candidates: the longest stored row that is a prefix of ``tokens``, and, when a longer stored row has a longer
+        common prefix with ``tokens`` than that (the same document followed by another question), that row, restored
+        and then cut back to the common prefix. Cutting back fails on models that
         cannot drop positions (sliding-window
         caches keep only the last window); the prefix row is tried next.
         """
         limit = len(tokens) - 1
         index = self.store.index
         prefix = index.longest_prefix(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
-        short = limit > 0 and (prefix is None or prefix.n_tokens <= limit - BLOCK_TOKENS)
+        short = limit > 0 and (prefix is None or prefix.n_tokens < limit)
         shared = index.deepest_shared(self.namespace, tokens, max_tokens=limit) if short else None
         candidates = [c for c in (shared,) if c is not None and c.n_tokens > (prefix.n_tokens if prefix else 0)]
         candidates += [prefix] if prefix is not None else []

@@ -5,6 +5,7 @@ Create, use and close it on the worker thread: the Context inside refuses any ot
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
@@ -67,10 +68,36 @@ class LlamaBackend:
             ctx_params=kv_layout_params(self._ctx.config, self._ctx.n_ctx),
             chat_template=info.chat_template,
         )
+        can_cut = not info.is_recurrent and (info.n_swa == 0 or self._ctx.config.swa_full)
+        if can_cut and self._batch_invariant():
+            self._info = dataclasses.replace(self._info, last_token_foldable=True)
 
     @property
     def info(self) -> BackendInfo:
         return self._info
+
+    def _batch_invariant(self) -> bool:
+        """Decode a short prompt three ways on sequence 0 (one chunk; a chunk then the last token alone; one token
+        per step) and check the last logits agree bit for bit. Empties sequence 0 again."""
+        toks = self._model.tokenize("Is this model batch-invariant? One chunk, or one token per step.")[:12]
+        if len(toks) < 3:
+            return False
+        ctx = self._ctx
+        try:
+            (row,) = self.decode([DecodeItem(0, toks)])
+            chunk = ctx.logits(row or 0)
+            ctx.seq_keep_first(0, 0)
+            self.decode([DecodeItem(0, toks[:-1], logits=False)])
+            (row,) = self.decode([DecodeItem(0, toks[-1:])])
+            split = ctx.logits(row or 0)
+            ctx.seq_keep_first(0, 0)
+            for token in toks[:-1]:
+                self.decode([DecodeItem(0, [token], logits=False)])
+            (row,) = self.decode([DecodeItem(0, toks[-1:])])
+            steps = ctx.logits(row or 0)
+        finally:
+            ctx.seq_keep_first(0, 0)
+        return bool(np.array_equal(chunk, split) and np.array_equal(chunk, steps))
 
     @property
     def model(self) -> Model:

@@ -6,11 +6,15 @@ generating sequence (so streams keep flowing), then prefill chunks of prompting 
 each sequence that produced logits samples its next token, which is streamed as an event.
 
 With a cache (:class:`~erllama.model.cachelink.CacheLink`), admission restores the longest stored prefix of the
-request's context; the last prompt token is always decoded in a step of its own, warm or cold, so an exact hit
-gives the very logits of the cold run. States are saved per the policy: at the cold save point while prefilling,
-every ``continued_interval`` generated tokens, at the finish (after committing the final sampled token, so the
-row holds the whole context), and for live sequences at shutdown. ``finish_key`` names the finish row; passed
-back as ``parent_key`` it continues that context (waiting up to ``session_resume_wait_ms`` for its save).
+request's context (at most all but its last token). The last prompt token is decoded in a step of its own, warm or
+cold, so an exact hit gives the very logits of the cold run — unless the backend is batch-invariant and can cut
+rows back (``BackendInfo.last_token_foldable``): then it rides in the final prefill chunk (same logits, one weight
+pass fewer) and the prompt's cold row is taken after the first token is out, off the time-to-first-token.
+
+States are saved per the policy: at the cold save point, every ``continued_interval`` generated tokens, at the
+finish (after committing the final sampled token, so the row holds the whole context), and for live sequences at
+shutdown. ``finish_key`` names the finish row; passed back as ``parent_key`` it continues that context (waiting up
+to ``session_resume_wait_ms`` for its save).
 
 Other threads only enqueue requests, read events and set cancel flags; a cancel is observed at the next tick, i.e.
 within one token or one prefill chunk, and frees the sequence. Phase, queue depth and in-flight count are plain
@@ -193,6 +197,7 @@ class _Active:
     hit: CacheHit
     use_cache: bool
     fed: int  # context tokens in the KV cache
+    fold: bool = False  # the last prompt token rides in the final chunk (BackendInfo.last_token_foldable)
     cold_point: int | None = None  # where the prompt is saved while prefilling
     last_save: int = 0  # fed at the last save (or restore)
     n_generated: int = 0  # reply tokens streamed
@@ -524,11 +529,14 @@ class ModelWorker:
                 hit,
                 link is not None,
                 fed=hit.prefix_len,
+                fold=backend.info.last_token_foldable,
                 last_save=hit.prefix_len,
                 t_start=t_start,
             )
             if link is not None:
                 a.cold_point = link.cold_point(len(tokens), hit.prefix_len)
+                if a.fold and a.cold_point == len(tokens) - 1:
+                    a.cold_point = len(tokens)  # the whole prompt, saved once the first token is out
             active[seq_id] = a
             self.last_hit = hit
             self.in_flight = len(active)
@@ -575,12 +583,14 @@ class ModelWorker:
         prefilling = False
         for a in active.values():  # then prefill chunks, in arrival order
             if a.fed < a.n_prompt and budget > 0:
-                if a.fed == a.n_prompt - 1:  # the last prompt token always gets a step of its own
-                    chunk, logits = a.tokens[a.fed :], True
+                if not a.fold and a.fed == a.n_prompt - 1:  # the last prompt token gets a step of its own
+                    chunk = a.tokens[a.fed : a.n_prompt]
                 else:
-                    end = a.n_prompt - 1 if a.cold_point is None or a.fed >= a.cold_point else a.cold_point
-                    chunk, logits = a.tokens[a.fed : min(end, a.fed + budget)], False
-                items.append(DecodeItem(a.seq_id, chunk, logits=logits))
+                    end = a.n_prompt if a.fold else a.n_prompt - 1
+                    if a.cold_point is not None and a.fed < a.cold_point < end:
+                        end = a.cold_point
+                    chunk = a.tokens[a.fed : min(end, a.fed + budget)]
+                items.append(DecodeItem(a.seq_id, chunk, logits=a.fed + len(chunk) == a.n_prompt))
                 owners.append(a)
                 budget -= len(chunk)
                 prefilling = True
@@ -589,11 +599,15 @@ class ModelWorker:
         self.ticks += 1
         for a, item, row in zip(owners, items, rows, strict=True):
             a.fed += len(item.tokens)
-            self._maybe_save(backend, a)
+            after_first = a.cold_point == a.n_prompt == a.fed  # a folded prompt is saved after its first token
+            if not after_first:
+                self._maybe_save(backend, a)
             if a.closing is not None:
                 self._complete(backend, active, free, a, a.closing, save=True)
             elif row is not None:
                 self._sampled(backend, active, free, a, row)
+            if after_first and active.get(a.seq_id) is a:
+                self._maybe_save(backend, a)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
 
     def _maybe_save(self, backend: ModelBackend, a: _Active) -> None:

@@ -113,21 +113,21 @@ def test_deepest_shared_matches_brute_force(
     for row_ns, toks in rows:
         stored[index.add(NS[row_ns], toks)] = (row_ns, toks)
 
-    def shared_blocks(row: list[int]) -> int:
+    def common(row: list[int]) -> int:
         n = 0
-        while (n + 1) * BLOCK_TOKENS <= min(len(row), len(prompt), limit) and row[: (n + 1) * BLOCK_TOKENS] == prompt[
-            : (n + 1) * BLOCK_TOKENS
-        ]:
+        while n < min(len(row), len(prompt)) and row[n] == prompt[n]:
             n += 1
-        return n * BLOCK_TOKENS
+        return n
 
-    expected = max((shared_blocks(t) for r_ns, t in stored.values() if r_ns == ns), default=0)
+    # rows sharing at least one whole block within the limit; the answer is their longest common prefix, capped
+    eligible = [min(common(t), limit) for r_ns, t in stored.values() if r_ns == ns]
+    eligible = [n for n in eligible if n >= BLOCK_TOKENS]
     hit = index.deepest_shared(NS[ns], prompt, max_tokens=limit)
-    if expected == 0:
+    if not eligible:
         assert hit is None
     else:
         assert hit is not None
-        assert hit.n_tokens == expected
+        assert hit.n_tokens == max(eligible)
         row_ns, toks = stored[hit.key]
         assert row_ns == ns
-        assert toks[:expected] == prompt[:expected]
+        assert toks[: hit.n_tokens] == prompt[: hit.n_tokens]

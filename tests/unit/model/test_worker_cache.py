@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -92,9 +93,10 @@ def test_longer_prompt_restores_the_longest_prefix(store: CacheStore) -> None:
     finally:
         w.stop()
     assert warm.cache_hit == "partial"
-    # the finish row of the first request (prompt + 4 generated + committed) is not a prefix; its cold row is
-    assert warm.restored_tokens == len(base) - 1
-    assert warm.prefilled_tokens == len(longer) - len(base) + 1
+    # its cold row holds all of base but its last token; its finish row (base + 4 generated) is not a prefix of the
+    # longer prompt but shares all of base with it: restored, then cut back to base
+    assert warm.restored_tokens == len(base)
+    assert warm.prefilled_tokens == len(longer) - len(base)
     assert list(warm.tokens) == reference(longer, 12, eos_bias=-50.0)
     assert store.counters.snapshot()["hits_longest_prefix"] == 1
 
@@ -362,3 +364,44 @@ def test_a_cache_that_cannot_drop_positions_falls_back_to_prefix_rows(store: Cac
         w.stop()
     assert (again.cache_hit, again.restored_tokens) == ("exact", len(other) - 1)
     assert again.tokens == cut.tokens
+
+
+def test_a_foldable_backend_prefills_the_last_token_in_the_chunk_and_saves_after_the_first_token(
+    store: CacheStore,
+) -> None:
+    events: list[str] = []
+
+    class Foldable(StubBackend):
+        """Batch-invariant (as the stub is by construction) and able to cut rows back."""
+
+        @property
+        def info(self):  # type: ignore[no-untyped-def]
+            return dataclasses.replace(super().info, last_token_foldable=True)
+
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            events.append("decode " + ",".join(f"{len(i.tokens)}{'*' if i.logits else ''}" for i in items))
+            return super().decode(items)
+
+        def state_get(self, seq_id: int) -> memoryview:
+            events.append(f"save {self.seq_len(seq_id)}")
+            return super().state_get(seq_id)
+
+        def sample(self, seq_id: int, row: int) -> int:
+            events.append("sample")
+            return super().sample(seq_id, row)
+
+    w = ModelWorker(lambda: Foldable(**STUB), name="fold", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        prompt = text("z" * 100)  # 101 tokens
+        cold = run(w, prompt, n=2)
+        settle(store)
+        cold_events = list(events)
+        events.clear()
+        warm = run(w, prompt, n=2)
+    finally:
+        w.stop()
+    assert cold_events[:4] == ["decode 64", "decode 37*", "sample", "save 101"], "no separate last-token step"
+    assert (warm.cache_hit, warm.restored_tokens) == ("exact", 100), "the 101-token row, cut back"
+    assert events[0] == "decode 1*"
+    assert warm.tokens == cold.tokens == tuple(reference(prompt, 2, eos_bias=-50.0))
