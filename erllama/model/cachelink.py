@@ -1,11 +1,10 @@
 """``CacheLink``: one model worker's side of the shared cache — restoring prefixes at admission and saving states.
 
-Admission looks for the longest stored prefix of the request's context, capped one token short of its end: the
-last prompt token is always decoded by the worker in a step of its own, on the cold path and the warm path alike,
-so a hit that covers everything but that token (an *exact* hit) yields logits bit-identical to the cold run that
-saved the row. Capping also means a restored sequence never has to be shortened, which sliding-window models
-(whose caches keep only the last window) could not do. A restore is checked (the row's tokens against the
-context, the sequence's length after ``state_set``); a row that fails is dropped and the request goes cold.
+Admission restores the most of the request's context the cache holds, capped one token short of its end (the last
+prompt token is always computed, for its logits): the longest stored row that is a prefix of the context, or a
+longer row cut back to its common prefix with it. A restore is checked (the row's tokens against the context, the
+sequence's length after ``state_set``, and — for a cut — that the cache still holds what the continuation needs);
+a row that fails is dropped and the request goes cold.
 
 Saves follow the policy gates (``erllama.cache.policy``). Reading the state out of the context is one copy on the
 worker thread; packing and publishing happen on the store's writer threads, so other sequences never wait on disk.
@@ -18,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
-
-import numpy as np
 
 from erllama.cache.counters import Counters, HitKind
 from erllama.cache.key import CacheKey, Namespace, cache_key, ctx_params_hash
@@ -108,9 +105,8 @@ class CacheLink:
 
         Candidates: the longest stored row that is a prefix of ``tokens``, and, when a longer stored row has a longer
         common prefix with ``tokens`` than that (the same document followed by another question), that row, restored
-        and then cut back to the common prefix. Cutting back fails on models that
-        cannot drop positions (sliding-window
-        caches keep only the last window); the prefix row is tried next.
+        and then cut back to the common prefix. Cutting back fails on caches that already dropped what the cut-back
+        sequence would need (sliding-window caches without ``swa_full``); the prefix row is tried next.
         """
         limit = len(tokens) - 1
         index = self.store.index
@@ -137,8 +133,8 @@ class CacheLink:
     def _restore_row(
         self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], key: CacheKey, *, n: int, limit: int
     ) -> int:
-        """Restore a row known to share at least ``n`` tokens with ``tokens``; keep the longest common prefix (at
-        most ``limit``). Returns the tokens kept, 0 on failure (the sequence is then empty)."""
+        """Restore a row whose first ``n`` tokens (``n <= limit``, as the index found them) equal ``tokens[:n]`` and
+        keep exactly those. Returns ``n``, or 0 on failure (the sequence is then empty)."""
         row = self.store.load(key)
         if row is None:  # dropped between the index walk and the load
             return 0
@@ -154,7 +150,7 @@ class CacheLink:
             self.store.remove(key)
             backend.seq_truncate(seq_id, 0)
             return 0
-        keep = min(_common_prefix(meta.tokens, tokens), limit)
+        keep = min(n, limit)
         if meta.n_tokens > keep:
             try:
                 backend.seq_truncate(seq_id, keep)
@@ -206,10 +202,3 @@ class CacheLink:
     ) -> bool:
         """Evict and shutdown saves: publish before returning (bounded by ``timeout_s``)."""
         return self.store.save_sync(self.namespace, tokens, backend.state_get(seq_id), reason, timeout_s)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    m = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:m], dtype=np.int64) != np.asarray(b[:m], dtype=np.int64))
-    return int(diff[0]) if diff.size else m
