@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from erllama._native import Batch, Context, Sampler
+from erllama.model import LlamaBackend
 
 
 def step(ctx: Context, token: int, seq_id: int = 0) -> int:
@@ -47,3 +48,15 @@ def cold_run(
     """Prefill prompt[:-1], then continue greedily from the last prompt token."""
     ctx.decode_tokens(prompt[:-1], seq_id, logits_last=False)
     return continue_greedy(ctx, sampler, prompt[-1], n, seq_id)
+
+
+class Recording(LlamaBackend):
+    """A LlamaBackend that keeps a copy of the logits every token was sampled from (in order)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.sampled_from: list[npt.NDArray[np.float32]] = []
+
+    def sample(self, seq_id: int, row: int) -> int:
+        self.sampled_from.append(self.context.logits(row))
+        return super().sample(seq_id, row)

@@ -25,7 +25,9 @@ import pytest
 from erllama import Runtime, TextDelta
 from erllama._native import ContextConfig, library
 from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
-from erllama.model import LlamaBackend, SamplerConfig
+from erllama.model import SamplerConfig
+
+from .helpers import Recording
 
 pytestmark = pytest.mark.native
 
@@ -43,18 +45,6 @@ TEXT = (
     "The cache keeps the state of every prompt it has seen, keyed by its exact tokens, so the next request that "
     "starts the same way restores it instead of computing it again. "
 )
-
-
-class Recording(LlamaBackend):
-    """Keeps a copy of the logits every token was sampled from (per sequence, in order)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.sampled_from: list[npt.NDArray[np.float32]] = []
-
-    def sample(self, seq_id: int, row: int) -> int:
-        self.sampled_from.append(self.context.logits(row))
-        return super().sample(seq_id, row)
 
 
 def load(rt: Runtime, path: Path, box: list[Recording], n_seq_max: int = 1, n_batch: int = 64) -> str:

@@ -19,21 +19,12 @@ import pytest
 from erllama import Runtime
 from erllama._native import ContextConfig, Model
 from erllama.cache import CacheStore, RamTier, SavePolicy
-from erllama.model import LlamaBackend
+
+from .helpers import Recording
 
 pytestmark = [pytest.mark.native, pytest.mark.gemma3]
 
 DOC = "".join(f"Entry {i}: the lighthouse keeper logged the weather, the ships and the tides. " for i in range(60))
-
-
-class Recording(LlamaBackend):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.sampled_from: list[npt.NDArray[np.float32]] = []
-
-    def sample(self, seq_id: int, row: int) -> int:
-        self.sampled_from.append(self.context.logits(row))
-        return super().sample(seq_id, row)
 
 
 def runtime(cache: bool) -> Runtime:
