@@ -56,6 +56,32 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from erllama._native import ContextConfig
+    from erllama.cache import CacheStore, FileTier, RamTier
+    from erllama.model import LlamaBackend
+    from erllama.runtime import Runtime
+    from erllama.server import ServerConfig, create_app
+    from erllama.testing import fetch
+
+    path = Path(args.model) if args.model else fetch()
+    name = args.name or path.stem
+    root = Path(os.environ.get("ERLLAMA_CACHE_DIR", Path.home() / ".cache" / "erllama"))
+    kv_dir = Path(args.kv_dir) if args.kv_dir else root / "kv"
+    store = CacheStore([RamTier(args.ram_cache_mb << 20), FileTier([kv_dir], args.disk_cache_mb << 20)])
+    cfg = ContextConfig(n_ctx=args.ctx * args.parallel, n_batch=512, n_seq_max=args.parallel)
+    with Runtime(store) as rt:
+        model = rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg), model_id=name)
+        app = create_app(rt, {name: model}, ServerConfig(api_key=args.api_key or os.environ.get("ERLLAMA_API_KEY")))
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    store.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m erllama", description="erllama: warm prompts for llama.cpp")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,8 +94,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     gen.add_argument("--again", type=int, default=0, help="run the prompt this many more times (cache hits)")
     gen.add_argument("--kv-dir", help="disk tier of the KV-state cache (default: $ERLLAMA_CACHE_DIR/kv)")
+    srv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI dialect)")
+    srv.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    srv.add_argument("--name", help="the model's name in requests (default: the file's stem)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require this key (default: $ERLLAMA_API_KEY; none when unset)")
+    srv.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
+    srv.add_argument("--ctx", type=int, default=4096, help="context tokens per sequence")
+    srv.add_argument("--ram-cache-mb", type=int, default=1024)
+    srv.add_argument("--disk-cache-mb", type=int, default=8192)
+    srv.add_argument("--kv-dir", help="disk tier of the KV-state cache (default: $ERLLAMA_CACHE_DIR/kv)")
+    srv.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve":
+            return serve(args)
         return generate(args)
     except ErllamaError as exc:
         print(f"erllama: error: {exc}", file=sys.stderr)

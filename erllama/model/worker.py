@@ -74,6 +74,9 @@ class FinishReason(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TokenEvent:
+    """A reply token and the text it completes (possibly empty). ``token`` is -1 for text released only at the end
+    (held back while it could still have begun a stop sequence)."""
+
     token: int
     text: str
 
@@ -673,9 +676,11 @@ class ModelWorker:
             if save and a.fed > a.last_save:
                 link.save(backend, a.seq_id, committed, SaveReason.FINISH)
             link.remember(finish_key, committed)
-        tail = a.detok.flush()
-        if a.stops is not None:
-            tail = a.stops.feed(tail) + a.stops.flush()
+        # Bytes of a character the reply was cut inside are dropped: the reply ends before it, streamed or not.
+        a.detok.reset()
+        tail = a.stops.flush() if a.stops is not None else ""
+        if tail:
+            a.text.append(tail)
         stop_sequence = a.stops.matched if a.stops is not None else None
         if stop_sequence is not None and reason is FinishReason.LENGTH:
             reason = FinishReason.STOP  # the last tokens completed a stop sequence
@@ -684,7 +689,7 @@ class ModelWorker:
         done = DoneEvent(
             reason,
             tuple(a.tokens[a.n_prompt : a.n_prompt + a.n_generated]),
-            "".join(a.text) + tail,
+            "".join(a.text),
             a.n_prompt,
             first - a.t_start,
             now - first,
@@ -699,4 +704,6 @@ class ModelWorker:
         backend.seq_truncate(a.seq_id, 0)
         free.append(a.seq_id)
         self.in_flight = len(active)
+        if tail:
+            a.handle._emit(TokenEvent(-1, tail))  # so that the streamed text adds up to the reply
         a.handle._emit(done)  # after the sequence is free: whoever sees the end can count on it

@@ -14,6 +14,7 @@ PACKAGES = {
     "erllama.pressure": ["sampler", "scheduler"],
     "erllama.model": ["backend", "cachelink", "llama", "registry", "stop", "stub", "supervisor", "think", "worker"],
     "erllama": ["api", "runtime"],
+    "erllama.server": ["app", "openai", "state"],
 }
 
 
