@@ -1,4 +1,4 @@
-"""The OpenAI dialect: ``/v1/chat/completions`` (JSON or SSE) and ``/v1/models``, with OpenAI's error envelope.
+"""The OpenAI dialect: chat completions, completions (JSON or SSE), embeddings and models, in OpenAI's envelope.
 
 Wire types are pydantic models of this module; the runtime never sees them. A request is turned into a prompt with
 the model's chat template and run through :meth:`erllama.runtime.Runtime.infer`; a client that disconnects
@@ -7,12 +7,15 @@ mid-stream cancels its request (the stream's consumer goes away, which cancels i
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +46,35 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Annotated[int | None, Field(ge=0)] = None
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[int], Field(min_length=1)]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 class ChatCompletionRequest(BaseModel):
@@ -120,7 +152,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     rt: Runtime = state.runtime
     try:
         model_id = state.resolve(body.model)
-        prompt = rt.apply_chat_template(model_id, [(m.role, m.text()) for m in body.messages])
+        messages = [(m.role, m.text()) for m in body.messages]
+        # rendered on the model's worker between two ticks: wait for it off the event loop
+        prompt = await asyncio.to_thread(rt.apply_chat_template, model_id, messages)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         stream = rt.infer(
@@ -141,16 +175,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         return StreamingResponse(
             _sse(stream, ident, created, body.model, usage), media_type="text/event-stream", headers=_NO_BUFFER
         )
-    try:
-        completion = None
-        async for event in stream:
-            if isinstance(event, Finished):
-                completion = event.completion
-    except ErllamaError as exc:
-        return map_error(exc)
-    if completion is None:
-        assert stream.error is not None
-        return map_error(stream.error if isinstance(stream.error, Exception) else RuntimeError(stream.error))
+    completion = await _finish(stream)
+    if not isinstance(completion, Completion):
+        return completion
     return {
         "id": ident,
         "object": "chat.completion",
@@ -168,39 +195,119 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     }
 
 
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    state: ServerState = request.app.state.erllama
+    try:
+        model_id = state.resolve(body.model)
+        stream = state.runtime.infer(
+            model_id,
+            body.prompt,
+            max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+            stop=body.stops(),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
+    except ErllamaError as exc:
+        return map_error(exc)
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]}
+
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+
+        async def sse() -> AsyncIterator[bytes]:
+            async for event in stream:
+                if isinstance(event, TextDelta) and event.text:
+                    yield _data(chunk(event.text, None))
+                elif isinstance(event, Finished):
+                    yield _data(chunk("", _finish_reason(event.completion)))
+                    if usage:
+                        yield _data({**chunk("", None), "choices": [], "usage": _usage(event.completion)})
+                elif not isinstance(event, TextDelta):
+                    yield _data({"error": {"message": str(getattr(event, "error", "")), "type": "server_error"}})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=_NO_BUFFER)
+    completion = await _finish(stream)
+    if not isinstance(completion, Completion):
+        return completion
+    return {**chunk(completion.reply, _finish_reason(completion)), "usage": _usage(completion)}
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+    state: ServerState = request.app.state.erllama
+    rt = state.runtime
+    inputs: list[str | list[int]]
+    if isinstance(body.input, str):
+        inputs = [body.input]
+    elif all(isinstance(x, int) for x in body.input):
+        inputs = [[int(x) for x in body.input]]
+    else:
+        inputs = [str(x) for x in body.input]
+    try:
+        model_id = state.resolve(body.model)
+        data, n_tokens = [], 0
+        for i, item in enumerate(inputs):
+            vector = await asyncio.to_thread(rt.embed, model_id, item)
+            if isinstance(item, str):
+                n_tokens += len(await asyncio.to_thread(rt.tokenize, model_id, item, parse_special=True))
+            else:
+                n_tokens += len(item)
+            encoded: Any = vector
+            if body.encoding_format == "base64":
+                encoded = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            data.append({"object": "embedding", "index": i, "embedding": encoded})
+    except ErllamaError as exc:
+        return map_error(exc)
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+    }
+
+
+async def _finish(stream: Any) -> Completion | JSONResponse:
+    """Read a stream to its end: the completion, or the error as OpenAI reports it."""
+    try:
+        async for event in stream:
+            if isinstance(event, Finished):
+                return event.completion
+    except ErllamaError as exc:
+        return map_error(exc)
+    error = stream.error
+    return map_error(error if isinstance(error, Exception) else RuntimeError(str(error)))
+
+
+def _data(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+
 _NO_BUFFER = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _sse(stream: Any, ident: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None, usage: bool = False) -> bytes:
-        body: dict[str, Any] = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            body["usage"] = None
-        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        return {**body, "usage": None} if include_usage else body
 
-    yield chunk({"role": "assistant", "content": ""}, None)
+    def delta(content: dict[str, Any], finish: str | None) -> bytes:
+        return _data(chunk([{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]))
+
+    yield delta({"role": "assistant", "content": ""}, None)
     async for event in stream:
         if isinstance(event, TextDelta) and event.text:
-            yield chunk({"content": event.text}, None)
+            yield delta({"content": event.text}, None)
         elif isinstance(event, Finished):
-            yield chunk({}, _finish_reason(event.completion))
+            yield delta({}, _finish_reason(event.completion))
             if include_usage:
-                final = {
-                    "id": ident,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": _usage(event.completion),
-                }
-                yield b"data: " + json.dumps(final).encode() + b"\n\n"
+                yield _data({**chunk([]), "usage": _usage(event.completion)})
         elif not isinstance(event, TextDelta):  # Failed: an error after the 200 went out
-            error = {"error": {"message": str(getattr(event, "error", "")), "type": "server_error"}}
-            yield b"data: " + json.dumps(error).encode() + b"\n\n"
+            yield _data({"error": {"message": str(getattr(event, "error", "")), "type": "server_error"}})
     yield b"data: [DONE]\n\n"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -194,3 +196,33 @@ def test_models_and_health(rt: Runtime) -> None:
     ready = call(rt, "GET", "/health/ready")
     assert ready.status_code == 200
     assert ready.json()["models"] == {"stub-1": "running"}
+
+
+def test_completions_json_and_stream(rt: Runtime) -> None:
+    body = {"model": "stub-1", "prompt": "once upon a time", "max_tokens": 9}
+    data = call(rt, "POST", "/v1/completions", json=body).json()
+    expected = rt.complete("stub", "once upon a time", max_tokens=9).reply
+    assert data["object"] == "text_completion"
+    assert data["choices"][0]["text"] == expected
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 9
+    events = sse_events(call(rt, "POST", "/v1/completions", json={**body, "stream": True}))
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == expected
+    assert call(rt, "POST", "/v1/completions", json={**body, "prompt": ""}).status_code == 400
+
+
+def test_embeddings(rt: Runtime) -> None:
+    single = call(rt, "POST", "/v1/embeddings", json={"model": "stub-1", "input": "embed me"}).json()
+    assert single["object"] == "list"
+    vector = single["data"][0]["embedding"]
+    assert vector == rt.embed("stub", "embed me")
+    assert single["usage"]["prompt_tokens"] == len(rt.tokenize("stub", "embed me", parse_special=True))
+    many = call(rt, "POST", "/v1/embeddings", json={"model": "stub-1", "input": ["a", "b"]}).json()
+    assert [d["index"] for d in many["data"]] == [0, 1]
+    packed = call(
+        rt, "POST", "/v1/embeddings", json={"model": "stub-1", "input": "embed me", "encoding_format": "base64"}
+    ).json()
+    raw = base64.b64decode(packed["data"][0]["embedding"])
+    assert np.frombuffer(raw, dtype="<f4").tolist() == pytest.approx(vector)
+    assert call(rt, "POST", "/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
