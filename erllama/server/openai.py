@@ -77,20 +77,9 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int | None, Field(ge=0)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=0)] = None
-    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
-    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
 
 
 def error_response(
@@ -155,13 +144,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         messages = [(m.role, m.text()) for m in body.messages]
         # rendered on the model's worker between two ticks: wait for it off the event loop
         prompt = await asyncio.to_thread(rt.apply_chat_template, model_id, messages)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         stream = rt.infer(
             model_id,
             prompt,
             max_tokens=max_tokens if max_tokens is not None else state.default_max_tokens,
-            stop=stops,
+            stop=body.stops(),
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
