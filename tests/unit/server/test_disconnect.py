@@ -1,0 +1,70 @@
+"""A client that drops the connection mid-stream cancels its request: the sequence is freed at once."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from erllama import Runtime
+from erllama.model import StubBackend
+from erllama.server import create_app
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Runtime, str]]:
+    rt = Runtime(None)
+    rt.load_model(backend=lambda: StubBackend(n_seq_max=1, eos_bias=-50.0, step_delay_s=0.002), model_id="slow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(rt, {"slow": "slow"}), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield rt, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        rt.close()
+
+
+def test_dropping_the_connection_mid_stream_cancels_the_request(served: tuple[Runtime, str]) -> None:
+    rt, base = served
+    body = {
+        "model": "slow",
+        "messages": [{"role": "user", "content": "talk for a long time"}],
+        "max_tokens": 4000,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=base, timeout=30) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        seen = 0
+        for line in lines:
+            if line.startswith("data: ") and '"content"' in line:
+                seen += 1
+                if seen == 5:
+                    break  # leaving the block closes the connection
+    deadline = time.monotonic() + 2  # the whole reply would take 8 s
+    while rt.in_flight("slow") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.in_flight("slow") == 0, "the dropped request's sequence was freed"
+    # the only sequence is free again: the next request is served at once, not after 4000 tokens
+    t0 = time.monotonic()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        resp = client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+    assert resp.status_code == 200
+    assert time.monotonic() - t0 < 2
