@@ -67,52 +67,6 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "AdapterInfo": "erllama.runtime",
-    "Failed": "erllama.runtime",
-    "Finished": "erllama.runtime",
-    "ModelSummary": "erllama.runtime",
-    "VramInfo": "erllama.runtime",
-    "apply_chat_template": "erllama.api",
-    "cancel": "erllama.api",
-    "complete": "erllama.api",
-    "counters": "erllama.api",
-    "default_runtime": "erllama.api",
-    "detokenize": "erllama.api",
-    "draft_tokens": "erllama.api",
-    "embed": "erllama.api",
-    "evict": "erllama.api",
-    "infer": "erllama.api",
-    "last_cache_hit": "erllama.api",
-    "list_adapters": "erllama.api",
-    "list_cached_prefixes": "erllama.api",
-    "list_models": "erllama.api",
-    "load_adapter": "erllama.api",
-    "load_model": "erllama.api",
-    "model_info": "erllama.api",
-    "models": "erllama.api",
-    "pending_len": "erllama.api",
-    "phase": "erllama.api",
-    "prefill_only": "erllama.api",
-    "queue_depth": "erllama.api",
-    "set_adapter_scale": "erllama.api",
-    "shutdown": "erllama.api",
-    "status": "erllama.api",
-    "tokenize": "erllama.api",
-    "unload": "erllama.api",
-    "unload_adapter": "erllama.api",
-    "unload_model": "erllama.api",
-    "verify": "erllama.api",
-    "vram_info": "erllama.api",
-    "Completion": "erllama.runtime",
-    "Runtime": "erllama.runtime",
-    "Stats": "erllama.runtime",
-    "Stream": "erllama.runtime",
-    "StreamEvent": "erllama.runtime",
-    "TextDelta": "erllama.runtime",
-    "ThinkingDelta": "erllama.runtime",
-}
-
 __all__ = [
     "AdapterInfo",
     "Completion",
@@ -163,9 +117,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    # The API names come from erllama.api (functions) and erllama.runtime (types), imported on first use.
+    if name not in __all__ or name in {"ErllamaError", "__version__"}:
         raise AttributeError(f"module 'erllama' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    api = importlib.import_module("erllama.api")
+    value = getattr(api, name) if hasattr(api, name) else getattr(importlib.import_module("erllama.runtime"), name)
     globals()[name] = value
     return value

@@ -52,7 +52,6 @@ class CacheHit:
 
     kind: str
     prefix_len: int
-    counted_as: HitKind = HitKind.MISS
 
 
 _COLD = CacheHit("cold", 0)
@@ -126,7 +125,7 @@ class CacheLink:
                     counted = HitKind.LONGEST_PREFIX
                 self.counters.record_hit(counted)
                 self.counters.incr("restored_tokens", n)
-                return CacheHit("exact" if n == limit else "partial", n, counted)
+                return CacheHit("exact" if n == limit else "partial", n)
         self.counters.record_hit(HitKind.MISS)
         return _COLD
 
