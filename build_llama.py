@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "native"
 PIN_FILE = NATIVE / "pin.toml"
 CDEF_FILE = NATIVE / "llama.cdef"
+SHIM_FILE = NATIVE / "erllama_shim.cpp"
 PROBE_SOURCE = NATIVE / "abi_probe.c"
 FFI_MODULE = ROOT / "erllama" / "_native" / "_llama_ffi.py"
 
@@ -393,6 +394,44 @@ def _configure_and_build(source: Source, options: BuildOptions, build_root: Path
     log(f"built {', '.join(targets)} in {time.monotonic() - t0:.0f}s")
 
 
+def build_shim(source: Source, options: BuildOptions, build_root: Path) -> Path:
+    """Compile ``native/erllama_shim.cpp`` (C entry points into libllama-common) beside libllama.
+
+    Rebuilt whenever the shim's source changes (its sha256 is recorded in ``shim.ok``); links the
+    ``llama-common`` target, built first if a libraries-only build did not make it.
+    """
+    lib_dir = build_root / "build" / "bin"
+    out = lib_dir / _shared_lib_name("erllama-shim")
+    marker = build_root / "shim.ok"
+    digest = sha256_file(SHIM_FILE)
+    if out.is_file() and marker.is_file() and marker.read_text().strip() == digest:
+        return out
+    if not (lib_dir / _shared_lib_name("llama-common")).exists():
+        _configure_and_build(source, options, build_root, ("llama-common",))
+    rpath = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
+    cxx = os.environ.get("CXX", "c++")
+    includes = [f"-I{source.path / d}" for d in ("common", "include", "ggml/include", "vendor")]
+    run(
+        [
+            cxx,
+            "-std=c++17",
+            "-O2",
+            "-shared",
+            "-fPIC",
+            *includes,
+            SHIM_FILE,
+            f"-L{lib_dir}",
+            "-lllama-common",
+            f"-Wl,-rpath,{rpath}",
+            "-o",
+            out,
+        ]
+    )
+    marker.write_text(digest + "\n")
+    log(f"built {out.name}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # cdef, cffi module and ABI probe
 
@@ -535,6 +574,7 @@ def _ensure_built(options: BuildOptions) -> BuildResult:
         _configure_and_build(source, options, build_root, TOOL_TARGETS)
         tools_ok.write_text("ok\n")
     abi_file = run_abi_probe(source, build_root / "probe", lib_dir / "abi.json")
+    build_shim(source, options, build_root)
     tools = {t: lib_dir / t for t in TOOL_TARGETS if tools_ok.is_file()}
     if not (lib_dir / _shared_lib_name("llama")).exists():
         raise BuildError(f"the build finished but {lib_dir / _shared_lib_name('llama')} is missing")

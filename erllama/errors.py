@@ -9,12 +9,14 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     │   ├── SeqIdError                       a sequence id outside [0, n_seq_max)
     │   ├── ContextOverflowError             the tokens would not fit the sequence's room in the KV cache
     │   ├── ModelExistsError                 a model id that is already loaded
+    │   ├── SchemaError                      a JSON schema that cannot be turned into a grammar
     │   └── UnknownModelError (KeyError)     a model id that is not loaded
     ├── ClosedError (ValueError)             a Model / Context / Sampler used after close()
     ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
     ├── ResourceBusyError (RuntimeError)     a Model closed while contexts still use it
     ├── WorkerStoppedError (RuntimeError)    a model worker stopped or crashed before a request finished
     ├── NoGpuError (RuntimeError)            GPU information asked of a CPU-only build or machine
+    ├── OverloadedError (RuntimeError)       a model's queue is full or a request waited too long for a slot
     ├── CacheError                           the KV-state cache
     │   └── CorruptCacheFileError (ValueError) a KVC file that is truncated, altered or not one (fields: reason)
     └── NativeError (RuntimeError)           llama.cpp reported a failure
@@ -48,8 +50,10 @@ __all__ = [
     "ModelLoadError",
     "NativeError",
     "NoGpuError",
+    "OverloadedError",
     "ResourceBusyError",
     "SamplerError",
+    "SchemaError",
     "SeqIdError",
     "StateError",
     "ThreadAffinityError",
@@ -99,6 +103,10 @@ class ModelExistsError(InvalidInputError):
     """A model id that is already loaded."""
 
 
+class SchemaError(InvalidInputError):
+    """A JSON schema (``response_format``, ``format``) that cannot be turned into a grammar."""
+
+
 class UnknownModelError(InvalidInputError, KeyError):
     """A model id that is not loaded."""
 
@@ -121,6 +129,18 @@ class WorkerStoppedError(ErllamaError, RuntimeError):
 
 class NoGpuError(ErllamaError, RuntimeError):
     """GPU information was asked for, but the library was built for the CPU or sees no GPU device."""
+
+
+class OverloadedError(ErllamaError, RuntimeError):
+    """A model is too busy: its queue is full, or a request waited longer than allowed for a slot.
+
+    Attributes:
+        retry_after: seconds after which a retry is reasonable.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CacheError(ErllamaError):

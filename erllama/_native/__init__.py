@@ -6,6 +6,7 @@ one llama.cpp object and free it deterministically in ``close()``; ``Detokenizer
 
 from erllama._native.batch import Batch
 from erllama._native.context import Context, ContextConfig, FlashAttention, KVType
+from erllama._native.grammar import JSON_OBJECT_SCHEMA, json_schema_to_grammar
 from erllama._native.loader import GpuDevice, Library, abi_mismatches, library
 from erllama._native.model import LoraAdapter, Model, ModelConfig, ModelInfo
 from erllama._native.sampler import DEFAULT_SEED, Sampler, SamplerConfig
@@ -13,6 +14,7 @@ from erllama._native.text import Detokenizer
 
 __all__ = [
     "DEFAULT_SEED",
+    "JSON_OBJECT_SCHEMA",
     "Batch",
     "Context",
     "ContextConfig",
@@ -28,5 +30,6 @@ __all__ = [
     "Sampler",
     "SamplerConfig",
     "abi_mismatches",
+    "json_schema_to_grammar",
     "library",
 ]

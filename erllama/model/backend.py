@@ -40,6 +40,9 @@ class BackendInfo:
     quantization: str
     ctx_params: Mapping[str, object]
     chat_template: str | None = None
+    bos_text: str = ""
+    eos_text: str = ""
+    """The texts of the BOS and EOS tokens (a Jinja chat template's ``bos_token`` / ``eos_token``)."""
     last_token_foldable: bool = False
     """True when decoding the last prompt token inside the final prefill chunk gives bit for bit the logits of a
     one-token step (batch-invariant kernels, checked at load) and restored rows can be cut back: the worker then

@@ -67,6 +67,8 @@ class LlamaBackend:
             quantization=info.quantization,
             ctx_params=kv_layout_params(self._ctx.config, self._ctx.n_ctx),
             chat_template=info.chat_template,
+            bos_text=self._model.token_text(info.bos) if 0 <= info.bos < info.n_vocab else "",
+            eos_text=self._model.token_text(info.eos) if 0 <= info.eos < info.n_vocab else "",
         )
         can_cut = not info.is_recurrent and (info.n_swa == 0 or self._ctx.config.swa_full)
         if can_cut and self._batch_invariant():

@@ -14,7 +14,7 @@ import hashlib
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -51,7 +51,12 @@ class StubBackend:
         step_delay_s: float = 0.0,
         seed: int = 0,
         name: str = "stub",
+        chat_template: str | None = None,
+        script: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
+        """``chat_template`` is reported as the model's Jinja template. ``script`` makes the stub answer like an
+        instruction-tuned model, for tests of what parses replies: called with a request's prompt bytes, the bytes
+        it returns are the reply (then EOS); None leaves the request to the hash model."""
         self._seqs: list[list[int]] = [[] for _ in range(n_seq_max)]
         self._samplers: dict[int, tuple[SamplerConfig, np.random.Generator]] = {}
         self._rows: dict[int, npt.NDArray[np.float64]] = {}
@@ -63,6 +68,8 @@ class StubBackend:
         self._owner = threading.get_ident()
         self.decode_calls = 0
         self.adapters: list[tuple[object, float]] = []
+        self._script = script
+        self._scripted: dict[int, tuple[int, bytes | None]] = {}  # seq -> (prompt length, reply)
         self._info = BackendInfo(
             name=name,
             n_vocab=N_VOCAB,
@@ -75,6 +82,9 @@ class StubBackend:
             fingerprint=f"stub-{seed}-{window}",
             quantization="none",
             ctx_params={"n_ctx_seq": n_ctx_seq, "n_seq_max": n_seq_max, "window": window},
+            chat_template=chat_template,
+            bos_text="<s>",
+            eos_text="</s>",
         )
 
     @property
@@ -155,11 +165,20 @@ class StubBackend:
         self._check_seq(seq_id)
         seed = config.seed if config.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         self._samplers[seq_id] = (config, np.random.default_rng(seed))
+        self._scripted.pop(seq_id, None)
 
     def sample(self, seq_id: int, row: int) -> int:
         self._check_seq(seq_id)
         if row not in self._rows:
             raise InvalidInputError(f"row {row} of the last batch has no outputs")
+        if self._script is not None:
+            seq = self._seqs[seq_id]
+            if seq_id not in self._scripted:
+                self._scripted[seq_id] = (len(seq), self._script(bytes(t - 3 for t in seq if t >= 3)))
+            start, reply = self._scripted[seq_id]
+            if reply is not None:
+                i = len(seq) - start
+                return 3 + reply[i] if i < len(reply) else EOS
         logits = self._rows[row].copy()
         config, rng = self._samplers.get(seq_id, (SamplerConfig(), np.random.default_rng(0)))
         for token, bias in config.logit_bias.items():

@@ -1,8 +1,7 @@
 """The OpenAI dialect: chat completions, completions (JSON or SSE), embeddings and models, in OpenAI's envelope.
 
-Wire types are pydantic models of this module; the runtime never sees them. A request is turned into a prompt with
-the model's chat template and run through :meth:`erllama.runtime.Runtime.infer`; a client that disconnects
-mid-stream cancels its request (the stream's consumer goes away, which cancels it).
+Wire types are pydantic models of this module; they are turned into :mod:`erllama.chat.types` before anything
+else sees them. A client that disconnects mid-stream cancels its request (the stream's consumer goes away).
 """
 
 from __future__ import annotations
@@ -20,8 +19,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from erllama.errors import ErllamaError, InvalidInputError, UnknownModelError, WorkerStoppedError
-from erllama.runtime import Completion, Finished, Runtime, TextDelta
+from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
+from erllama.chat import ChatResult, Message, Tool, ToolCall
+from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
+from erllama.runtime import Completion
+from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, start_chat, start_text
 from erllama.server.state import ServerState
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect
@@ -29,19 +31,77 @@ __all__ = ["router"]  # wire types and helpers stay inside the dialect
 router = APIRouter()
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = [p.get("text", "") for p in self.content if p.get("type") == "text"]
-        return "".join(str(p) for p in parts)
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+    def neutral(self) -> Message:
+        calls = tuple(
+            ToolCall(
+                c.id,
+                c.function.name,
+                c.function.arguments
+                if isinstance(c.function.arguments, str)
+                else json.dumps(c.function.arguments, ensure_ascii=False),
+            )
+            for c in self.tool_calls or ()
+        )
+        role = "system" if self.role == "developer" else self.role
+        return Message(role=role, content=self.text(), tool_calls=calls, tool_call_id=self.tool_call_id, name=self.name)
+
+
+class FunctionDef(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.\-]+$")]
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -51,18 +111,33 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Annotated[str, Field(min_length=1)]
     max_tokens: Annotated[int | None, Field(ge=0)] = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def params(self, max_tokens: int) -> Params:
+        sampling = SamplerConfig(
+            temperature=0.0 if self.temperature is None else self.temperature,  # greedy unless asked
+            top_p=1.0 if self.top_p is None else self.top_p,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            penalty_last_n=-1 if self.frequency_penalty or self.presence_penalty else 64,
+            seed=self.seed,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+        )
+        return Params(max_tokens=max_tokens, stop=self.stops(), sampling=sampling)
 
 
 class CompletionRequest(_Sampling):
@@ -72,7 +147,7 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Annotated[str, Field(min_length=1)]
     input: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
 
@@ -80,21 +155,50 @@ class EmbeddingRequest(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int | None, Field(ge=0)] = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None
+
+    def choice(self) -> str:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.get("name", "")
+        return self.tool_choice or "auto"
+
+    def response_schema(self) -> dict[str, Any] | None:
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return dict(JSON_OBJECT_SCHEMA)
+        if rf.json_schema is None:
+            raise InvalidInputError("response_format json_schema needs a json_schema object")
+        return rf.json_schema.schema_ or dict(JSON_OBJECT_SCHEMA)
 
 
 def error_response(
-    status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    code: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """OpenAI's error envelope."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def map_error(exc: Exception) -> JSONResponse:
+def map_error(exc: BaseException) -> JSONResponse:
     """An exception of the one tree, as OpenAI reports it."""
     if isinstance(exc, UnknownModelError):
         return error_response(404, str(exc).strip("'\""), "invalid_request_error", "model", "model_not_found")
     if isinstance(exc, InvalidInputError):
         return error_response(400, str(exc), "invalid_request_error")
+    if isinstance(exc, OverloadedError):
+        headers = {"retry-after": str(max(1, round(exc.retry_after)))}
+        return error_response(429, str(exc), "rate_limit_exceeded", code="model_busy", headers=headers)
     if isinstance(exc, WorkerStoppedError):
         return error_response(503, str(exc), "server_error", code="model_unavailable")
     if isinstance(exc, ErllamaError):
@@ -111,20 +215,29 @@ def _usage(c: Completion) -> dict[str, Any]:
     }
 
 
-def _finish_reason(c: Completion) -> str:
+def _finish_reason(c: Completion, result: ChatResult | None = None) -> str:
+    if result is not None and result.tool_calls:
+        return "tool_calls"
     return "length" if c.finish_reason == "length" else "stop"
+
+
+def _tool_calls(result: ChatResult) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in result.tool_calls
+    ]
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state: ServerState = request.app.state.erllama
-    return {"object": "list", "data": [_model_card(name, state) for name in state.model_names()]}
+    return {"object": "list", "data": [_model_card(name, state) for name in sorted(state.available())]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    if model_id not in state.model_names():
+    if model_id not in state.available():
         return error_response(
             404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found"
         )
@@ -138,21 +251,19 @@ def _model_card(name: str, state: ServerState) -> dict[str, Any]:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    rt: Runtime = state.runtime
+    if len(body.messages) > state.config.max_messages:
+        return error_response(400, f"more than {state.config.max_messages} messages", "invalid_request_error")
     try:
-        model_id = state.resolve(body.model)
-        messages = [(m.role, m.text()) for m in body.messages]
-        # rendered on the model's worker between two ticks: wait for it off the event loop
-        prompt = await asyncio.to_thread(rt.apply_chat_template, model_id, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        stream = rt.infer(
-            model_id,
-            prompt,
-            max_tokens=max_tokens if max_tokens is not None else state.default_max_tokens,
-            stop=body.stops(),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
+        tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
+        run = await start_chat(
+            state,
+            body.model,
+            [m.neutral() for m in body.messages],
+            body.params(max_tokens if max_tokens is not None else state.default_max_tokens),
+            tools=tools,
+            tool_choice=body.choice(),
+            response_schema=body.response_schema(),
         )
     except ErllamaError as exc:
         return map_error(exc)
@@ -161,11 +272,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _sse(stream, ident, created, body.model, usage), media_type="text/event-stream", headers=_NO_BUFFER
+            _chat_sse(run, ident, created, body.model, usage), media_type="text/event-stream", headers=_NO_BUFFER
         )
-    completion = await _finish(stream)
-    if not isinstance(completion, Completion):
-        return completion
+    try:
+        end = await collect(run)
+    except ErllamaError as exc:
+        return map_error(exc)
+    message: dict[str, Any] = {"role": "assistant", "content": end.result.content or None}
+    if end.result.tool_calls:
+        message["tool_calls"] = _tool_calls(end.result)
+    elif message["content"] is None:
+        message["content"] = ""
     return {
         "id": ident,
         "object": "chat.completion",
@@ -174,12 +291,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.reply},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": _finish_reason(completion),
+                "finish_reason": _finish_reason(end.completion, end.result),
             }
         ],
-        "usage": _usage(completion),
+        "usage": _usage(end.completion),
     }
 
 
@@ -187,15 +304,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     try:
-        model_id = state.resolve(body.model)
-        stream = state.runtime.infer(
-            model_id,
-            body.prompt,
-            max_tokens=body.max_tokens if body.max_tokens is not None else 16,
-            stop=body.stops(),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
+        run = await start_text(
+            state, body.model, body.prompt, body.params(body.max_tokens if body.max_tokens is not None else 16)
         )
     except ErllamaError as exc:
         return map_error(exc)
@@ -209,22 +319,23 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def sse() -> AsyncIterator[bytes]:
-            async for event in stream:
-                if isinstance(event, TextDelta) and event.text:
+            async for event in run.events():
+                if isinstance(event, Text):
                     yield _data(chunk(event.text, None))
-                elif isinstance(event, Finished):
+                elif isinstance(event, End):
                     yield _data(chunk("", _finish_reason(event.completion)))
                     if usage:
                         yield _data({**chunk("", None), "choices": [], "usage": _usage(event.completion)})
-                elif not isinstance(event, TextDelta):
-                    yield _data({"error": {"message": str(getattr(event, "error", "")), "type": "server_error"}})
+                elif isinstance(event, Error):
+                    yield _data({"error": {"message": str(event.error), "type": "server_error"}})
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_NO_BUFFER)
-    completion = await _finish(stream)
-    if not isinstance(completion, Completion):
-        return completion
-    return {**chunk(completion.reply, _finish_reason(completion)), "usage": _usage(completion)}
+    try:
+        end = await collect(run)
+    except ErllamaError as exc:
+        return map_error(exc)
+    return {**chunk(end.completion.reply, _finish_reason(end.completion)), "usage": _usage(end.completion)}
 
 
 @router.post("/v1/embeddings")
@@ -239,7 +350,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     else:
         inputs = [str(x) for x in body.input]
     try:
-        model_id = state.resolve(body.model)
+        model_id = await state.ensure_loaded(body.model)
         data, n_tokens = [], 0
         for i, item in enumerate(inputs):
             vector = await asyncio.to_thread(rt.embed, model_id, item)
@@ -261,18 +372,6 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     }
 
 
-async def _finish(stream: Any) -> Completion | JSONResponse:
-    """Read a stream to its end: the completion, or the error as OpenAI reports it."""
-    try:
-        async for event in stream:
-            if isinstance(event, Finished):
-                return event.completion
-    except ErllamaError as exc:
-        return map_error(exc)
-    error = stream.error
-    return map_error(error if isinstance(error, Exception) else RuntimeError(str(error)))
-
-
 def _data(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
@@ -280,7 +379,7 @@ def _data(body: dict[str, Any]) -> bytes:
 _NO_BUFFER = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _sse(stream: Any, ident: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_sse(run: ChatRun, ident: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         return {**body, "usage": None} if include_usage else body
@@ -289,13 +388,15 @@ async def _sse(stream: Any, ident: str, created: int, model: str, include_usage:
         return _data(chunk([{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]))
 
     yield delta({"role": "assistant", "content": ""}, None)
-    async for event in stream:
-        if isinstance(event, TextDelta) and event.text:
+    async for event in run.events():
+        if isinstance(event, Text):
             yield delta({"content": event.text}, None)
-        elif isinstance(event, Finished):
-            yield delta({}, _finish_reason(event.completion))
+        elif isinstance(event, End):
+            for i, call in enumerate(_tool_calls(event.result)):
+                yield delta({"tool_calls": [{"index": i, **call}]}, None)
+            yield delta({}, _finish_reason(event.completion, event.result))
             if include_usage:
                 yield _data({**chunk([]), "usage": _usage(event.completion)})
-        elif not isinstance(event, TextDelta):  # Failed: an error after the 200 went out
-            yield _data({"error": {"message": str(getattr(event, "error", "")), "type": "server_error"}})
+        elif isinstance(event, Error):  # an error after the 200 went out
+            yield _data({"error": {"message": str(event.error), "type": "server_error"}})
     yield b"data: [DONE]\n\n"

@@ -1,15 +1,25 @@
-"""What every route of the daemon shares: the runtime, the served model names, limits."""
+"""What every route of the daemon shares: the runtime, the served models (loaded on demand, unloaded after their
+keep-alive), the per-model queue limits, the chat engine and the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from erllama.errors import UnknownModelError
+from erllama.chat import ChatEngine
+from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError
 from erllama.runtime import Runtime
+from erllama.server.metrics import Metrics
 
-__all__ = ["ServerConfig", "ServerState"]
+__all__ = ["ManagedSource", "ModelSource", "ServerConfig", "ServerState"]
+
+log = logging.getLogger("erllama.server")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -19,29 +29,226 @@ class ServerConfig:
     Attributes:
         api_key: when set, every request must carry it (``Authorization: Bearer`` or ``x-api-key``).
         max_body_bytes: larger request bodies are refused with 413.
+        max_messages: conversations with more messages are refused with 400.
         default_max_tokens: reply length when a request does not say.
+        max_concurrency: requests a model runs at once (None: as many as it has sequences).
+        max_queue: requests that may wait for a model beyond those; more are refused (429 / 503 / 529).
+        queue_timeout_s: how long a request waits for a slot before it is refused the same way.
+        keep_alive_s: idle seconds after which a model loaded on demand is unloaded (None: never; 0: at once).
+        cors_origins: origins allowed by CORS; empty (the default) sends no CORS headers at all.
     """
 
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
+    max_messages: int = 1024
     default_max_tokens: int = 512
+    max_concurrency: int | None = None
+    max_queue: int = 64
+    queue_timeout_s: float = 60.0
+    keep_alive_s: float | None = 300.0
+    cors_origins: tuple[str, ...] = ()
+
+
+class ModelSource(Protocol):
+    """Where models not yet loaded come from (a models directory, the model store)."""
+
+    def available(self) -> Mapping[str, Path]:
+        """Loadable models: name -> GGUF path."""
+        ...
+
+    def load(self, runtime: Runtime, name: str) -> str:
+        """Load ``name`` into ``runtime`` and return its model id. Raises UnknownModelError."""
+        ...
+
+
+@runtime_checkable
+class ManagedSource(ModelSource, Protocol):
+    """A source that can also fetch, delete and copy models (Ollama's pull / delete / copy)."""
+
+    def delete(self, name: str) -> None: ...
+
+    def copy(self, source: str, destination: str) -> None: ...
+
+    def pull(self, name: str) -> Iterator[dict[str, Any]]: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Gate:
+    limit: int
+    sem: asyncio.Semaphore
+    waiting: int = 0
+    active: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class _Loaded:
+    model_id: str
+    pinned: bool
+    keep_alive_s: float | None
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+    expires_at: float | None = None
 
 
 class ServerState:
-    """The runtime and the names its models are served under (name -> runtime model id)."""
+    """The served models (name -> runtime model id), their queues and keep-alive."""
 
-    def __init__(self, runtime: Runtime, models: Mapping[str, str], config: ServerConfig) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        models: Mapping[str, str],
+        config: ServerConfig,
+        source: ModelSource | None = None,
+    ) -> None:
         self.runtime = runtime
-        self._models = dict(models)
         self.config = config
+        self.source = source
         self.default_max_tokens = config.default_max_tokens
         self.started = int(time.time())
+        self.chat = ChatEngine(runtime)
+        self.metrics = Metrics(self)
+        self._loaded = {name: _Loaded(mid, pinned=True, keep_alive_s=None) for name, mid in models.items()}
+        self._gates: dict[str, _Gate] = {}
+        self._load_lock = threading.Lock()
+
+    # -- names ---------------------------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
-        return sorted(self._models)
+        """Models loaded now."""
+        return sorted(self._loaded)
+
+    def available(self) -> dict[str, Path | None]:
+        """Every model a request may name: loaded ones (path None when not from the source) and loadable ones."""
+        out: dict[str, Path | None] = dict.fromkeys(self._loaded)
+        if self.source is not None:
+            out.update(self.source.available())
+        return out
 
     def resolve(self, name: str) -> str:
-        model_id = self._models.get(name)
-        if model_id is None:
+        """The model id of a loaded model."""
+        entry = self._loaded.get(name)
+        if entry is None:
             raise UnknownModelError(f"The model '{name}' does not exist")
-        return model_id
+        return entry.model_id
+
+    def loaded(self) -> dict[str, tuple[str, float | None]]:
+        """Loaded models: name -> (model id, unload deadline as a wall-clock time or None)."""
+        now_m, now_w = time.monotonic(), time.time()
+        return {
+            n: (e.model_id, None if e.expires_at is None else now_w + (e.expires_at - now_m))
+            for n, e in self._loaded.items()
+        }
+
+    async def ensure_loaded(self, name: str, keep_alive_s: float | str | None = "default") -> str:
+        """The model id of ``name``, loading it from the source when needed (off the event loop)."""
+        if not name or not isinstance(name, str):
+            raise InvalidInputError("a model name is required")
+        entry = self._loaded.get(name)
+        if entry is None:
+            if self.source is None or name not in self.source.available():
+                raise UnknownModelError(f"The model '{name}' does not exist")
+            entry = await asyncio.to_thread(self._load, name)
+        self.touch(name, keep_alive_s)
+        return entry.model_id
+
+    def _load(self, name: str) -> _Loaded:
+        with self._load_lock:
+            entry = self._loaded.get(name)
+            if entry is None:
+                assert self.source is not None
+                log.info("loading model %s", name)
+                model_id = self.source.load(self.runtime, name)
+                entry = self._loaded[name] = _Loaded(model_id, pinned=False, keep_alive_s=self.config.keep_alive_s)
+            return entry
+
+    def touch(self, name: str, keep_alive_s: float | str | None = "default") -> None:
+        """Mark ``name`` used now; an explicit ``keep_alive_s`` replaces its keep-alive (None: forever)."""
+        entry = self._loaded.get(name)
+        if entry is None:
+            return
+        if keep_alive_s != "default":
+            entry.keep_alive_s = None if keep_alive_s is None or float(keep_alive_s) < 0 else float(keep_alive_s)
+            entry.pinned = False
+        entry.last_used = time.monotonic()
+        entry.expires_at = None if entry.pinned or entry.keep_alive_s is None else entry.last_used + entry.keep_alive_s
+
+    async def unload(self, name: str) -> bool:
+        """Unload ``name`` now (False when it was not loaded)."""
+        entry = self._loaded.pop(name, None)
+        if entry is None:
+            return False
+        self._gates.pop(entry.model_id, None)
+        await asyncio.to_thread(self.runtime.unload, entry.model_id)
+        return True
+
+    async def reap(self) -> list[str]:
+        """Unload models whose keep-alive ran out and that nothing uses; their names."""
+        now = time.monotonic()
+        gone = []
+        for name, entry in list(self._loaded.items()):
+            gate = self._gates.get(entry.model_id)
+            busy = gate is not None and (gate.active or gate.waiting)
+            if entry.expires_at is not None and entry.expires_at <= now and not busy:
+                await self.unload(name)
+                gone.append(name)
+        return gone
+
+    async def reaper(self, period_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.reap()
+            except Exception:  # a failed unload must not stop the reaper
+                log.exception("unloading idle models failed")
+
+    # -- queue limits --------------------------------------------------------------------------------------
+
+    def _gate(self, model_id: str) -> _Gate:
+        gate = self._gates.get(model_id)
+        if gate is None:
+            limit = self.config.max_concurrency
+            if limit is None:
+                limit = int(self.runtime.model_info(model_id).get("n_seq_max") or 1)
+            gate = self._gates[model_id] = _Gate(limit, asyncio.Semaphore(limit))
+        return gate
+
+    async def acquire(self, model_id: str) -> Callable[[], None]:
+        """Wait for one of the model's slots; the returned function gives it back (idempotent).
+
+        Raises:
+            OverloadedError: the queue is full, or no slot came within ``queue_timeout_s``.
+        """
+        gate = self._gate(model_id)
+        if gate.active >= gate.limit and gate.waiting >= self.config.max_queue:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise OverloadedError(f"model is busy: {gate.waiting} requests already waiting", retry_after=1.0)
+        gate.waiting += 1
+        try:
+            await asyncio.wait_for(gate.sem.acquire(), self.config.queue_timeout_s)
+        except TimeoutError:
+            self.metrics.rejected.labels(reason="queue_timeout").inc()
+            raise OverloadedError(
+                f"model is busy: no slot within {self.config.queue_timeout_s:g} s", retry_after=1.0
+            ) from None
+        finally:
+            gate.waiting -= 1
+        gate.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                gate.active -= 1
+                gate.sem.release()
+                for entry in self._loaded.values():
+                    if entry.model_id == model_id:
+                        entry.last_used = time.monotonic()
+                        if entry.keep_alive_s is not None and not entry.pinned:
+                            entry.expires_at = entry.last_used + entry.keep_alive_s
+
+        return release
+
+    def queue_depth(self, model_id: str) -> tuple[int, int]:
+        """(waiting, running) requests of a model."""
+        gate = self._gates.get(model_id)
+        return (gate.waiting, gate.active) if gate is not None else (0, 0)

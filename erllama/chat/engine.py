@@ -1,0 +1,148 @@
+"""``ChatEngine``: a conversation in, a prompt (and the grammar that constrains the reply) out; a reply back in,
+content and tool calls out. The HTTP dialects call it with dialect-neutral :mod:`erllama.chat.types`.
+
+Templates: the model's own Jinja template (:class:`~erllama.chat.template.ChatTemplate`), compiled once per
+distinct source; a model without one, or with one jinja2 cannot compile, uses llama.cpp's built-in templates.
+Tools are rendered natively when the template knows about them, and otherwise described in the system prompt
+with a generic JSON calling convention. A required or named ``tool_choice`` is enforced by a grammar, as is a
+``response_format`` / ``format`` schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jinja2
+
+from erllama.chat.template import ChatTemplate
+from erllama.chat.tools import (
+    HERMES,
+    ToolStreamFilter,
+    call_schema,
+    generic_tool_prompt,
+    parse_tool_calls,
+    tool_messages_generic,
+)
+from erllama.chat.types import ChatResult, Message, Tool, ToolChoice
+from erllama.errors import InvalidInputError
+from erllama.runtime import Runtime
+
+__all__ = ["ChatEngine", "PreparedChat"]
+
+log = logging.getLogger("erllama.chat")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreparedChat:
+    """A rendered conversation: the prompt, the grammar for the reply (or None), the tools it may call."""
+
+    prompt: str
+    grammar: str | None = None
+    tools: tuple[Tool, ...] = ()
+    template: str = "builtin"
+    """``jinja`` (the model's template) or ``builtin`` (llama.cpp's)."""
+
+    def parse(self, text: str) -> ChatResult:
+        return parse_tool_calls(text, self.tools) if self.tools else ChatResult(content=text)
+
+    def stream_filter(self) -> ToolStreamFilter | None:
+        return ToolStreamFilter(self.tools) if self.tools else None
+
+
+def _grammar(schema: Mapping[str, Any] | bool) -> str:
+    from erllama._native import json_schema_to_grammar  # the converter lives in libllama-common
+
+    return json_schema_to_grammar(schema)
+
+
+class ChatEngine:
+    """Chat templates, tools and structured output over one :class:`~erllama.runtime.Runtime`. Thread-safe;
+    :meth:`prepare` may block (template rendering on the model's worker), so call it off the event loop."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._templates: dict[tuple[str, str, str], ChatTemplate | None] = {}
+        self._lock = threading.Lock()
+
+    def template(self, model_id: str) -> ChatTemplate | None:
+        """The model's compiled Jinja template, or None when llama.cpp's built-ins are used."""
+        info = self._runtime.model_info(model_id)
+        source = info.get("chat_template")
+        if not source:
+            return None
+        key = (str(source), str(info.get("bos_text", "")), str(info.get("eos_text", "")))
+        with self._lock:
+            if key not in self._templates:
+                try:
+                    self._templates[key] = ChatTemplate(key[0], bos_token=key[1], eos_token=key[2])
+                except jinja2.TemplateSyntaxError as exc:
+                    log.warning("model %s: its chat template does not compile (%s); using llama.cpp's", model_id, exc)
+                    self._templates[key] = None
+            return self._templates[key]
+
+    def prepare(
+        self,
+        model_id: str,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice = "auto",
+        response_schema: Mapping[str, Any] | bool | None = None,
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> PreparedChat:
+        """Render ``messages`` for ``model_id``.
+
+        Args:
+            tools: functions the model may call; ``tool_choice`` as in :data:`~erllama.chat.types.ToolChoice`.
+            response_schema: a JSON schema the reply must satisfy (``{"type": "object"}`` for any JSON object).
+
+        Raises:
+            InvalidInputError: an empty conversation, a tool_choice naming an unknown tool, or a template that
+                refuses the conversation; SchemaError for a schema the grammar converter cannot handle.
+        """
+        if not messages:
+            raise InvalidInputError("the conversation has no messages")
+        if tool_choice not in ("auto", "none", "required") and tool_choice not in {t.name for t in tools}:
+            raise InvalidInputError(f"tool_choice names {tool_choice!r}, which is not one of the request's tools")
+        if tool_choice == "required" and not tools:
+            raise InvalidInputError("tool_choice is 'required' but the request has no tools")
+        active = tuple(tools) if tool_choice != "none" else ()
+        template = self.template(model_id)
+        native = template is not None and template.supports_tools and template.supports_tool_calls
+        tool_role = template is not None and template.supports_tool_role
+        msgs = list(messages) if native else tool_messages_generic(messages, tool_role)
+        if active and not native:
+            section = generic_tool_prompt(active, tool_choice)
+            if msgs[0].role == "system":
+                msgs[0] = dataclasses.replace(msgs[0], content=f"{msgs[0].content}\n\n{section}")
+            else:
+                msgs.insert(0, Message(role="system", content=section))
+        if template is not None:
+            prompt = template.render(
+                msgs, tools=active if native else (), add_generation_prompt=add_generation_prompt, extra=template_kwargs
+            )
+        else:
+            prompt = self._runtime.apply_chat_template(
+                model_id, [(m.role, m.content) for m in msgs], add_generation_prompt=add_generation_prompt
+            )
+        grammar = None
+        if active and tool_choice != "auto":
+            one = call_schema(active, tool_choice)
+            if native and template is not None and HERMES[0] in template.source:
+                rules = _grammar(one).replace("root ::=", "tool-call-json ::=", 1)
+                grammar = f'root ::= "{HERMES[0]}\\n" tool-call-json "\\n{HERMES[1]}"\n{rules}'
+            else:
+                schema = {
+                    "type": "object",
+                    "properties": {"tool_calls": {"type": "array", "items": one, "minItems": 1}},
+                    "required": ["tool_calls"],
+                }
+                grammar = _grammar(schema)
+        elif response_schema is not None:
+            grammar = _grammar(response_schema)
+        return PreparedChat(prompt, grammar, active, "jinja" if template is not None else "builtin")

