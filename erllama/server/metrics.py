@@ -1,8 +1,8 @@
 """Prometheus metrics of the daemon (``GET /metrics``), on a registry of its own per app.
 
 Request-level series are recorded by the routes; model and cache series are read at scrape time: queue depth and
-running requests per model, models loaded, and every counter of the runtime's cache (hits / misses by kind, saves
-by reason, bytes and rows per tier, evictions, latencies).
+running requests per model, models loaded, bytes / rows / budget per cache tier, and every counter of the
+runtime's cache (hits / misses by kind, saves by reason, evictions, latencies).
 """
 
 from __future__ import annotations
@@ -39,6 +39,17 @@ class _Live(Collector):
         yield waiting
         yield running
         yield GaugeMetricFamily("erllama_models_loaded", "Models loaded", value=len(state.model_names()))
+        cache = state.runtime.cache
+        used = GaugeMetricFamily("erllama_cache_tier_bytes", "Bytes held by a cache tier", labels=["tier"])
+        budget = GaugeMetricFamily("erllama_cache_tier_budget_bytes", "Byte budget of a cache tier", labels=["tier"])
+        rows = GaugeMetricFamily("erllama_cache_tier_rows", "Rows held by a cache tier", labels=["tier"])
+        for tier in cache.tiers if cache is not None else ():
+            used.add_metric([tier.name], tier.used_bytes)
+            budget.add_metric([tier.name], tier.budget_bytes)
+            rows.add_metric([tier.name], len(tier))
+        yield used
+        yield budget
+        yield rows
         for key, value in sorted(state.runtime.counters().items()):
             name = "erllama_cache_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
             yield UnknownMetricFamily(name, f"cache counter {key}", value=value)

@@ -225,7 +225,8 @@ def _final(c: Completion, started: float) -> dict[str, Any]:
         "done_reason": "length" if c.finish_reason == "length" else "stop",
         "total_duration": _ns(time.perf_counter() - started),
         "load_duration": 0,
-        "prompt_eval_count": s.prompt_tokens,
+        # like Ollama, only the prompt tokens evaluated now: a cached prefix is not counted
+        "prompt_eval_count": s.prompt_tokens - s.restored_tokens,
         "prompt_eval_duration": _ns(s.ttft_s),
         "eval_count": s.generated_tokens,
         "eval_duration": _ns(s.generate_s),
