@@ -66,17 +66,33 @@ def serve(args: argparse.Namespace) -> int:
     from erllama.model import LlamaBackend
     from erllama.runtime import Runtime
     from erllama.server import ServerConfig, create_app
+    from erllama.server.models import ModelDirectory
     from erllama.testing import fetch
 
-    path = Path(args.model) if args.model else fetch()
-    name = args.name or path.stem
     root = Path(os.environ.get("ERLLAMA_CACHE_DIR", Path.home() / ".cache" / "erllama"))
     kv_dir = Path(args.kv_dir) if args.kv_dir else root / "kv"
+    models_dir = Path(args.models_dir) if args.models_dir else root / "models"
     store = CacheStore([RamTier(args.ram_cache_mb << 20), FileTier([kv_dir], args.disk_cache_mb << 20)])
-    cfg = ContextConfig(n_ctx=args.ctx * args.parallel, n_batch=512, n_seq_max=args.parallel)
+    cfg = ContextConfig(n_ctx=args.ctx * args.parallel, n_batch=512, n_seq_max=args.parallel, n_threads=args.threads)
+
+    def load(rt: Runtime, path: Path, name: str) -> str:
+        return rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg), model_id=name)
+
+    config = ServerConfig(
+        api_key=args.api_key or os.environ.get("ERLLAMA_API_KEY"),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout,
+        keep_alive_s=None if args.keep_alive < 0 else args.keep_alive,
+        cors_origins=tuple(args.cors_origin or ()),
+    )
     with Runtime(store) as rt:
-        model = rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg), model_id=name)
-        app = create_app(rt, {name: model}, ServerConfig(api_key=args.api_key or os.environ.get("ERLLAMA_API_KEY")))
+        served: dict[str, str] = {}
+        if args.model or not args.models_dir:
+            path = Path(args.model) if args.model else fetch()
+            name = args.name or path.stem
+            served[name] = load(rt, path, name)
+        app = create_app(rt, served, config, source=ModelDirectory(models_dir, load))
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     store.close()
     return 0
@@ -94,13 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     gen.add_argument("--again", type=int, default=0, help="run the prompt this many more times (cache hits)")
     gen.add_argument("--kv-dir", help="disk tier of the KV-state cache (default: $ERLLAMA_CACHE_DIR/kv)")
-    srv = sub.add_parser("serve", help="serve a model over HTTP (OpenAI dialect)")
-    srv.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    srv = sub.add_parser("serve", help="serve models over HTTP (OpenAI, Anthropic and Ollama dialects)")
+    srv.add_argument("--model", help="GGUF file loaded at start (default: SmolLM2-135M-Instruct Q4_1, unless --models-dir)")
+    srv.add_argument("--models-dir", help="GGUF files loaded on demand by name (default: $ERLLAMA_CACHE_DIR/models)")
     srv.add_argument("--name", help="the model's name in requests (default: the file's stem)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="require this key (default: $ERLLAMA_API_KEY; none when unset)")
     srv.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
+    srv.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    srv.add_argument("--max-concurrency", type=int, default=None, help="requests run at once (default: --parallel)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond those")
+    srv.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait for a slot")
+    srv.add_argument("--keep-alive", type=float, default=300.0, help="idle seconds before an on-demand model unloads")
+    srv.add_argument("--cors-origin", action="append", help="allow this origin (repeatable; default: CORS off)")
     srv.add_argument("--ctx", type=int, default=4096, help="context tokens per sequence")
     srv.add_argument("--ram-cache-mb", type=int, default=1024)
     srv.add_argument("--disk-cache-mb", type=int, default=8192)

@@ -236,7 +236,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
             _sse(run, ident, body.model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     try:
-        end = await collect(run)
+        end = await collect(run, request)
     except ErllamaError as exc:
         return map_error(exc)
     content: list[dict[str, Any]] = []

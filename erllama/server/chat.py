@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from starlette.requests import Request
+
 from erllama._native import SamplerConfig
 from erllama.chat import ChatResult, Message, PreparedChat, Tool, ToolChoice
 from erllama.errors import ErllamaError
@@ -99,14 +101,31 @@ class ChatRun:
         return self.prepared.parse(c.reply) if self.prepared is not None else ChatResult(content=c.reply)
 
 
-async def collect(run: ChatRun) -> End:
-    """Run to the end (non-streamed replies). Raises the request's error."""
-    async for event in run.events():
-        if isinstance(event, End):
-            return event
-        if isinstance(event, Error):
-            raise event.error
+async def collect(run: ChatRun, request: Request | None = None) -> End:
+    """Run to the end (non-streamed replies). Raises the request's error.
+
+    With ``request``, a client that disconnects before the reply is ready cancels the run (the worker stops within
+    one token or one prefill chunk after that).
+    """
+    watcher = asyncio.create_task(_watch(request, run)) if request is not None else None
+    try:
+        async for event in run.events():
+            if isinstance(event, End):
+                return event
+            if isinstance(event, Error):
+                raise event.error
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     raise ErllamaError("the request ended without a result")
+
+
+async def _watch(request: Request, run: ChatRun) -> None:
+    # The body has been read, so the next ASGI message is the disconnect. A blocking receive, not
+    # ``is_disconnected()``: the latter's non-blocking poll never sees it through BaseHTTPMiddleware.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    run.stream.cancel()
 
 
 async def start_chat(

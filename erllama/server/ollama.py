@@ -316,7 +316,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 
         return StreamingResponse(lines(), media_type=_NDJSON)
     try:
-        return final(await collect(run))
+        return final(await collect(run, request))
     except ErllamaError as exc:
         return map_error(exc)
 
@@ -371,7 +371,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 
         return StreamingResponse(lines(), media_type=_NDJSON)
     try:
-        return final(await collect(run), streamed=False)
+        return final(await collect(run, request), streamed=False)
     except ErllamaError as exc:
         return map_error(exc)
 

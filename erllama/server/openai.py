@@ -275,7 +275,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             _chat_sse(run, ident, created, body.model, usage), media_type="text/event-stream", headers=_NO_BUFFER
         )
     try:
-        end = await collect(run)
+        end = await collect(run, request)
     except ErllamaError as exc:
         return map_error(exc)
     message: dict[str, Any] = {"role": "assistant", "content": end.result.content or None}
@@ -332,7 +332,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_NO_BUFFER)
     try:
-        end = await collect(run)
+        end = await collect(run, request)
     except ErllamaError as exc:
         return map_error(exc)
     return {**chunk(end.completion.reply, _finish_reason(end.completion)), "usage": _usage(end.completion)}

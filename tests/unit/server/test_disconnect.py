@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -68,3 +69,38 @@ def test_dropping_the_connection_mid_stream_cancels_the_request(served: tuple[Ru
         resp = client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
     assert resp.status_code == 200
     assert time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/v1/chat/completions", {"stream": True}),
+        ("/v1/chat/completions", {"stream": False}),
+        ("/v1/messages", {"stream": True, "max_tokens": 50}),
+        ("/api/chat", {"stream": False}),
+    ],
+)
+def test_dropping_the_connection_mid_prefill_cancels_the_request(
+    served: tuple[Runtime, str], path: str, extra: dict[str, object]
+) -> None:
+    """A long prompt (3,000 tokens: about 6 s of prefill on the slowed stub) and a client that gives up after 0.4 s."""
+    rt, base = served
+    body = {"model": "slow", "messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 50, **extra}
+    with httpx.Client(base_url=base, timeout=0.4) as client, contextlib.suppress(httpx.TimeoutException):
+        with client.stream("POST", path, json=body) as r:
+            for _ in r.iter_bytes():
+                pass  # the first chunk (if any) comes at once; then nothing until the prefill ends
+    deadline = time.monotonic() + 2.5  # one prefill chunk of 512 tokens takes about 1 s on this stub
+    while rt.in_flight("slow") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.in_flight("slow") == 0, "the dropped request's sequence was freed within a prefill chunk"
+    with httpx.Client(base_url=base, timeout=30) as client:
+        t0 = time.monotonic()
+        resp = client.post(
+            "/v1/chat/completions",
+            json={"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        )
+        assert resp.status_code == 200
+        assert time.monotonic() - t0 < 2
+        scrape = client.get("/metrics").text
+    assert 'erllama_generations_total{model="slow",reason="cancelled"} 1.0' in scrape
