@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--again", type=int, default=0, help="run the prompt this many more times (cache hits)")
     gen.add_argument("--kv-dir", help="disk tier of the KV-state cache (default: $ERLLAMA_CACHE_DIR/kv)")
     srv = sub.add_parser("serve", help="serve models over HTTP (OpenAI, Anthropic and Ollama dialects)")
-    srv.add_argument("--model", help="GGUF file loaded at start (default: SmolLM2-135M-Instruct Q4_1, unless --models-dir)")
+    srv.add_argument("--model", help="GGUF loaded at start (default: SmolLM2-135M-Instruct Q4_1 unless --models-dir)")
     srv.add_argument("--models-dir", help="GGUF files loaded on demand by name (default: $ERLLAMA_CACHE_DIR/models)")
     srv.add_argument("--name", help="the model's name in requests (default: the file's stem)")
     srv.add_argument("--host", default="127.0.0.1")

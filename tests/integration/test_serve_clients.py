@@ -133,10 +133,11 @@ def test_openai_tool_round_trip_and_json_schema(server: tuple[Runtime, str]) -> 
         )
         assert second.choices[0].finish_reason in ("stop", "length")
         assert second.choices[0].message.content
+        person_format: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
         structured = client.chat.completions.create(
             model="smollm2",
             messages=[{"role": "user", "content": "Describe Ada Lovelace as JSON with her name and age."}],
-            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
+            response_format=person_format,
             max_tokens=64,
         )
         person = json.loads(structured.choices[0].message.content or "")
@@ -160,7 +161,7 @@ def test_anthropic_client(server: tuple[Runtime, str]) -> None:
             model="smollm2", max_tokens=128, messages=messages, tools=forced_tool, tool_choice={"type": "any"}
         ) as stream:
             greeted = stream.get_final_message()
-        assert [b.input for b in greeted.content if b.type == "tool_use"] == [{"greeting": GREETING}]  # type: ignore[union-attr]
+        assert [b.input for b in greeted.content if b.type == "tool_use"] == [{"greeting": GREETING}]
         count = client.messages.count_tokens(model="smollm2", messages=messages, system="Be brief.")
         assert count.input_tokens == whole.usage.input_tokens + (whole.usage.cache_read_input_tokens or 0)
         tools: Any = [{"name": "get_weather", "description": "Weather of a city", "input_schema": WEATHER_SCHEMA}]
@@ -174,12 +175,12 @@ def test_anthropic_client(server: tuple[Runtime, str]) -> None:
         )
         assert first.stop_reason == "tool_use"
         use = next(b for b in first.content if b.type == "tool_use")
-        assert use.name == "get_weather"  # type: ignore[union-attr]
-        assert isinstance(use.input["city"], str)  # type: ignore[union-attr,index]
+        assert use.name == "get_weather"
+        assert isinstance(use.input["city"], str)
         follow: Any = [
             *ask,
             {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 °C"}]},  # type: ignore[union-attr]
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 21 °C"}]},
         ]
         second = client.messages.create(
             model="smollm2", max_tokens=32, messages=follow, tools=tools, tool_choice={"type": "none"}
@@ -275,7 +276,10 @@ def test_stateless_multi_turn_hits_the_cache_in_every_dialect(server: tuple[Runt
     for send, salt in ((via_openai, "A"), (via_anthropic, "B"), (via_ollama, "C")):
 
         def salted(messages: Any, send: Any = send, salt: str = salt) -> tuple[str, int]:
-            return send([{**messages[0], "content": f"[{salt}] {messages[0]['content']}"}, *messages[1:]])
+            reply: tuple[str, int] = send(
+                [{**messages[0], "content": f"[{salt}] {messages[0]['content']}"}, *messages[1:]]
+            )
+            return reply
 
         cached = _turns(salted)
         assert cached[0] == 0, (salt, cached)  # a new conversation is cold
@@ -283,4 +287,4 @@ def test_stateless_multi_turn_hits_the_cache_in_every_dialect(server: tuple[Runt
         assert cached[2] > cached[1], (salt, cached)
     oa.close()
     an.close()
-    ol.close()
+    ol.close()  # type: ignore[no-untyped-call]

@@ -86,10 +86,13 @@ def test_dropping_the_connection_mid_prefill_cancels_the_request(
     """A long prompt (3,000 tokens: about 6 s of prefill on the slowed stub) and a client that gives up after 0.4 s."""
     rt, base = served
     body = {"model": "slow", "messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 50, **extra}
-    with httpx.Client(base_url=base, timeout=0.4) as client, contextlib.suppress(httpx.TimeoutException):
-        with client.stream("POST", path, json=body) as r:
-            for _ in r.iter_bytes():
-                pass  # the first chunk (if any) comes at once; then nothing until the prefill ends
+    with (
+        httpx.Client(base_url=base, timeout=0.4) as client,
+        contextlib.suppress(httpx.TimeoutException),
+        client.stream("POST", path, json=body) as r,
+    ):
+        for _ in r.iter_bytes():
+            pass  # the first chunk (if any) comes at once; then nothing until the prefill ends
     deadline = time.monotonic() + 2.5  # one prefill chunk of 512 tokens takes about 1 s on this stub
     while rt.in_flight("slow") and time.monotonic() < deadline:
         time.sleep(0.01)
