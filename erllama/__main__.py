@@ -61,8 +61,9 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from erllama._native import ContextConfig
+    from erllama._native import ContextConfig, FlashAttention
     from erllama.cache import CacheStore, FileTier, RamTier
+    from erllama.cache.tier import Tier
     from erllama.model import LlamaBackend
     from erllama.runtime import Runtime
     from erllama.server import ServerConfig, create_app
@@ -72,8 +73,18 @@ def serve(args: argparse.Namespace) -> int:
     root = Path(os.environ.get("ERLLAMA_CACHE_DIR", Path.home() / ".cache" / "erllama"))
     kv_dir = Path(args.kv_dir) if args.kv_dir else root / "kv"
     models_dir = Path(args.models_dir) if args.models_dir else root / "models"
-    store = CacheStore([RamTier(args.ram_cache_mb << 20), FileTier([kv_dir], args.disk_cache_mb << 20)])
-    cfg = ContextConfig(n_ctx=args.ctx * args.parallel, n_batch=512, n_seq_max=args.parallel, n_threads=args.threads)
+    tiers: list[Tier] = [RamTier(args.ram_cache_mb << 20)]
+    if args.disk_cache_mb > 0:
+        tiers.append(FileTier([kv_dir], args.disk_cache_mb << 20))
+    store = CacheStore(tiers)
+    cfg = ContextConfig(
+        n_ctx=args.ctx * args.parallel,
+        n_batch=args.batch,
+        n_seq_max=args.parallel,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        flash_attn=FlashAttention[args.flash_attn.upper()] if args.flash_attn else None,
+    )
 
     def load(rt: Runtime, path: Path, name: str) -> str:
         return rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg), model_id=name)
@@ -119,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument("--api-key", help="require this key (default: $ERLLAMA_API_KEY; none when unset)")
     srv.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    srv.add_argument("--batch", type=int, default=512, help="tokens per decode call (n_batch)")
+    srv.add_argument("--flash-attn", choices=["auto", "on", "off"], help="default: off on CPU builds, auto on GPUs")
     srv.add_argument("--max-concurrency", type=int, default=None, help="requests run at once (default: --parallel)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond those")
     srv.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait for a slot")
@@ -126,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument("--cors-origin", action="append", help="allow this origin (repeatable; default: CORS off)")
     srv.add_argument("--ctx", type=int, default=4096, help="context tokens per sequence")
     srv.add_argument("--ram-cache-mb", type=int, default=1024)
-    srv.add_argument("--disk-cache-mb", type=int, default=8192)
+    srv.add_argument("--disk-cache-mb", type=int, default=8192, help="0: no disk tier")
     srv.add_argument("--kv-dir", help="disk tier of the KV-state cache (default: $ERLLAMA_CACHE_DIR/kv)")
     srv.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ from erllama.cache.counters import Counters
 from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
 from erllama.errors import InvalidInputError, NoGpuError, UnknownModelError
-from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob
 from erllama.model.registry import Registry
 from erllama.model.supervisor import ModelStatus, Supervisor
 from erllama.model.think import ThinkSplitter
@@ -51,6 +51,7 @@ __all__ = [
     "StreamEvent",
     "TextDelta",
     "ThinkingDelta",
+    "TokenLogprob",
     "VramInfo",
 ]
 
@@ -89,12 +90,18 @@ class Completion:
     stop_sequence: str | None
     thinking: str
     stats: Stats
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Per reply token, when requested (``infer(..., logprobs=n)``)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TextDelta:
+    """Reply text. With ``logprobs`` requested, ``logprobs`` covers the tokens this text completes (a token whose
+    text was held back, e.g. half of a multi-byte character, is reported with the next delta)."""
+
     text: str
     token: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,6 +156,8 @@ class Stream:
         self._handle = handle
         self._split = ThinkSplitter() if thinking else None
         self._thinking: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
+        self._pending: list[TokenLogprob] = []
         self.completion: Completion | None = None
         self.error: BaseException | None = None
 
@@ -162,15 +171,22 @@ class Stream:
 
     def _convert(self, event: TokenEvent | DoneEvent | ErrorEvent) -> list[StreamEvent]:
         if isinstance(event, TokenEvent):
+            if event.logprob is not None:
+                self._logprobs.append(event.logprob)
+                self._pending.append(event.logprob)
             if self._split is None:
-                return [TextDelta(event.text, event.token)] if event.text else []
+                return [self._delta(event.text, event.token)] if event.text else []
             return self._parts(self._split.feed(event.text), event.token)
         if isinstance(event, ErrorEvent):
             self.error = event.error
             return [Failed(event.error)]
         out = self._parts(self._split.flush(), -1) if self._split is not None else []
-        self.completion = _completion(event, "".join(self._thinking), self._split)
+        self.completion = _completion(event, "".join(self._thinking), self._split, tuple(self._logprobs))
         return [*out, Finished(self.completion)]
+
+    def _delta(self, text: str, token: int) -> TextDelta:
+        pending, self._pending = tuple(self._pending), []
+        return TextDelta(text, token, pending)
 
     def _parts(self, parts: list[tuple[bool, str]], token: int) -> list[StreamEvent]:
         out: list[StreamEvent] = []
@@ -179,7 +195,7 @@ class Stream:
                 self._thinking.append(text)
                 out.append(ThinkingDelta(text))
             else:
-                out.append(TextDelta(text, token))
+                out.append(self._delta(text, token))
         return out
 
     def __iter__(self) -> Iterator[StreamEvent]:
@@ -213,7 +229,9 @@ class Stream:
         return self.completion
 
 
-def _completion(done: DoneEvent, thinking: str, split: ThinkSplitter | None) -> Completion:
+def _completion(
+    done: DoneEvent, thinking: str, split: ThinkSplitter | None, logprobs: tuple[TokenLogprob, ...] = ()
+) -> Completion:
     reply = done.text
     if split is not None:
         reply = "".join(text for inside, text in ThinkSplitter().feed_all(done.text) if not inside)
@@ -235,6 +253,7 @@ def _completion(done: DoneEvent, thinking: str, split: ThinkSplitter | None) -> 
             ttft_s=done.prefill_s,
             generate_s=done.generate_s,
         ),
+        logprobs=logprobs,
     )
 
 
@@ -419,9 +438,11 @@ class Runtime:
         grammar: str | None = None,
         thinking: bool = False,
         use_cache: bool = True,
+        logprobs: int | None = None,
     ) -> Stream:
         """Start a request and stream it (see :class:`Stream`). A text prompt is tokenized with special tokens
-        parsed; with ``parent_key`` the prompt continues that finish key's context."""
+        parsed; with ``parent_key`` the prompt continues that finish key's context. ``logprobs=n`` reports each
+        reply token's log-probability and its ``n`` most likely alternatives (:class:`TokenLogprob`)."""
         config = _sampling(
             sampling,
             {
@@ -441,6 +462,7 @@ class Runtime:
             stop=stop,
             parent_key=parent_key,
             use_cache=use_cache,
+            logprobs=logprobs,
         )
         return Stream(handle, thinking)
 

@@ -13,15 +13,15 @@ the end of one sequence and may ask for logits of its last token, which the call
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from erllama._native import SamplerConfig
 
-__all__ = ["BackendInfo", "DecodeItem", "ModelBackend", "SamplerConfig"]
+__all__ = ["BackendInfo", "DecodeItem", "ModelBackend", "SamplerConfig", "TokenLogprob", "token_logprob"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +47,34 @@ class BackendInfo:
     """True when decoding the last prompt token inside the final prefill chunk gives bit for bit the logits of a
     one-token step (batch-invariant kernels, checked at load) and restored rows can be cut back: the worker then
     skips the separate last-token step on cold and partial paths (see ``worker.py``)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log-probability of a sampled token under the model's distribution (softmax of the raw logits, before
+    any sampler), with the ``top`` most likely alternatives as (token, piece, logprob), most likely first."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+def token_logprob(
+    logits: npt.NDArray[np.floating[Any]], token: int, top_n: int, piece: Callable[[int], bytes]
+) -> TokenLogprob:
+    """:class:`TokenLogprob` of ``token`` from a row of logits."""
+    x = np.asarray(logits, dtype=np.float64)
+    finite = np.isfinite(x)
+    m = float(x[finite].max()) if finite.any() else 0.0
+    lse = m + float(np.log(np.exp(x[finite] - m).sum()))
+    top: tuple[tuple[int, bytes, float], ...] = ()
+    if top_n > 0:
+        k = min(top_n, x.size)
+        idx = np.argpartition(-x, k - 1)[:k]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        top = tuple((int(i), piece(int(i)), float(x[i] - lse)) for i in idx)
+    return TokenLogprob(token, piece(token), float(x[token] - lse), top)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +108,10 @@ class ModelBackend(Protocol):
 
     def set_sampler(self, seq_id: int, config: SamplerConfig) -> None:
         """Give a sequence its own sampler (penalties, grammar and RNG state are per sequence)."""
+        ...
+
+    def logits(self, row: int) -> npt.NDArray[np.float32]:
+        """A copy of the logits of output row ``row`` of the last decode."""
         ...
 
     def sample(self, seq_id: int, row: int) -> int:

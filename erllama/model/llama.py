@@ -142,6 +142,9 @@ class LlamaBackend:
             old.close()
         self._samplers[seq_id] = Sampler(self._model, config)
 
+    def logits(self, row: int) -> npt.NDArray[np.float32]:
+        return self._ctx.logits(row)
+
     def sample(self, seq_id: int, row: int) -> int:
         self._ctx.check_seq(seq_id)
         sampler = self._samplers.get(seq_id)

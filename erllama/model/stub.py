@@ -167,6 +167,11 @@ class StubBackend:
         self._samplers[seq_id] = (config, np.random.default_rng(seed))
         self._scripted.pop(seq_id, None)
 
+    def logits(self, row: int) -> npt.NDArray[np.float32]:
+        if row not in self._rows:
+            raise InvalidInputError(f"row {row} of the last batch has no outputs")
+        return self._rows[row].astype(np.float32)
+
     def sample(self, seq_id: int, row: int) -> int:
         self._check_seq(seq_id)
         if row not in self._rows:

@@ -112,6 +112,7 @@ class Supervisor:
         stop: Sequence[str] = (),
         parent_key: CacheKey | None = None,
         use_cache: bool = True,
+        logprobs: int | None = None,
     ) -> RequestHandle:
         """Forward to the running worker; an immediate error event when the model is failed or stopped."""
         with self._lock:
@@ -122,7 +123,13 @@ class Supervisor:
             handle._emit(ErrorEvent(WorkerStoppedError(f"model {self.name} is {status.value}")))
             return handle
         return worker.submit(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, parent_key=parent_key, use_cache=use_cache
+            prompt,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stop=stop,
+            parent_key=parent_key,
+            use_cache=use_cache,
+            logprobs=logprobs,
         )
 
     def running_worker(self) -> ModelWorker:

@@ -42,7 +42,7 @@ from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import SavePolicy
 from erllama.cache.store import CacheStore
 from erllama.errors import InvalidInputError, TokenIdError, WorkerStoppedError
-from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.stop import StopMatcher
 
@@ -79,6 +79,7 @@ class TokenEvent:
 
     token: int
     text: str
+    logprob: TokenLogprob | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -186,6 +187,7 @@ class _Waiting:
     parent_key: CacheKey | None
     use_cache: bool
     deadline: float  # a parent_key request waits for its parent's in-flight save until then
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -208,6 +210,7 @@ class _Active:
     text: list[str] = dataclasses.field(default_factory=list)
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
     t_first: float = 0.0
+    logprobs: int | None = None  # report each reply token's logprob and this many alternatives
 
 
 _T = TypeVar("_T")
@@ -289,12 +292,14 @@ class ModelWorker:
         stop: Sequence[str] = (),
         parent_key: CacheKey | None = None,
         use_cache: bool = True,
+        logprobs: int | None = None,
     ) -> RequestHandle:
         """Queue a request; events arrive on the returned handle.
 
         A text prompt is tokenized on the worker (special tokens parsed; BOS added unless it continues a parent).
         ``stop`` ends the reply at a stop sequence. With ``parent_key`` (a previous request's ``finish_key``) the
-        prompt continues that request's context. ``max_tokens=0`` only prefills (and saves) the prompt.
+        prompt continues that request's context. ``max_tokens=0`` only prefills (and saves) the prompt. With
+        ``logprobs`` (0 or more alternatives) every reply token's event carries its :class:`TokenLogprob`.
         """
         if not prompt:
             raise InvalidInputError("a request needs at least one prompt token")
@@ -313,6 +318,7 @@ class ModelWorker:
             parent_key,
             use_cache,
             time.monotonic() + wait_s,
+            logprobs,
         )
         with self._wake:
             # checked under the lock the worker drains the inbox with, so no request can slip in after the drain
@@ -535,6 +541,7 @@ class ModelWorker:
                 fold=backend.info.last_token_foldable,
                 last_save=hit.prefix_len,
                 t_start=t_start,
+                logprobs=w.logprobs,
             )
             if link is not None:
                 a.cold_point = link.cold_point(len(tokens), hit.prefix_len)
@@ -630,6 +637,7 @@ class ModelWorker:
         if a.n_generated >= a.max_tokens:  # max_tokens == 0: prefill only
             self._finish(backend, active, free, a, FinishReason.LENGTH)
             return
+        logits = backend.logits(row) if a.logprobs is not None else None
         token = backend.sample(a.seq_id, row)
         if not a.t_first:
             a.t_first = time.perf_counter()
@@ -642,7 +650,10 @@ class ModelWorker:
         if a.stops is not None:
             text = a.stops.feed(text)
         a.text.append(text)
-        a.handle._emit(TokenEvent(token, text))
+        lp = None
+        if logits is not None and a.logprobs is not None:
+            lp = token_logprob(logits, token, a.logprobs, backend.token_to_piece)
+        a.handle._emit(TokenEvent(token, text, lp))
         if a.stops is not None and a.stops.matched is not None:
             self._finish(backend, active, free, a, FinishReason.STOP)
         elif a.n_generated >= a.max_tokens:

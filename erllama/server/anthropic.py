@@ -23,7 +23,7 @@ from erllama._native import SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
 from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
 from erllama.runtime import Completion
-from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, start_chat
+from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, heartbeat, start_chat
 from erllama.server.state import ServerState
 
 __all__ = ["error_response", "router"]
@@ -257,6 +257,7 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     }
 
 
+PING_PERIOD_S = 10.0  # a ping after this long without an event (a long prefill), as Anthropic's API does
 _SIGNATURE = "erllama-local"  # thinking blocks are not signed by a local model; clients only need the field
 
 
@@ -306,8 +307,10 @@ async def _sse(run: ChatRun, ident: str, model: str) -> AsyncIterator[bytes]:
         open_kind = kind
         return out + _event("content_block_start", {"index": index, "content_block": block})
 
-    async for event in run.events():
-        if isinstance(event, Thinking):
+    async for event in heartbeat(run.events(), PING_PERIOD_S):
+        if event is None:
+            yield _event("ping", {})
+        elif isinstance(event, Thinking):
             if open_kind != "thinking":
                 yield begin("thinking", {"type": "thinking", "thinking": ""})
             yield _event(

@@ -13,10 +13,21 @@ from starlette.requests import Request
 from erllama._native import SamplerConfig
 from erllama.chat import ChatResult, Message, PreparedChat, Tool, ToolChoice
 from erllama.errors import ErllamaError
-from erllama.runtime import Completion, Failed, Finished, Stream, TextDelta, ThinkingDelta
+from erllama.runtime import Completion, Failed, Finished, Stream, TextDelta, ThinkingDelta, TokenLogprob
 from erllama.server.state import ServerState
 
-__all__ = ["ChatRun", "End", "Error", "Params", "Text", "Thinking", "collect", "start_chat", "start_text"]
+__all__ = [
+    "ChatRun",
+    "End",
+    "Error",
+    "Params",
+    "Text",
+    "Thinking",
+    "collect",
+    "heartbeat",
+    "start_chat",
+    "start_text",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -27,11 +38,13 @@ class Params:
     stop: Sequence[str] = ()
     sampling: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     thinking: bool = False
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Text:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,12 +81,15 @@ class ChatRun:
         """The run as neutral events; leaving early (a disconnected client) cancels the request."""
         filt = self.prepared.stream_filter() if self.prepared is not None else None
         ended = False
+        pending: list[TokenLogprob] = []
         try:
             async for event in self.stream:
                 if isinstance(event, TextDelta):
+                    pending.extend(event.logprobs)
                     out = filt.feed(event.text) if filt is not None else event.text
                     if out:
-                        yield Text(out)
+                        yield Text(out, tuple(pending))
+                        pending.clear()
                 elif isinstance(event, ThinkingDelta):
                     yield Thinking(event.text)
                 elif isinstance(event, Finished):
@@ -99,6 +115,32 @@ class ChatRun:
 
     def _parse(self, c: Completion) -> ChatResult:
         return self.prepared.parse(c.reply) if self.prepared is not None else ChatResult(content=c.reply)
+
+
+async def heartbeat(events: AsyncIterator[Event], period_s: float) -> AsyncIterator[Event | None]:
+    """``events``, with a None whenever ``period_s`` pass without one (a long prefill): the caller sends its
+    keep-alive (Anthropic's ``ping``). The pending read is never cancelled, so the run is not disturbed."""
+    it = aiter(events)
+    pending: asyncio.Future[Event] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(it))
+            done, _ = await asyncio.wait({pending}, timeout=period_s)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()  # ends the run's generator (its cleanup cancels the request) ...
+            await asyncio.wait({pending})  # ... and lets it finish before it is closed
+        await it.aclose()  # type: ignore[attr-defined]
 
 
 async def collect(run: ChatRun, request: Request | None = None) -> End:
@@ -184,5 +226,11 @@ async def start_text(
 def _infer(state: ServerState, model_id: str, prompt: str | list[int], params: Params, grammar: str | None) -> Stream:
     sampling = dataclasses.replace(params.sampling, grammar=grammar) if grammar else params.sampling
     return state.runtime.infer(
-        model_id, prompt, max_tokens=params.max_tokens, stop=params.stop, sampling=sampling, thinking=params.thinking
+        model_id,
+        prompt,
+        max_tokens=params.max_tokens,
+        stop=params.stop,
+        sampling=sampling,
+        thinking=params.thinking,
+        logprobs=params.logprobs,
     )

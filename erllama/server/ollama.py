@@ -279,11 +279,23 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
             raise InvalidInputError("images are not supported by this model")
         params = body.params(state.default_max_tokens)
         await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
-        if body.raw:
+        msgs = [Message("system", body.system)] if body.system else []
+        msgs.append(Message("user", body.prompt))
+        if body.context:
+            # continue a previous reply's context (its final chunk's "context"): the new turn is appended as tokens
+            model_id = state.resolve(body.model)
+            text = body.prompt
+            if not body.raw:
+                text = (await asyncio.to_thread(state.chat.prepare, model_id, msgs)).prompt
+            more = await asyncio.to_thread(
+                state.runtime.tokenize, model_id, text, add_special=False, parse_special=True
+            )
+            run = await start_text(
+                state, body.model, [*body.context, *more], params, response_schema=body.response_schema()
+            )
+        elif body.raw:
             run = await start_text(state, body.model, body.prompt, params, response_schema=body.response_schema())
         else:
-            msgs = [Message("system", body.system)] if body.system else []
-            msgs.append(Message("user", body.prompt))
             run = await start_chat(state, body.model, msgs, params, response_schema=body.response_schema())
     except ErllamaError as exc:
         return map_error(exc)

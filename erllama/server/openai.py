@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
 from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
-from erllama.runtime import Completion
+from erllama.runtime import Completion, TokenLogprob
 from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, start_chat, start_text
 from erllama.server.state import ServerState
 
@@ -129,6 +129,9 @@ class _Sampling(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def n_logprobs(self) -> int | None:
+        return None
+
     def params(self, max_tokens: int) -> Params:
         sampling = SamplerConfig(
             temperature=0.0 if self.temperature is None else self.temperature,  # greedy unless asked
@@ -139,11 +142,15 @@ class _Sampling(BaseModel):
             seed=self.seed,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
         )
-        return Params(max_tokens=max_tokens, stop=self.stops(), sampling=sampling)
+        return Params(max_tokens=max_tokens, stop=self.stops(), sampling=sampling, logprobs=self.n_logprobs())
 
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[int], Field(min_length=1)]
+    logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
+
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(BaseModel):
@@ -161,6 +168,13 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
+
+    def n_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidInputError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def choice(self) -> str:
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -223,6 +237,40 @@ def _finish_reason(c: Completion, result: ChatResult | None = None) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
+def _piece(piece: bytes) -> dict[str, Any]:
+    return {"token": piece.decode("utf-8", "replace"), "bytes": list(piece)}
+
+
+def _chat_logprobs(lps: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """``choices[].logprobs`` of a chat completion (or of one chunk)."""
+    return {
+        "content": [
+            {
+                **_piece(lp.piece),
+                "logprob": lp.logprob,
+                "top_logprobs": [{**_piece(p), "logprob": v} for _, p, v in lp.top],
+            }
+            for lp in lps
+        ],
+        "refusal": None,
+    }
+
+
+def _legacy_logprobs(lps: tuple[TokenLogprob, ...], offset: int = 0) -> dict[str, Any]:
+    """``choices[].logprobs`` of a text completion (the legacy shape)."""
+    tokens = [lp.piece.decode("utf-8", "replace") for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{p.decode("utf-8", "replace"): v for _, p, v in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
 def _tool_calls(result: ChatResult) -> list[dict[str, Any]]:
     return [
         {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -274,7 +322,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _chat_sse(run, ident, created, body.model, usage), media_type="text/event-stream", headers=_NO_BUFFER
+            _chat_sse(run, ident, created, body.model, include_usage=usage, logprobs=body.logprobs),
+            media_type="text/event-stream",
+            headers=_NO_BUFFER,
         )
     try:
         end = await collect(run, request)
@@ -294,7 +344,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             {
                 "index": 0,
                 "message": message,
-                "logprobs": None,
+                "logprobs": _chat_logprobs(end.completion.logprobs) if body.logprobs else None,
                 "finish_reason": _finish_reason(end.completion, end.result),
             }
         ],
@@ -313,8 +363,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return map_error(exc)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(text: str, finish: str | None) -> dict[str, Any]:
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    def chunk(text: str, finish: str | None, lps: tuple[TokenLogprob, ...] | None = None) -> dict[str, Any]:
+        logprobs = _legacy_logprobs(lps) if lps is not None and body.logprobs is not None else None
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
         return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]}
 
     if body.stream:
@@ -323,7 +374,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         async def sse() -> AsyncIterator[bytes]:
             async for event in run.events():
                 if isinstance(event, Text):
-                    yield _data(chunk(event.text, None))
+                    yield _data(chunk(event.text, None, event.logprobs))
                 elif isinstance(event, End):
                     yield _data(chunk("", _finish_reason(event.completion)))
                     if usage:
@@ -337,7 +388,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         end = await collect(run, request)
     except ErllamaError as exc:
         return map_error(exc)
-    return {**chunk(end.completion.reply, _finish_reason(end.completion)), "usage": _usage(end.completion)}
+    c = end.completion
+    return {**chunk(c.reply, _finish_reason(c), c.logprobs), "usage": _usage(c)}
 
 
 @router.post("/v1/embeddings")
@@ -381,18 +433,23 @@ def _data(body: dict[str, Any]) -> bytes:
 _NO_BUFFER = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _chat_sse(run: ChatRun, ident: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_sse(
+    run: ChatRun, ident: str, created: int, model: str, *, include_usage: bool, logprobs: bool
+) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         return {**body, "usage": None} if include_usage else body
 
-    def delta(content: dict[str, Any], finish: str | None) -> bytes:
-        return _data(chunk([{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]))
+    def delta(content: dict[str, Any], finish: str | None, lps: tuple[TokenLogprob, ...] | None = None) -> bytes:
+        choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
+        if lps is not None:
+            choice["logprobs"] = _chat_logprobs(lps)
+        return _data(chunk([choice]))
 
     yield delta({"role": "assistant", "content": ""}, None)
     async for event in run.events():
         if isinstance(event, Text):
-            yield delta({"content": event.text}, None)
+            yield delta({"content": event.text}, None, event.logprobs if logprobs else None)
         elif isinstance(event, End):
             for i, call in enumerate(_tool_calls(event.result)):
                 yield delta({"tool_calls": [{"index": i, **call}]}, None)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from erllama import Runtime
@@ -386,3 +388,117 @@ def test_keep_alive_durations() -> None:
     assert keep_alive_s(None) == "default"
     with pytest.raises(ValueError, match="keep_alive"):
         keep_alive_s("soon")
+
+
+def test_openai_logprobs_chat_and_completion() -> None:
+    rt = Runtime()
+    rt.load_model(backend=lambda: StubBackend(n_seq_max=1, eos_bias=-50.0), model_id="hash")  # unscripted
+    app = create_app(rt, {"hash": "hash"})
+
+    def post(path: str, json: Any) -> httpx.Response:
+        async def go() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await c.post(path, json=json)
+
+        return asyncio.run(go())
+
+    try:
+        body: dict[str, Any] = {
+            "model": "hash",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 12,
+            "logprobs": True,
+            "top_logprobs": 3,
+        }
+        data = post("/v1/chat/completions", json=body).json()
+        content = data["choices"][0]["logprobs"]["content"]
+        assert len(content) == data["usage"]["completion_tokens"] == 12
+        assert "".join(c["token"] for c in content) == data["choices"][0]["message"]["content"]
+        for c in content:
+            # greedy: the chosen token is the most likely one, and its logprob is the top alternative's
+            assert c["top_logprobs"][0]["token"] == c["token"]
+            assert c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"])
+            assert [t["logprob"] for t in c["top_logprobs"]] == sorted(
+                (t["logprob"] for t in c["top_logprobs"]), reverse=True
+            )
+            assert sum(math.exp(t["logprob"]) for t in c["top_logprobs"]) <= 1.0 + 1e-9
+            assert c["bytes"] == list(c["token"].encode())
+        chunks = [
+            json.loads(b[6:])
+            for b in post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n")
+            if b.startswith("data: {")
+        ]
+        streamed = [e for ch in chunks for e in ((ch["choices"][0].get("logprobs") or {}).get("content") or [])]
+        assert [(e["token"], round(e["logprob"], 6)) for e in streamed] == [
+            (c["token"], round(c["logprob"], 6)) for c in content
+        ]
+        plain = post("/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": None}).json()
+        assert plain["choices"][0]["logprobs"] is None
+        bad = post("/v1/chat/completions", json={**body, "logprobs": False})
+        assert bad.status_code == 400
+        text = post("/v1/completions", json={"model": "hash", "prompt": "abc", "max_tokens": 5, "logprobs": 2}).json()
+        legacy = text["choices"][0]["logprobs"]
+        assert "".join(legacy["tokens"]) == text["choices"][0]["text"]
+        assert len(legacy["token_logprobs"]) == 5
+        assert legacy["text_offset"] == [sum(len(t) for t in legacy["tokens"][:i]) for i in range(5)]
+        assert all(len(d) == 2 for d in legacy["top_logprobs"])
+    finally:
+        rt.close()
+
+
+def test_token_logprob_matches_a_direct_log_softmax() -> None:
+    from erllama.model.backend import token_logprob
+
+    logits = np.array([2.0, -1.0, 0.5, -np.inf, 3.0], dtype=np.float32)
+    lp = token_logprob(logits, 2, 2, lambda t: bytes([97 + t]))
+    finite = logits[np.isfinite(logits)].astype(np.float64)
+    lse = np.log(np.exp(finite).sum())
+    assert lp.logprob == pytest.approx(0.5 - lse)
+    assert lp.piece == b"c"
+    assert [(t, p) for t, p, _ in lp.top] == [(4, b"e"), (0, b"a")]
+    assert lp.top[0][2] == pytest.approx(3.0 - lse)
+
+
+def test_anthropic_pings_while_the_prompt_is_prefilled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from erllama.server import anthropic
+
+    monkeypatch.setattr(anthropic, "PING_PERIOD_S", 0.05)
+    rt = Runtime()
+    rt.load_model(backend=lambda: StubBackend(n_seq_max=1, eos_bias=-50.0, step_delay_s=0.001), model_id="slow")
+    try:
+        app = create_app(rt, {"slow": "slow"})
+        body = {"model": "slow", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "w " * 300}]}
+
+        async def go() -> str:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+                return (await c.post("/v1/messages", json=body)).text
+
+        events = [b.split("\n", 1)[0] for b in asyncio.run(go()).split("\n\n") if b]
+        assert events[0] == "event: message_start"
+        assert events.count("event: ping") >= 3  # one at the start, more while ~600 tokens are prefilled
+        assert events[-2:] == ["event: message_delta", "event: message_stop"]
+    finally:
+        rt.close()
+
+
+def test_ollama_generate_continues_a_context(srt: Runtime) -> None:
+    first = request(
+        srt, "POST", "/api/generate", json={"model": "hermes", "prompt": "Say hello", "stream": False}
+    ).json()
+    assert first["response"] == GREETING
+    context = first["context"]
+    second = request(
+        srt,
+        "POST",
+        "/api/generate",
+        json={"model": "hermes", "prompt": "Say hello", "stream": False, "context": context},
+    ).json()
+    hit = srt.last_cache_hit("hermes")
+    assert hit is not None
+    assert hit["prefix_len"] >= len(context) - 1  # the whole earlier exchange came from the cache
+    assert second["prompt_eval_count"] < len(context)  # only the new turn was prefilled
+    assert second["context"][: len(context)] == context
+    bad = request(
+        srt, "POST", "/api/generate", json={"model": "hermes", "prompt": "x", "stream": False, "context": [10**9]}
+    )
+    assert bad.status_code == 400

@@ -1,0 +1,225 @@
+"""The daemon against llama-server, both over HTTP, in one run: cold TTFT, aggregate tokens/s with concurrent
+streams, and the rotating multi-conversation workload.
+
+Both serve SmolLM2-135M-Instruct Q4_1 from the same llama.cpp build (``python -m erllama serve`` and the
+``llama-server`` build_llama.py builds beside libllama), with the same threads, slots, context per slot, batch size
+and flash attention off, and get the same requests through the same client code (``/v1/completions``, streaming;
+TTFT is the arrival of the first chunk with text):
+
+* **cold TTFT** — distinct ~``--cold-tokens`` prompts, one at a time: nothing to reuse on either side. Target <= 1.1x.
+* **streams** — ``--streams`` concurrent requests (distinct 128-token prompts, 128 tokens each, end-of-generation
+  tokens banned through ``logit_bias`` on both sides); aggregate completion tokens / wall time. Target >= 1.0x.
+* **rotating** — 8 documents of ~``--tokens`` tokens, a new question each time, round-robin over 4 slots
+  (``bench_rotating.py``'s workload, now through the daemon). Steady-state mean TTFT after one warm-up round,
+  against llama-server with ``--cache-ram 0`` (slots only) and as shipped (host-memory prompt cache on).
+  Target <= 0.3x against the slots-only server.
+
+    python -m bench.bench_server [--threads N] [--streams 8] [--cold 4] [--tokens 2000] [--rounds 2] [--skip-rotating]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from bench.bench_rotating import QUESTIONS, documents
+from erllama._native import Model, ModelConfig, library
+from erllama.testing import fetch
+
+N_STREAM_PROMPT, N_STREAM_GEN = 128, 128
+# a new connection per request on both sides: cpp-httplib closes kept-alive connections after a few requests,
+# and a client reusing one it just closed sees "server disconnected"
+_FRESH = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(kind: str, model: str, threads: int, slots: int, ctx_per_slot: int, *, extra: list[str]) -> Iterator[str]:
+    """Start ``erllama`` or ``llama-server`` on a free port; yield its base URL."""
+    port = _free_port()
+    if kind == "erllama":
+        kv = tempfile.mkdtemp(prefix="erllama-bench-kv-")
+        cmd = [
+            sys.executable, "-m", "erllama", "serve", "--model", model, "--name", "m", "--port", str(port),
+            "--threads", str(threads), "--parallel", str(slots), "--ctx", str(ctx_per_slot), "--batch", "512",
+            "--flash-attn", "off", "--ram-cache-mb", "8192", "--disk-cache-mb", "0", "--kv-dir", kv,
+            "--log-level", "warning", *extra,
+        ]  # fmt: skip
+    else:
+        cmd = [
+            str(library().lib_dir / "llama-server"), "-m", model, "-a", "m", "-t", str(threads), "-tb", str(threads),
+            "-c", str(slots * ctx_per_slot), "-np", str(slots), "-b", "512", "-fa", "off",
+            "--host", "127.0.0.1", "--port", str(port), *extra,
+        ]  # fmt: skip
+    log = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} did not start: {' '.join(cmd)} (log: {log.name})")
+            time.sleep(0.2)
+        yield base
+    except BaseException:
+        print(f"{kind} failed; its log: {log.name}", file=sys.stderr)
+        raise
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+async def _one(client: httpx.AsyncClient, prompt: str, max_tokens: int, bias: dict[str, float]) -> tuple[float, int]:
+    """(TTFT, completion tokens) of one streamed completion."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if bias:
+        body["logit_bias"] = bias
+    t0 = time.perf_counter()
+    first, pieces = None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                pieces += 1
+                if first is None:
+                    first = time.perf_counter() - t0
+    assert first is not None, "no text streamed"
+    return first, pieces
+
+
+def cold(base: str, prompts: list[str]) -> list[float]:
+    async def go() -> list[float]:
+        async with httpx.AsyncClient(base_url=base, timeout=600, limits=_FRESH) as c:
+            return [(await _one(c, p, 4, {}))[0] for p in prompts]
+
+    return asyncio.run(go())
+
+
+def streams(base: str, prompts: list[str], bias: dict[str, float]) -> tuple[float, int]:
+    async def go() -> tuple[float, int]:
+        async with httpx.AsyncClient(base_url=base, timeout=600, limits=_FRESH) as c:
+            await _one(c, "warm up", 4, {})
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(_one(c, p, N_STREAM_GEN, bias) for p in prompts))
+            wall = time.perf_counter() - t0
+        n = sum(k for _, k in results)
+        return n / wall, n
+
+    return asyncio.run(go())
+
+
+def rotating(base: str, prompts: list[str]) -> list[float]:
+    async def go() -> list[float]:
+        async with httpx.AsyncClient(base_url=base, timeout=600, limits=_FRESH) as c:
+            out = []
+            for p in prompts:
+                out.append((await _one(c, p, 8, {}))[0])
+            return out
+
+    return asyncio.run(go())
+
+
+def _stream_prompts(model: Model, n: int) -> list[str]:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    out = []
+    for i in range(n):
+        toks = model.tokenize(" ".join(words[(i + j) % len(words)] for j in range(400)), add_special=False)
+        out.append(model.detokenize(toks[: N_STREAM_PROMPT - 1]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--cold", type=int, default=4, help="cold prompts per side")
+    ap.add_argument("--cold-tokens", type=int, default=1000)
+    ap.add_argument("--tokens", type=int, default=2000, help="tokens per rotating document")
+    ap.add_argument("--rounds", type=int, default=2, help="measured rotating rounds after one warm-up")
+    ap.add_argument("--skip-rotating", action="store_true")
+    ap.add_argument("--only-rotating", action="store_true")
+    args = ap.parse_args()
+    path = str(fetch())
+    with Model(path, ModelConfig(vocab_only=True)) as vocab:
+        eog = [t for t in range(vocab.n_vocab) if vocab.is_eog(t)]
+        stream_prompts = _stream_prompts(vocab, args.streams)
+    bias = {str(t): -100.0 for t in eog}
+    results: dict[str, dict[str, object]] = {}
+    for kind in () if args.only_rotating else ("erllama", "llama-server"):
+        r: dict[str, object] = {}
+        # cold TTFT: fresh documents, unlike anything seen before (a different tag per side and prompt)
+        docs = documents(args.cold, args.cold_tokens)
+        cold_prompts = [f"[{kind} {i}] {d}\nQuestion: what is this about?\nAnswer:" for i, d in enumerate(docs)]
+        with serving(kind, path, args.threads, 1, args.cold_tokens + 512, extra=[]) as base:
+            r["cold"] = cold(base, cold_prompts)
+        with serving(kind, path, args.threads, args.streams, 2 * (N_STREAM_PROMPT + N_STREAM_GEN), extra=[]) as base:
+            r["streams"] = streams(base, stream_prompts, bias)
+        print(kind, r, flush=True)
+        results[kind] = r
+    rot: dict[str, list[float]] = {}
+    if not args.skip_rotating:
+        docs = documents(8, args.tokens)
+        prompts = [
+            f"{d}\nQuestion: {QUESTIONS[k % len(QUESTIONS)]}\nAnswer:" for k in range(1 + args.rounds) for d in docs
+        ]
+        for name, kind, extra in (
+            ("erllama", "erllama", []),
+            ("llama-server --cache-ram 0", "llama-server", ["--cache-ram", "0"]),
+            ("llama-server default", "llama-server", []),
+        ):
+            with serving(kind, path, args.threads, 4, args.tokens + 512, extra=extra) as base:
+                rot[name] = rotating(base, prompts)
+            print(name, [round(x * 1e3) for x in rot[name]], flush=True)
+
+    print()
+    print(f"machine: {os.cpu_count()} CPUs, {args.threads} threads; {Path(path).name}; both over HTTP, same build")
+    if results:
+        _report(results, args)
+    if rot:
+        steady = {name: statistics.mean(xs[8:]) for name, xs in rot.items()}
+        base_ = steady["erllama"]
+        print(f"rotating (8 docs x ~{args.tokens} tokens, 4 slots, {args.rounds} rounds after 1 warm-up), "
+              f"steady-state mean TTFT:")  # fmt: skip
+        for name, v in steady.items():
+            print(f"  {name:28s} {v * 1e3:8.1f} ms   erllama / this = {base_ / v:.3f}x")
+        print("  target: <= 0.3x against llama-server --cache-ram 0")
+
+
+def _report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
+    ours, peer = results["erllama"], results["llama-server"]
+    cold_ours, cold_peer = statistics.mean(ours["cold"]), statistics.mean(peer["cold"])  # type: ignore[arg-type]
+    tps_ours, tps_peer = ours["streams"][0], peer["streams"][0]  # type: ignore[index]
+    print(f"cold TTFT (~{args.cold_tokens} tokens, {args.cold} prompts): erllama {cold_ours * 1e3:.0f} ms, "
+          f"llama-server {cold_peer * 1e3:.0f} ms -> {cold_ours / cold_peer:.3f}x (target <= 1.1x)")  # fmt: skip
+    print(f"{args.streams} concurrent streams x {N_STREAM_GEN} tokens: erllama {tps_ours:.1f} tok/s, "
+          f"llama-server {tps_peer:.1f} tok/s -> {tps_ours / tps_peer:.3f}x (target >= 1.0x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
