@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         StreamEvent,
         TextDelta,
         ThinkingDelta,
+        TokenLogprob,
         VramInfo,
     )
 
@@ -80,6 +81,7 @@ __all__ = [
     "StreamEvent",
     "TextDelta",
     "ThinkingDelta",
+    "TokenLogprob",
     "VramInfo",
     "__version__",
     "apply_chat_template",

@@ -22,7 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from erllama.chat.types import Message, Tool
 from erllama.errors import InvalidInputError
 
-__all__ = ["ChatTemplate", "TemplateRenderError", "hf_messages", "hf_tools"]
+__all__ = ["ChatTemplate", "TemplateRenderError"]
 
 
 class TemplateRenderError(InvalidInputError):

@@ -20,15 +20,7 @@ from typing import Any
 
 from erllama.chat.types import ChatResult, Message, Tool, ToolCall
 
-__all__ = [
-    "HERMES",
-    "ToolStreamFilter",
-    "call_schema",
-    "generic_tool_prompt",
-    "new_call_id",
-    "parse_tool_calls",
-    "render_calls_generic",
-]
+__all__ = ["ToolStreamFilter", "parse_tool_calls"]  # the rest serves ChatEngine
 
 HERMES = ("<tool_call>", "</tool_call>")
 _MISTRAL = "[TOOL_CALLS]"

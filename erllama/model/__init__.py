@@ -5,7 +5,7 @@ its ``CacheLink``; ``Supervisor`` restarts it after crashes; ``Registry`` keeps 
 of this is :class:`erllama.runtime.Runtime`.
 """
 
-from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig
+from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.llama import LlamaBackend, kv_layout_params
 from erllama.model.registry import Registry
@@ -46,7 +46,9 @@ __all__ = [
     "Supervisor",
     "ThinkSplitter",
     "TokenEvent",
+    "TokenLogprob",
     "first_stop",
     "kv_layout_params",
     "namespace_for",
+    "token_logprob",
 ]

@@ -26,7 +26,7 @@ from erllama.runtime import Completion
 from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, heartbeat, start_chat
 from erllama.server.state import ServerState
 
-__all__ = ["error_response", "router"]
+__all__ = ["router"]  # wire types and helpers stay inside the dialect
 
 router = APIRouter()
 

