@@ -31,6 +31,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -114,6 +115,47 @@ class ErrorEvent:
 Event = TokenEvent | DoneEvent | ErrorEvent
 
 
+class _Mailbox:
+    """Events bound for one event loop, delivered in batches: the first post since the loop last drained wakes it
+    (one self-pipe write); later posts ride along. With N streams on one loop a tick costs one wake-up, not N."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    def post(self, aq: asyncio.Queue[Event], event: Event) -> None:
+        """Raises RuntimeError when the loop is closed."""
+        with self._lock:
+            self._items.append((aq, event))
+            if len(self._items) > 1:
+                return  # a drain is already scheduled
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for aq, event in items:
+            aq.put_nowait(event)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
+
+
 class RequestHandle:
     """The caller's side of a request: an event stream and a cancel switch (both usable from any thread)."""
 
@@ -121,7 +163,7 @@ class RequestHandle:
         self.id = request_id
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]] | None = None
+        self._async: tuple[_Mailbox, asyncio.Queue[Event]] | None = None
         self._cancel = threading.Event()
         self._finished = threading.Event()
 
@@ -158,7 +200,7 @@ class RequestHandle:
             aq: asyncio.Queue[Event] = asyncio.Queue()
             while not self._events.empty():
                 aq.put_nowait(self._events.get_nowait())
-            self._async = (loop, aq)
+            self._async = (_mailbox(loop), aq)
         return aq
 
     def _emit(self, event: Event) -> None:
@@ -170,9 +212,9 @@ class RequestHandle:
             if self._async is None:
                 self._events.put(event)
                 return
-            loop, aq = self._async
+            box, aq = self._async
         try:
-            loop.call_soon_threadsafe(aq.put_nowait, event)
+            box.post(aq, event)
         except RuntimeError:  # the consumer's loop is closed: nobody is listening
             self.cancel()
 

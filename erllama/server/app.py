@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from erllama.runtime import Runtime
 from erllama.server import anthropic, ollama, openai
@@ -74,25 +76,7 @@ def create_app(
     app.include_router(anthropic.router)
     app.include_router(ollama.router)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        dialect = _dialect(path)
-        if path.startswith("/health") or path == "/metrics" or request.method == "OPTIONS":
-            return await call_next(request)
-        presented = _presented_key(request) or ""
-        if cfg.api_key is not None and not hmac.compare_digest(presented.encode(), cfg.api_key.encode()):
-            return _error(dialect, 401, "Invalid or missing API key", "authentication_error")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            return _error(dialect, 413, f"Request body exceeds {cfg.max_body_bytes} bytes")
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.scope.get("route")
-        label = getattr(endpoint, "path", "unmatched")
-        state.metrics.requests.labels(dialect, label, str(response.status_code)).inc()
-        state.metrics.latency.labels(dialect, label).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(_Guard, state=state)
 
     if cfg.cors_origins:
         app.add_middleware(
@@ -132,8 +116,53 @@ def create_app(
     return app
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
+class _Guard:
+    """API key, body bound and request metrics, as plain ASGI middleware: a streamed reply's chunks go straight
+    through (Starlette's BaseHTTPMiddleware would relay each one through a memory stream and a task switch)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith("/health") or path == "/metrics" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        dialect = _dialect(path)
+        headers = Headers(scope=scope)
+        cfg = self.state.config
+        presented = _presented_key(headers) or ""
+        if cfg.api_key is not None and not hmac.compare_digest(presented.encode(), cfg.api_key.encode()):
+            await _error(dialect, 401, "Invalid or missing API key", "authentication_error")(scope, receive, send)
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            await _error(dialect, 413, f"Request body exceeds {cfg.max_body_bytes} bytes")(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            label = getattr(scope.get("route"), "path", "unmatched")
+            metrics = self.state.metrics
+            metrics.requests.labels(dialect, label, str(status)).inc()
+            metrics.latency.labels(dialect, label).observe(time.perf_counter() - t0)
+
+
+def _presented_key(headers: Headers) -> str | None:
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get("x-api-key")
+    return headers.get("x-api-key")

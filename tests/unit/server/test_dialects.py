@@ -502,3 +502,25 @@ def test_ollama_generate_continues_a_context(srt: Runtime) -> None:
         srt, "POST", "/api/generate", json={"model": "hermes", "prompt": "x", "stream": False, "context": [10**9]}
     )
     assert bad.status_code == 400
+
+
+def test_cors_is_off_unless_configured_and_messages_are_bounded(srt: Runtime) -> None:
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    off = request(srt, "OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in off.headers
+    cfg = ServerConfig(cors_origins=("https://app.example",), max_messages=2)
+    on = request(srt, "OPTIONS", "/v1/chat/completions", cfg, headers=preflight)
+    assert on.headers["access-control-allow-origin"] == "https://app.example"
+    other = request(
+        srt, "OPTIONS", "/v1/chat/completions", cfg, headers={**preflight, "origin": "https://evil.example"}
+    )
+    assert "access-control-allow-origin" not in other.headers
+    three = [{"role": "user", "content": "a"}] * 3
+    for path, extra in [
+        ("/v1/chat/completions", {}),
+        ("/v1/messages", {"max_tokens": 4}),
+        ("/api/chat", {"stream": False}),
+    ]:
+        resp = request(srt, "POST", path, cfg, json={"model": "hermes", "messages": three, **extra})
+        assert resp.status_code == 400, (path, resp.text)
+        assert "more than 2 messages" in resp.text
