@@ -76,7 +76,7 @@ def serve(args: argparse.Namespace) -> int:
     tiers: list[Tier] = [RamTier(args.ram_cache_mb << 20)]
     if args.disk_cache_mb > 0:
         tiers.append(FileTier([kv_dir], args.disk_cache_mb << 20))
-    store = CacheStore(tiers)
+    store = CacheStore(tiers) if not args.no_cache else None
     cfg = ContextConfig(
         n_ctx=args.ctx * args.parallel,
         n_batch=args.batch,
@@ -105,7 +105,8 @@ def serve(args: argparse.Namespace) -> int:
             served[name] = load(rt, path, name)
         app = create_app(rt, served, config, source=ModelDirectory(models_dir, load))
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    store.close()
+    if store is not None:
+        store.close()
     return 0
 
 
@@ -140,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument("--ctx", type=int, default=4096, help="context tokens per sequence")
     srv.add_argument("--ram-cache-mb", type=int, default=1024)
     srv.add_argument("--disk-cache-mb", type=int, default=8192, help="0: no disk tier")
+    srv.add_argument("--no-cache", action="store_true", help="serve without the KV-state cache (for comparisons)")
     srv.add_argument("--kv-dir", help="disk tier of the KV-state cache (default: $ERLLAMA_CACHE_DIR/kv)")
     srv.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
