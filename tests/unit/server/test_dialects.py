@@ -516,11 +516,12 @@ def test_cors_is_off_unless_configured_and_messages_are_bounded(srt: Runtime) ->
     )
     assert "access-control-allow-origin" not in other.headers
     three = [{"role": "user", "content": "a"}] * 3
-    for path, extra in [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("/v1/chat/completions", {}),
         ("/v1/messages", {"max_tokens": 4}),
         ("/api/chat", {"stream": False}),
-    ]:
+    ]
+    for path, extra in cases:
         resp = request(srt, "POST", path, cfg, json={"model": "hermes", "messages": three, **extra})
         assert resp.status_code == 400, (path, resp.text)
         assert "more than 2 messages" in resp.text
