@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -75,7 +75,7 @@ class ChatRun:
     model_id: str
     prepared: PreparedChat | None
     stream: Stream
-    release: Any  # the queue slot; released when the run ends
+    release: Callable[[], None]  # gives the queue slot back; called when the run ends
 
     async def events(self) -> AsyncIterator[Event]:
         """The run as neutral events; leaving early (a disconnected client) cancels the request."""
@@ -97,7 +97,7 @@ class ChatRun:
                     if filt is not None:
                         rest, result = filt.finish()
                         if rest:
-                            yield Text(rest)
+                            yield Text(rest, tuple(pending))
                     else:
                         result = self._parse(c)
                     ended = True

@@ -7,6 +7,8 @@ A file ``NAME.gguf`` is served as ``NAME``; Ollama-style names ``model[:tag]`` r
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import shutil
@@ -28,6 +30,19 @@ def catalog() -> dict[str, Any]:
     from erllama.testing import GEMMA3, SMOLLM2
 
     return {"smollm2:135m": SMOLLM2, "gemma3:270m": GEMMA3}
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 (hex) of a model file, computed once per (path, size, mtime): /api/tags must not re-hash
+    gigabytes on every call."""
+    st = path.stat()
+    return _digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, _size: int, _mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_name(name: str) -> str:

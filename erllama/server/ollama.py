@@ -15,6 +15,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -28,6 +29,7 @@ from erllama.chat.tools import new_call_id
 from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
 from erllama.runtime import Completion
 from erllama.server.chat import End, Error, Params, Text, Thinking, collect, start_chat, start_text
+from erllama.server.models import file_digest
 from erllama.server.state import ManagedSource, ServerState
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect
@@ -440,14 +442,12 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _file_info(path: Any) -> dict[str, Any]:
-    from erllama.testing.fetch import _sha256
-
+def _file_info(path: Path) -> dict[str, Any]:
     stat = path.stat()
     return {
         "modified_at": datetime.datetime.fromtimestamp(stat.st_mtime, datetime.UTC).isoformat(),
         "size": stat.st_size,
-        "digest": _sha256(path),
+        "digest": file_digest(path),
     }
 
 
@@ -456,7 +456,10 @@ async def tags(request: Request) -> dict[str, Any]:
     state: ServerState = request.app.state.erllama
     out = []
     for name, path in sorted(state.available().items()):
-        info = _file_info(path) if path is not None else {"modified_at": _now(), "size": 0, "digest": ""}
+        if path is not None:
+            info = await asyncio.to_thread(_file_info, path)  # hashes a new file once; off the event loop
+        else:
+            info = {"modified_at": _now(), "size": 0, "digest": ""}
         loaded = state.loaded().get(name)
         details = _details(state.runtime.model_info(loaded[0]) if loaded else None)
         out.append({"name": name, "model": name, **info, "details": details})
