@@ -4,6 +4,7 @@ stateless multi-turn cache hits and bad input in each dialect's envelope."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -339,6 +340,7 @@ def test_ollama_models_load_on_demand_and_unload(store: tuple[Runtime, ModelDire
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             tags = (await c.get("/api/tags")).json()["models"]
             assert [m["name"] for m in tags] == ["alpha", "beta:7b"]
+            assert tags[0]["digest"] == hashlib.sha256(b"GGUF-stub").hexdigest()
             assert (await c.get("/api/ps")).json() == {"models": []}
             loaded = (await c.post("/api/generate", json={"model": "alpha", "prompt": ""})).json()
             assert loaded["done"]
