@@ -15,21 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
-import uvicorn
 
 from erllama import Runtime
 from erllama._native import ContextConfig
 from erllama.cache import CacheStore, RamTier
 from erllama.model import LlamaBackend
 from erllama.server import create_app
-from erllama.testing import fetch
+from erllama.testing import fetch, serve_app
 
 Send = Callable[[httpx.Client, list[dict[str, str]]], tuple[float, str, int]]
 
@@ -97,15 +94,16 @@ def main() -> None:
     rt = Runtime(CacheStore([RamTier(4 << 30)]))
     cfg = ContextConfig(n_ctx=2 * 4096, n_batch=512, n_seq_max=2, n_threads=args.threads, n_threads_batch=args.threads)
     model = rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg), model_id="m")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(rt, {"m": model}), host="127.0.0.1", port=port, log_level="error")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {args.threads} threads; {path.name}; "
+        f"system prompt ~{args.system_tokens} tokens"
     )
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    with serve_app(create_app(rt, {"m": model})) as base:
+        _dialects(base, args)
+    rt.close()
+
+
+def _dialects(base: str, args: argparse.Namespace) -> None:
     system = "You are a patient geography tutor who answers in one short sentence. " * (args.system_tokens // 13)
     questions = [
         "Name a country in Europe.",
@@ -114,12 +112,8 @@ def main() -> None:
         "Another country?",
         "Its capital?",
     ]
-    print(
-        f"machine: {os.cpu_count()} CPUs, {args.threads} threads; {path.name}; "
-        f"system prompt ~{args.system_tokens} tokens"
-    )
     dialects: list[tuple[str, Send]] = [("openai", openai_turn), ("anthropic", anthropic_turn), ("ollama", ollama_turn)]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
+    with httpx.Client(base_url=base, timeout=600) as c:
         for name, send in dialects:
             messages = [{"role": "system", "content": f"[{name}] {system}"}]
             ttfts = []
@@ -134,9 +128,6 @@ def main() -> None:
             cold, _, _ = send(c, control)
             print(f"  {name:9s} cold control (turn {args.turns}'s conversation, nothing cached): {cold * 1e3:8.1f} ms")
             print(f"  {name:9s} turn {args.turns} warm / cold = {ttfts[-1] / cold:.3f}x")
-    server.should_exit = True
-    time.sleep(0.5)
-    rt.close()
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from erllama._native import SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
-from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
+from erllama.errors import ErllamaError, InvalidInputError
 from erllama.runtime import Completion
 from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, heartbeat, start_chat
+from erllama.server.errors import failure
 from erllama.server.state import ServerState
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect
@@ -50,18 +51,12 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     )
 
 
+_STATUS = {"not_found": 404, "invalid": 400, "busy": 529, "stopped": 529, "internal": 500}
+
+
 def map_error(exc: BaseException) -> JSONResponse:
-    if isinstance(exc, UnknownModelError):
-        return error_response(404, str(exc).strip("'\""))
-    if isinstance(exc, InvalidInputError):
-        return error_response(400, str(exc))
-    if isinstance(exc, OverloadedError):
-        return error_response(529, str(exc), headers={"retry-after": str(max(1, round(exc.retry_after)))})
-    if isinstance(exc, WorkerStoppedError):
-        return error_response(529, str(exc), headers={"retry-after": "1"})
-    if isinstance(exc, ErllamaError):
-        return error_response(500, str(exc))
-    raise exc
+    f = failure(exc)
+    return error_response(_STATUS[f.kind], f.message, headers=f.headers)
 
 
 class Block(BaseModel):

@@ -26,9 +26,10 @@ import erllama
 from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
 from erllama.chat.tools import new_call_id
-from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
+from erllama.errors import ErllamaError, InvalidInputError
 from erllama.runtime import Completion
 from erllama.server.chat import End, Error, Params, Text, Thinking, collect, start_chat, start_text
+from erllama.server.errors import failure
 from erllama.server.models import file_digest
 from erllama.server.state import ManagedSource, ServerState
 
@@ -43,18 +44,12 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+_STATUS = {"not_found": 404, "invalid": 400, "busy": 503, "stopped": 503, "internal": 500}
+
+
 def map_error(exc: BaseException) -> JSONResponse:
-    if isinstance(exc, UnknownModelError):
-        return error_response(404, str(exc).strip("'\""))
-    if isinstance(exc, InvalidInputError):
-        return error_response(400, str(exc))
-    if isinstance(exc, OverloadedError):
-        return error_response(503, str(exc), headers={"retry-after": str(max(1, round(exc.retry_after)))})
-    if isinstance(exc, WorkerStoppedError):
-        return error_response(503, str(exc))
-    if isinstance(exc, ErllamaError):
-        return error_response(500, str(exc))
-    raise exc
+    f = failure(exc)
+    return error_response(_STATUS[f.kind], f.message, headers=f.headers)
 
 
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?$")

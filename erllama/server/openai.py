@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
-from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
+from erllama.errors import ErllamaError, InvalidInputError
 from erllama.runtime import Completion, TokenLogprob
 from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, start_chat, start_text
+from erllama.server.errors import failure
 from erllama.server.state import ServerState
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect
@@ -206,20 +207,21 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# failure kind -> (status, type, param, code)
+_FAILURES: dict[str, tuple[int, str, str | None, str | None]] = {
+    "not_found": (404, "invalid_request_error", "model", "model_not_found"),
+    "invalid": (400, "invalid_request_error", None, None),
+    "busy": (429, "rate_limit_exceeded", None, "model_busy"),
+    "stopped": (503, "server_error", None, "model_unavailable"),
+    "internal": (500, "server_error", None, None),
+}
+
+
 def map_error(exc: BaseException) -> JSONResponse:
     """An exception of the one tree, as OpenAI reports it."""
-    if isinstance(exc, UnknownModelError):
-        return error_response(404, str(exc).strip("'\""), "invalid_request_error", "model", "model_not_found")
-    if isinstance(exc, InvalidInputError):
-        return error_response(400, str(exc), "invalid_request_error")
-    if isinstance(exc, OverloadedError):
-        headers = {"retry-after": str(max(1, round(exc.retry_after)))}
-        return error_response(429, str(exc), "rate_limit_exceeded", code="model_busy", headers=headers)
-    if isinstance(exc, WorkerStoppedError):
-        return error_response(503, str(exc), "server_error", code="model_unavailable")
-    if isinstance(exc, ErllamaError):
-        return error_response(500, str(exc), "server_error")
-    raise exc
+    f = failure(exc)
+    status, kind, param, code = _FAILURES[f.kind]
+    return error_response(status, f.message, kind, param, code, headers=f.headers)
 
 
 def _usage(c: Completion) -> dict[str, Any]:

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,6 @@ import anthropic
 import ollama
 import openai
 import pytest
-import uvicorn
 
 from erllama import Runtime
 from erllama._native import ContextConfig
@@ -25,6 +21,7 @@ from erllama.cache import CacheStore, RamTier, SavePolicy
 from erllama.model import LlamaBackend
 from erllama.server import ServerConfig, create_app
 from erllama.server.models import ModelDirectory
+from erllama.testing import serve_app
 
 pytestmark = [pytest.mark.native, pytest.mark.smollm2]
 
@@ -51,20 +48,10 @@ def server(smollm2_path: Path, native: None, tmp_path_factory: pytest.TempPathFa
     os.symlink(smollm2_path, models / "smollm2:135m.gguf")
     source = ModelDirectory(models, load)
     app = create_app(rt, {"smollm2": load(rt, smollm2_path, "smollm2")}, ServerConfig(), source=source)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.01)
     try:
-        yield rt, f"http://127.0.0.1:{port}"
+        with serve_app(app) as base:
+            yield rt, base
     finally:
-        srv.should_exit = True
-        thread.join(10)
         rt.close()
         assert rt.cache is not None
         rt.cache.close()

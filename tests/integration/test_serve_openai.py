@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-import uvicorn
 
 from erllama import Runtime
 from erllama._native import ContextConfig
 from erllama.cache import CacheStore, RamTier, SavePolicy
 from erllama.model import LlamaBackend
 from erllama.server import create_app
+from erllama.testing import serve_app
 
 pytestmark = pytest.mark.native
 
@@ -27,22 +24,10 @@ def base_url(model_path: Path) -> Iterator[str]:
     rt = Runtime(CacheStore([RamTier(1 << 30)]), policy=SavePolicy(min_tokens=8))
     cfg = ContextConfig(n_ctx=4096, n_batch=256, n_seq_max=2)
     model = rt.load_model(backend=lambda: LlamaBackend(model_path, context_config=cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(rt, {"m": model}), host="127.0.0.1", port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        with serve_app(create_app(rt, {"m": model})) as base:
+            yield f"{base}/v1"
     finally:
-        server.should_exit = True
-        thread.join(10)
         rt.close()
         assert rt.cache is not None
         rt.cache.close()

@@ -9,7 +9,7 @@ import pytest
 
 PACKAGES = {
     "erllama._native": ["batch", "context", "loader", "model", "sampler", "text"],
-    "erllama.testing": ["fetch", "tiny"],
+    "erllama.testing": ["fetch", "serving", "tiny"],
     "erllama.cache": ["counters", "index", "key", "policy", "store", "tier", "writer"],
     "erllama.pressure": ["sampler", "scheduler"],
     "erllama.model": ["backend", "cachelink", "llama", "registry", "stop", "stub", "supervisor", "think", "worker"],

@@ -3,40 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from erllama import Runtime
 from erllama.model import StubBackend
 from erllama.server import create_app
+from erllama.testing import serve_app
 
 
 @pytest.fixture
 def served() -> Iterator[tuple[Runtime, str]]:
     rt = Runtime(None)
     rt.load_model(backend=lambda: StubBackend(n_seq_max=1, eos_bias=-50.0, step_delay_s=0.002), model_id="slow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(rt, {"slow": "slow"}), host="127.0.0.1", port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
     try:
-        yield rt, f"http://127.0.0.1:{port}"
+        with serve_app(create_app(rt, {"slow": "slow"})) as base:
+            yield rt, base
     finally:
-        server.should_exit = True
-        thread.join(10)
         rt.close()
 
 

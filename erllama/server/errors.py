@@ -1,0 +1,35 @@
+"""How an exception of the one tree reaches a client: its kind, message and headers. Each dialect maps kinds to its
+own status codes and envelope (a busy model is 429 in OpenAI's, 529 in Anthropic's, 503 in Ollama's)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
+
+__all__ = ["Failure", "FailureKind", "failure"]
+
+FailureKind = Literal["not_found", "invalid", "busy", "stopped", "internal"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    kind: FailureKind
+    message: str
+    headers: dict[str, str] | None = None
+
+
+def failure(exc: BaseException) -> Failure:
+    """The failure ``exc`` stands for; anything outside erllama's tree is re-raised (a bug, a 500)."""
+    if isinstance(exc, UnknownModelError):
+        return Failure("not_found", str(exc).strip("'\""))
+    if isinstance(exc, InvalidInputError):
+        return Failure("invalid", str(exc))
+    if isinstance(exc, OverloadedError):
+        return Failure("busy", str(exc), {"retry-after": str(max(1, round(exc.retry_after)))})
+    if isinstance(exc, WorkerStoppedError):
+        return Failure("stopped", str(exc), {"retry-after": "1"})
+    if isinstance(exc, ErllamaError):
+        return Failure("internal", str(exc))
+    raise exc
