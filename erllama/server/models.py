@@ -45,6 +45,18 @@ def _digest(path: str, _size: int, _mtime_ns: int) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _place(src: Path, dest: Path) -> None:
+    """Put ``src`` at ``dest`` atomically (a hard link when the filesystem allows, else a copy): the name appears
+    only once the file is whole, and a ``.partial`` leftover is never served (it does not end in ``.gguf``)."""
+    tmp = dest.with_name(dest.name + ".partial")
+    tmp.unlink(missing_ok=True)  # left by an interrupted copy
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dest)
+
+
 def check_name(name: str) -> str:
     """``name`` when it is a plain model name (no paths, no traversal); InvalidInputError otherwise."""
     if not _NAME.match(name) or ".." in name:
@@ -81,14 +93,7 @@ class ModelDirectory:
         self.path_of(check_name(name)).unlink()
 
     def copy(self, source: str, destination: str) -> None:
-        src = self.path_of(check_name(source))
-        dest = self.root / f"{check_name(destination)}.gguf"
-        tmp = dest.with_name(dest.name + ".partial")
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+        _place(self.path_of(check_name(source)), self.root / f"{check_name(destination)}.gguf")
 
     def pull(self, name: str) -> Iterator[dict[str, Any]]:
         """Fetch a catalog model into the directory; yields Ollama-style progress records."""
@@ -110,11 +115,6 @@ class ModelDirectory:
             yield {"status": "verifying sha256 digest"}
             dest = self.root / f"{name}.gguf"
             if not dest.exists():
-                tmp = dest.with_name(dest.name + ".partial")
-                try:
-                    os.link(path, tmp)
-                except OSError:
-                    shutil.copyfile(path, tmp)
-                tmp.replace(dest)
+                _place(path, dest)
         yield {"status": "writing manifest"}
         yield {"status": "success"}
