@@ -52,6 +52,11 @@ def generate(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             store.drain()
+            if run > 0 and done.cache_hit_kind == "cold" and s.prompt_tokens < rt.policy.min_tokens:
+                print(
+                    f"[not cached: prompts under {rt.policy.min_tokens} tokens are cheaper to prefill than to restore]",
+                    file=sys.stderr,
+                )
     store.close()
     return 0
 
