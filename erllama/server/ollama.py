@@ -52,7 +52,7 @@ def map_error(exc: BaseException) -> JSONResponse:
     return error_response(_STATUS[f.kind], f.message, headers=f.headers)
 
 
-_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?$")
+_PIECE = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?")  # Go-style durations: "5m", "1h30m", "250ms"
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -63,12 +63,10 @@ def keep_alive_s(value: str | float | None) -> float | str | None:
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        total, rest = 0.0, value.strip()
-        for amount, unit in re.findall(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?", rest):
-            total += float(amount) * _UNITS[unit or None]
-        if not re.fullmatch(r"((-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?)+", rest):
+        text = value.strip()
+        if not text or _PIECE.sub("", text):
             raise InvalidInputError(f"invalid keep_alive duration {value!r}")
-        seconds = total
+        seconds = sum(float(amount) * _UNITS[unit or None] for amount, unit in _PIECE.findall(text))
     return None if seconds < 0 else seconds
 
 
