@@ -179,9 +179,11 @@ async def start_chat(
     tools: Sequence[Tool] = (),
     tool_choice: ToolChoice = "auto",
     response_schema: Mapping[str, Any] | bool | None = None,
+    keep_alive_s: float | str | None = "default",
 ) -> ChatRun:
-    """Resolve ``model`` (loading it if needed), take a queue slot, render and start the conversation."""
-    model_id = await state.ensure_loaded(model)
+    """Resolve ``model`` (loading it if needed; ``keep_alive_s`` as in :meth:`ServerState.touch`), take a queue
+    slot, render and start the conversation."""
+    model_id = await state.ensure_loaded(model, keep_alive_s)
     release = await state.acquire(model_id)
     try:
         prepared = await asyncio.to_thread(
@@ -206,9 +208,10 @@ async def start_text(
     params: Params,
     *,
     response_schema: Mapping[str, Any] | bool | None = None,
+    keep_alive_s: float | str | None = "default",
 ) -> ChatRun:
     """Like :func:`start_chat` for a raw prompt (no template)."""
-    model_id = await state.ensure_loaded(model)
+    model_id = await state.ensure_loaded(model, keep_alive_s)
     release = await state.acquire(model_id)
     try:
         grammar = None

@@ -14,7 +14,7 @@ import datetime
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +28,7 @@ from erllama.chat import ChatResult, Message, Tool, ToolCall
 from erllama.chat.tools import new_call_id
 from erllama.errors import ErllamaError, InvalidInputError
 from erllama.runtime import Completion
-from erllama.server.chat import End, Error, Params, Text, Thinking, collect, start_chat, start_text
+from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, start_chat, start_text
 from erllama.server.errors import failure
 from erllama.server.models import file_digest
 from erllama.server.state import ManagedSource, ServerState
@@ -243,6 +243,26 @@ def _line(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False).encode() + b"\n"
 
 
+Chunk = Callable[[str], dict[str, Any]]
+
+
+def _ndjson(run: ChatRun, text: Chunk, thinking: Chunk, end: Callable[[End], dict[str, Any]]) -> StreamingResponse:
+    """A run streamed as NDJSON: one line per text / thinking piece, the final line, or an error line."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        async for event in run.events():
+            if isinstance(event, Text):
+                yield _line(text(event.text))
+            elif isinstance(event, Thinking):
+                yield _line(thinking(event.text))
+            elif isinstance(event, End):
+                yield _line(end(event))
+            elif isinstance(event, Error):
+                yield _line({"error": str(event.error)})
+
+    return StreamingResponse(lines(), media_type=_NDJSON)
+
+
 async def _load_or_unload(state: ServerState, model: str, keep_alive: Any) -> dict[str, Any]:
     ka = keep_alive_s(keep_alive)
     if ka == 0:
@@ -273,25 +293,24 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         if body.images:
             raise InvalidInputError("images are not supported by this model")
         params = body.params(state.default_max_tokens)
-        await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
+        ka = keep_alive_s(body.keep_alive)
         msgs = [Message("system", body.system)] if body.system else []
         msgs.append(Message("user", body.prompt))
+        schema = body.response_schema()
         if body.context:
             # continue a previous reply's context (its final chunk's "context"): the new turn is appended as tokens
-            model_id = state.resolve(body.model)
+            model_id = await state.ensure_loaded(body.model, ka)
             text = body.prompt
             if not body.raw:
                 text = (await asyncio.to_thread(state.chat.prepare, model_id, msgs)).prompt
             more = await asyncio.to_thread(
                 state.runtime.tokenize, model_id, text, add_special=False, parse_special=True
             )
-            run = await start_text(
-                state, body.model, [*body.context, *more], params, response_schema=body.response_schema()
-            )
+            run = await start_text(state, body.model, [*body.context, *more], params, response_schema=schema)
         elif body.raw:
-            run = await start_text(state, body.model, body.prompt, params, response_schema=body.response_schema())
+            run = await start_text(state, body.model, body.prompt, params, response_schema=schema, keep_alive_s=ka)
         else:
-            run = await start_chat(state, body.model, msgs, params, response_schema=body.response_schema())
+            run = await start_chat(state, body.model, msgs, params, response_schema=schema, keep_alive_s=ka)
     except ErllamaError as exc:
         return map_error(exc)
 
@@ -309,19 +328,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         return body_
 
     if body.stream:
-
-        async def lines() -> AsyncIterator[bytes]:
-            async for event in run.events():
-                if isinstance(event, Text):
-                    yield _line(piece(event.text))
-                elif isinstance(event, Thinking):
-                    yield _line(piece("", event.text))
-                elif isinstance(event, End):
-                    yield _line(final(event))
-                elif isinstance(event, Error):
-                    yield _line({"error": str(event.error)})
-
-        return StreamingResponse(lines(), media_type=_NDJSON)
+        return _ndjson(run, piece, lambda text: piece("", text), final)
     try:
         return final(await collect(run, request))
     except ErllamaError as exc:
@@ -339,7 +346,6 @@ async def chat(body: ChatRequest, request: Request) -> Any:
             return {"model": body.model, "created_at": _now(), "message": message, "done": True, **done}
         if len(body.messages) > state.config.max_messages:
             raise InvalidInputError(f"more than {state.config.max_messages} messages")
-        await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
         tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
         run = await start_chat(
             state,
@@ -348,6 +354,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
             body.params(state.default_max_tokens),
             tools=tools,
             response_schema=body.response_schema(),
+            keep_alive_s=keep_alive_s(body.keep_alive),
         )
     except ErllamaError as exc:
         return map_error(exc)
@@ -364,19 +371,12 @@ async def chat(body: ChatRequest, request: Request) -> Any:
         return {**piece(message), **_final(end.completion, started)}
 
     if body.stream:
-
-        async def lines() -> AsyncIterator[bytes]:
-            async for event in run.events():
-                if isinstance(event, Text):
-                    yield _line(piece({"content": event.text}))
-                elif isinstance(event, Thinking):
-                    yield _line(piece({"content": "", "thinking": event.text}))
-                elif isinstance(event, End):
-                    yield _line(final(event, streamed=True))
-                elif isinstance(event, Error):
-                    yield _line({"error": str(event.error)})
-
-        return StreamingResponse(lines(), media_type=_NDJSON)
+        return _ndjson(
+            run,
+            lambda text: piece({"content": text}),
+            lambda text: piece({"content": "", "thinking": text}),
+            lambda end: final(end, streamed=True),
+        )
     try:
         return final(await collect(run, request), streamed=False)
     except ErllamaError as exc:
