@@ -338,11 +338,17 @@ class Context:
 
     def logits(self, i: int) -> npt.NDArray[np.float32]:
         """A copy of the logits of output row ``i`` of the last decode."""
+        return self._logits_view(i).copy()
+
+    def _logits_view(self, i: int) -> npt.NDArray[np.float32]:
+        """Output row ``i`` of the last decode, read-only and in place: valid until the next decode."""
         self._check_output(i)
         ptr = lib().llama_get_logits_ith(self.handle, i)
         if ptr == ffi.NULL:
             raise DecodeError(f"no logits for row {i}: {errcheck.last_error('')}", -1)
-        return np.frombuffer(ffi.buffer(ptr, self.n_vocab * 4), dtype=np.float32).copy()
+        view = np.frombuffer(ffi.buffer(ptr, self.n_vocab * 4), dtype=np.float32)
+        view.flags.writeable = False
+        return view
 
     def embeddings(self, i: int) -> npt.NDArray[np.float32]:
         """A copy of the embeddings of output row ``i`` (needs ``embeddings=True``)."""

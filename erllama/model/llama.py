@@ -121,17 +121,22 @@ class LlamaBackend:
     def decode(self, items: Sequence[DecodeItem]) -> list[int | None]:
         batch = self._batch
         batch.clear()
-        seen: set[int] = set()
-        rows: list[int | None] = []
-        for item in items:
+        rows: list[int | None] = [None] * len(items)
+        # In ascending sequence order: with a KV stream per sequence, llama.cpp cuts a micro-batch wherever the
+        # next sequence id is not the previous one + 1, so [1, 2, 0] would cost two passes over the weights.
+        order = sorted(range(len(items)), key=lambda i: items[i].seq_id)
+        prev = -1
+        for i in order:
+            item = items[i]
             self._ctx.check_seq(item.seq_id)
-            if item.seq_id in seen:
+            if item.seq_id == prev:
                 raise InvalidInputError(f"sequence {item.seq_id} appears twice in one batch")
-            seen.add(item.seq_id)
+            prev = item.seq_id
             if batch.n_tokens + len(item.tokens) > batch.capacity:
                 raise InvalidInputError(f"batch exceeds n_batch {batch.capacity}")
             last = batch.add_sequence(item.tokens, self._ctx.seq_len(item.seq_id), item.seq_id, logits_last=item.logits)
-            rows.append(last if item.logits else None)
+            if item.logits:
+                rows[i] = last
         self._ctx.decode(batch)
         return rows
 

@@ -24,8 +24,10 @@ attributes published by the worker, so readers never wait on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
+import heapq
 import itertools
 import logging
 import queue
@@ -123,18 +125,30 @@ class _Mailbox:
         self._loop = loop
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue[Event], Event]] = []
+        self._closed = False  # a wake-up found the loop closed: every later post raises
 
     def post(self, aq: asyncio.Queue[Event], event: Event) -> None:
         """Raises RuntimeError when the loop is closed."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the consumer's event loop is closed")
             self._items.append((aq, event))
             if len(self._items) > 1:
                 return  # a drain is already scheduled
+        held: dict[_Mailbox, None] | None = getattr(_held, "boxes", None)
+        if held is not None:
+            held[self] = None  # woken when the poster's batch ends
+            return
+        self.wake()
+
+    def wake(self) -> None:
+        """Schedule a drain on the loop. Raises RuntimeError when the loop is closed."""
         try:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:
             with self._lock:
                 self._items.clear()
+                self._closed = True
             raise
 
     def _drain(self) -> None:
@@ -142,6 +156,36 @@ class _Mailbox:
             items, self._items = self._items, []
         for aq, event in items:
             aq.put_nowait(event)
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def _deliveries_held() -> Iterator[None]:
+    """Hold this thread's event-loop wake-ups until :func:`_release_held` or the end of the block.
+
+    The worker holds them from one decode to the next, so consumers' loops wake once per tick, just as the next
+    decode starts and runs without the GIL. Woken at the first sampled token instead, a loop would compete for the
+    GIL with the worker's sampling and batch building (every cffi call hands the GIL over) and delay the decode.
+    """
+    _held.boxes = {}
+    try:
+        yield
+    finally:
+        _release_held()
+        _held.boxes = None
+
+
+def _release_held() -> None:
+    """Wake the loops this thread's held deliveries are bound for, now (before slow work, such as a cache save)."""
+    boxes: dict[_Mailbox, None] | None = getattr(_held, "boxes", None)
+    if boxes:
+        woken = list(boxes)
+        boxes.clear()
+        for box in woken:
+            with contextlib.suppress(RuntimeError):  # a closed loop: its requests' next posts raise and cancel them
+                box.wake()
 
 
 _mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
@@ -253,6 +297,24 @@ class _Active:
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
     t_first: float = 0.0
     logprobs: int | None = None  # report each reply token's logprob and this many alternatives
+
+
+class _FreeSeqs:
+    """The free sequence ids, lowest first. Keeping the busy ones low and contiguous matters: with one KV stream
+    per sequence, llama.cpp splits a batch into one micro-batch per run of consecutive ids, and every extra
+    micro-batch is another pass over the weights (a gap costs a whole decode step)."""
+
+    def __init__(self, n: int) -> None:
+        self._heap = list(range(n))
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def take(self) -> int:
+        return heapq.heappop(self._heap)
+
+    def give(self, seq_id: int) -> None:
+        heapq.heappush(self._heap, seq_id)
 
 
 _T = TypeVar("_T")
@@ -496,7 +558,7 @@ class ModelWorker:
         self.in_flight = 0
         self.pending_len = 0
 
-    def _run_calls(self, backend: ModelBackend, free: deque[int]) -> None:
+    def _run_calls(self, backend: ModelBackend, free: _FreeSeqs) -> None:
         while True:
             fn: Callable[[ModelBackend], Any] | None = None
             seq_fn: Callable[[ModelBackend, int], Any] | None = None
@@ -506,9 +568,10 @@ class ModelWorker:
                     fn, future = self._calls.popleft()
                 elif self._seq_calls and free:
                     seq_fn, future = self._seq_calls.popleft()
-                    seq_id = free.popleft()
+                    seq_id = free.take()
                 else:
                     return
+            _release_held()  # a call may take a while
             try:
                 if future.set_running_or_notify_cancel():
                     if seq_fn is not None:
@@ -521,26 +584,28 @@ class ModelWorker:
             finally:
                 if seq_fn is not None:
                     backend.seq_truncate(seq_id, 0)
-                    free.append(seq_id)
+                    free.give(seq_id)
 
     def _loop(self, backend: ModelBackend, active: dict[int, _Active]) -> None:
         info = backend.info
-        free = deque(range(info.n_seq_max))
-        while not self._stop.is_set():
-            self._run_calls(backend, free)
-            parked = self._admit(backend, active, free)
-            for a in [a for a in active.values() if a.handle.cancelled]:
-                self._complete(backend, active, free, a, a.closing or FinishReason.CANCELLED, save=False)
-            if not active:
+        free = _FreeSeqs(info.n_seq_max)
+        with _deliveries_held():  # released right before each decode, before slow work and before idling
+            while not self._stop.is_set():
+                self._run_calls(backend, free)
+                parked = self._admit(backend, active, free)
+                for a in [a for a in active.values() if a.handle.cancelled]:
+                    self._complete(backend, active, free, a, a.closing or FinishReason.CANCELLED, save=False)
+                if active:
+                    self._tick(backend, active, free)
+                    continue
+                _release_held()
                 self.phase = Phase.IDLE
                 with self._wake:
                     idle = (parked or not self._inbox) and not self._calls and not self._seq_calls
                     if idle and not self._stop.is_set():
                         self._wake.wait(0.002 if parked else self._idle_wait_s)
-                continue
-            self._tick(backend, active, free)
 
-    def _admit(self, backend: ModelBackend, active: dict[int, _Active], free: deque[int]) -> bool:
+    def _admit(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> bool:
         """Admit waiting requests while sequences are free; returns True if a request is parked on its parent."""
         parked: list[_Waiting] = []
         while free:
@@ -564,7 +629,7 @@ class ModelWorker:
                 w.handle._emit(ErrorEvent(InvalidInputError(msg)))
                 continue
             t_start = time.perf_counter()  # the restore counts towards time-to-first-token
-            seq_id = free.popleft()
+            seq_id = free.take()
             backend.seq_truncate(seq_id, 0)
             link = self.link if w.use_cache else None
             hit = link.restore(backend, seq_id, tokens, w.parent_key) if link is not None else _NO_HIT
@@ -623,7 +688,7 @@ class ModelWorker:
             return None
         return [*parent, *w.prompt]
 
-    def _tick(self, backend: ModelBackend, active: dict[int, _Active], free: deque[int]) -> None:
+    def _tick(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> None:
         budget = backend.info.n_batch
         items: list[DecodeItem] = []
         owners: list[_Active] = []
@@ -647,6 +712,7 @@ class ModelWorker:
                 budget -= len(chunk)
                 prefilling = True
         self.phase = Phase.PREFILLING if prefilling else Phase.GENERATING
+        _release_held()  # the last tick's tokens go out now: the loops run while this decode holds no GIL
         rows = backend.decode(items)
         self.ticks += 1
         for a, item, row in zip(owners, items, rows, strict=True):
@@ -667,14 +733,16 @@ class ModelWorker:
         if link is None or not a.use_cache:
             return
         if a.cold_point is not None and a.fed == a.cold_point:
+            _release_held()  # the tokens sampled so far go out while the state is copied
             link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.COLD)
             a.last_save, a.cold_point = a.fed, None
         elif a.fed > a.n_prompt and a.closing is None and link.continued_due(a.fed, a.fed - a.last_save):
+            _release_held()
             link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.CONTINUED)
             a.last_save = a.fed
 
     def _sampled(
-        self, backend: ModelBackend, active: dict[int, _Active], free: deque[int], a: _Active, row: int
+        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, a: _Active, row: int
     ) -> None:
         if a.n_generated >= a.max_tokens:  # max_tokens == 0: prefill only
             self._finish(backend, active, free, a, FinishReason.LENGTH)
@@ -702,7 +770,7 @@ class ModelWorker:
             self._finish(backend, active, free, a, FinishReason.LENGTH)
 
     def _finish(
-        self, backend: ModelBackend, active: dict[int, _Active], free: deque[int], a: _Active, reason: FinishReason
+        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, a: _Active, reason: FinishReason
     ) -> None:
         save = a.use_cache and self.link is not None and self.link.final_allowed(len(a.tokens))
         if save and a.fed < len(a.tokens):
@@ -714,7 +782,7 @@ class ModelWorker:
         self,
         backend: ModelBackend,
         active: dict[int, _Active],
-        free: deque[int],
+        free: _FreeSeqs,
         a: _Active,
         reason: FinishReason,
         *,
@@ -727,6 +795,7 @@ class ModelWorker:
         if link is not None and reason is not FinishReason.CANCELLED:
             finish_key = link.key(committed)
             if save and a.fed > a.last_save:
+                _release_held()
                 link.save(backend, a.seq_id, committed, SaveReason.FINISH)
             link.remember(finish_key, committed)
         # Bytes of a character the reply was cut inside are dropped: the reply ends before it, streamed or not.
@@ -755,7 +824,7 @@ class ModelWorker:
             prefilled_tokens=min(a.fed, a.n_prompt) - a.hit.prefix_len,
         )
         backend.seq_truncate(a.seq_id, 0)
-        free.append(a.seq_id)
+        free.give(a.seq_id)
         self.in_flight = len(active)
         if tail:
             a.handle._emit(TokenEvent(-1, tail))  # so that the streamed text adds up to the reply

@@ -79,9 +79,10 @@ def test_one_batch_of_several_sequences_matches_separate_runs(backend: ModelBack
     assert rows == [None, None]
     outs: dict[int, list[int]] = {2: [], 3: []}
     pending = {2: a[-1], 3: b[-1]}
-    for _ in range(7):
-        rows = backend.decode([DecodeItem(s, [pending[s]]) for s in (2, 3)])
-        for s, row in zip((2, 3), rows, strict=True):
+    for step in range(7):
+        order = (2, 3) if step % 2 else (3, 2)  # rows come back in the items' order, whatever order runs
+        rows = backend.decode([DecodeItem(s, [pending[s]]) for s in order])
+        for s, row in zip(order, rows, strict=True):
             assert row is not None
             pending[s] = backend.sample(s, row)
             outs[s].append(pending[s])

@@ -52,6 +52,36 @@ def test_greedy_picks_the_argmax(model: Model) -> None:
         assert sampler.sample(ctx, row) == int(np.argmax(logits))
 
 
+def test_greedy_fast_path_picks_what_llamas_chain_picks(model: Model) -> None:
+    # Greedy without grammar or penalties is computed in numpy (Sampler._argmax); llama.cpp's own chain
+    # (logit_bias, then greedy) must agree on every row, with biases that ban, promote and tie tokens.
+    with Context(model, CFG) as ctx:
+        row = ctx.decode_tokens(model.tokenize(PROMPT))
+        logits = ctx.logits(row)
+        top = np.argsort(logits)[::-1]
+        a, b, c = (int(t) for t in top[:3])
+        tie = float(np.float32(logits[a]) - np.float32(logits[c]))  # c + tie rounds to a's logit, or near it
+        biases: list[dict[int, float]] = [{}, {a: -1e9}, {a: -1e9, b: -1e9}, {c: 5.0}, {c: tie}, {b: tie, c: tie}]
+        biases += [{int(t): -100.0 for t in top[:50]}, {0: 1e9}, {model.n_vocab - 1: 1e9, 0: 1e9}]
+        for bias in biases:
+            cfg = SamplerConfig(logit_bias=bias)
+            with Sampler(model, cfg) as fast, Sampler(model, cfg) as chain:
+                assert fast._argmax is not None
+                chain._argmax = None  # force llama_sampler_sample
+                assert fast.sample(ctx, row) == chain.sample(ctx, row), bias
+    with Context(model, CFG) as ctx, Sampler(model) as fast, Sampler(model) as chain:
+        chain._argmax = None
+        row = ctx.decode_tokens(model.tokenize(PROMPT))
+        for _ in range(32):  # along a generated continuation
+            token = chain.sample(ctx, row)
+            assert fast.sample(ctx, row) == token
+            row = step(ctx, token)
+    with Sampler(model, SamplerConfig(repeat_penalty=1.1)) as penalised:
+        assert penalised._argmax is None  # stateful samplers keep llama.cpp's chain
+    with Sampler(model, SamplerConfig(grammar='root ::= "a"')) as constrained:
+        assert constrained._argmax is None
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model: Model) -> None:
     def run(seed: int) -> list[int]:
         cfg = SamplerConfig(temperature=1.5, top_k=200, top_p=0.98, min_p=0.001, seed=seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -80,6 +81,49 @@ def test_a_long_prefill_does_not_freeze_other_streams() -> None:
     last_short = max(i for i, b in enumerate(batches) if any(n == 1 and s != 1 for s, n in b))
     long_chunks = [i for i, b in enumerate(batches) if any(n > 1 for _, n in b)]
     assert last_short < long_chunks[-1], "the short stream finished while the long prompt was still prefilling"
+
+
+def test_requests_take_the_lowest_free_sequences() -> None:
+    # With a KV stream per sequence llama.cpp cuts a micro-batch at every gap in the ids, so a request must take
+    # the lowest free sequence (a FIFO of freed ids would hand out 1, 2, 3, 0 after one request on 0 finished).
+    batches: list[list[int]] = []
+
+    class Recording(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            batches.append([i.seq_id for i in items])
+            return super().decode(items)
+
+    w = ModelWorker(lambda: Recording(n_seq_max=4, eos_bias=-50.0), name="low")
+    w.start()
+    try:
+        w.submit(StubBackend().tokenize("first"), max_tokens=2).result(timeout_s=10)
+        handles = [w.submit(StubBackend().tokenize(f"then {i}"), max_tokens=8) for i in range(3)]
+        for h in handles:
+            h.result(timeout_s=10)
+    finally:
+        w.stop()
+    assert {s for b in batches for s in b} == {0, 1, 2}
+    assert max(len(b) for b in batches) == 3, "the three ran together"
+
+
+def test_a_closed_consumer_loop_cancels_its_request() -> None:
+    w = ModelWorker(
+        lambda: StubBackend(n_seq_max=1, n_ctx_seq=8192, step_delay_s=0.0005, eos_bias=-50.0), name="closed"
+    )
+    w.start()
+    try:
+        loop = asyncio.new_event_loop()
+        orphan = w.submit(StubBackend().tokenize("nobody listens"), max_tokens=5000)
+        orphan.async_queue(loop)
+        loop.close()
+        deadline = time.monotonic() + 10
+        while not orphan.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert orphan.cancelled, "a post to the closed loop cancels the request"
+        nxt = w.submit(StubBackend().tokenize("next"), max_tokens=3)  # the only sequence was freed
+        assert nxt.result(timeout_s=10).finish_reason is FinishReason.LENGTH
+    finally:
+        w.stop()
 
 
 def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
