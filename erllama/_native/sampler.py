@@ -95,6 +95,7 @@ class Sampler:
         if cfg.greedy and cfg.grammar is None and not penalties:
             ids = np.fromiter(cfg.logit_bias.keys(), dtype=np.intp, count=len(cfg.logit_bias))
             self._argmax = (ids, np.fromiter(cfg.logit_bias.values(), dtype=np.float32, count=len(ids)))
+        self._biased = frozenset(cfg.logit_bias)
         params = L.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = L.llama_sampler_chain_init(params)
@@ -180,14 +181,29 @@ class Sampler:
             raise InvalidInputError("the sampler was built for another model")
         if self._argmax is not None:
             self.handle  # noqa: B018 - closed samplers refuse in both paths
-            logits = ctx._logits_view(row)
-            ids, biases = self._argmax
-            if len(ids):
-                logits = logits.copy()
-                logits[ids] += biases  # float32 + float32, as llama.cpp's logit_bias sampler adds
-            return int(logits.argmax())  # the first maximum, as llama.cpp's greedy sampler picks
+            return self._greedy(ctx._logits_view(row))
         ctx._check_output(row)
         return int(lib().llama_sampler_sample(self.handle, ctx.handle, row))
+
+    def _greedy(self, logits: npt.NDArray[np.float32]) -> int:
+        """The first index of the largest biased logit, as llama.cpp's logit_bias + greedy chain picks it."""
+        assert self._argmax is not None
+        best = int(logits.argmax())  # the first maximum, as llama.cpp's greedy sampler picks
+        ids, biases = self._argmax
+        if not len(ids):
+            return best
+        if best in self._biased:  # the raw maximum is itself biased: apply the biases to a copy
+            shifted = logits.copy()
+            shifted[ids] += biases  # float32 + float32, as llama.cpp's logit_bias sampler adds
+            return int(shifted.argmax())
+        # best is the first raw maximum and unbiased, so it is the first maximum of the unbiased tokens; only a
+        # biased token that reaches its logit can win (at a tie, the lower index)
+        values = logits[ids] + biases
+        top = values.max()
+        if top < logits[best]:
+            return best
+        first = int(ids[values == top].min())
+        return first if top > logits[best] or first < best else best
 
     def accept(self, token: int) -> None:
         """Feed a token (e.g. of the prompt) to the stateful samplers: penalties and grammar."""

@@ -317,6 +317,11 @@ class _FreeSeqs:
         heapq.heappush(self._heap, seq_id)
 
 
+# A prefill chunk cut by the batch budget is left for the next tick when shorter than this and other prompts are
+# already in the batch: with a KV stream per sequence llama.cpp splits a batch into micro-batches of equal tokens
+# per sequence, so a short extra chunk costs a whole extra micro-batch (a pass over the weights) for a few tokens.
+_MIN_CUT_CHUNK = 64
+
 _T = TypeVar("_T")
 _NO_HIT = CacheHit("cold", 0)
 
@@ -706,6 +711,8 @@ class ModelWorker:
                     end = a.n_prompt if a.fold else a.n_prompt - 1
                     if a.cold_point is not None and a.fed < a.cold_point < end:
                         end = a.cold_point
+                    if prefilling and a.fed + budget < end and budget < _MIN_CUT_CHUNK:
+                        continue  # a scrap of a prompt would cost llama.cpp a micro-batch: next tick instead
                     chunk = a.tokens[a.fed : min(end, a.fed + budget)]
                 items.append(DecodeItem(a.seq_id, chunk, logits=a.fed + len(chunk) == a.n_prompt))
                 owners.append(a)

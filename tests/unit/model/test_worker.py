@@ -106,6 +106,36 @@ def test_requests_take_the_lowest_free_sequences() -> None:
     assert max(len(b) for b in batches) == 3, "the three ran together"
 
 
+def test_no_scrap_of_a_prompt_rides_along_with_another_prefill() -> None:
+    # llama.cpp splits a batch into micro-batches of equal tokens per sequence: a 20-token cut of a second prompt
+    # next to a 100-token chunk would cost a pass over the weights of its own. It waits for the next tick instead.
+    batches: list[list[tuple[int, int]]] = []
+
+    class Recording(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            batches.append([(i.seq_id, len(i.tokens)) for i in items])
+            return super().decode(items)
+
+    prompts = [StubBackend().tokenize(f"prompt {i} " + "x" * 100) for i in range(3)]
+    n = len(prompts[0])
+    w = ModelWorker(lambda: Recording(n_seq_max=4, n_batch=128, eos_bias=-50.0), name="scrap")
+    w.start()
+    try:
+        handles = [w.submit(p, max_tokens=4) for p in prompts]
+        for h in handles:
+            assert h.result(timeout_s=10).finish_reason is FinishReason.LENGTH
+    finally:
+        w.stop()
+    fed: dict[int, int] = {}
+    for batch in batches:
+        chunks = [(s, k) for s, k in batch if k > 1]
+        for s, k in chunks[1:]:  # the first prompt of a batch takes what it can; the others are whole or >= 64
+            assert k >= 64 or fed.get(s, 0) + k >= n - 1, batch
+        for s, k in batch:
+            fed[s] = fed.get(s, 0) + k
+    assert all(sum(k for _, k in b) <= 128 for b in batches)
+
+
 def test_a_closed_consumer_loop_cancels_its_request() -> None:
     w = ModelWorker(
         lambda: StubBackend(n_seq_max=1, n_ctx_seq=8192, step_delay_s=0.0005, eos_bias=-50.0), name="closed"
