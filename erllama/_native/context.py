@@ -258,6 +258,13 @@ class Context:
             return
         self.model.check_tokens(batch.token[:n])
         n_ids = batch.n_seq_id[:n]
+        if n <= 64 and n_ids.min() == n_ids.max() == 1:
+            seqs = batch.seq_id[:n, 0].tolist()
+            if len(set(seqs)) == n:  # one token per sequence, the shape of every generation step: plain loops
+                for seq, pos in zip(seqs, batch.pos[:n].tolist(), strict=True):
+                    self.check_seq(seq)
+                    self._check_positions(seq, pos, pos)
+                return
         if int(n_ids.min()) < 1 or int(n_ids.max()) > batch.n_seq_max:
             raise InvalidInputError("every token must belong to at least one sequence")
         positions = batch.pos[:n]

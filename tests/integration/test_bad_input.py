@@ -117,6 +117,30 @@ def test_positions_must_continue_the_sequence(ctx: Context, model: Model) -> Non
     assert_still_works(ctx, model)
 
 
+def test_a_generation_step_batch_is_checked_too(ctx: Context, model: Model) -> None:
+    # one token for each of several sequences: the shape of every generation step, validated on its own fast path
+    ctx.decode_tokens(model.tokenize("hello"), 0)
+    ctx.decode_tokens(model.tokenize("world"), 1)
+    bos = model.info.bos
+    batch = Batch(4)
+    batch.add(bos, ctx.seq_len(0), 0, logits=True)
+    batch.add(bos, ctx.seq_len(1) + 1, 1, logits=True)
+    with pytest.raises(InvalidInputError, match="sequence 1 continues at position"):
+        ctx.decode(batch)
+    batch = Batch(4)
+    batch.add(bos, ctx.seq_len(0), 0, logits=True)
+    batch.add(bos, 0, 7, logits=True)
+    with pytest.raises(SeqIdError):
+        ctx.decode(batch)
+    before = ctx.seq_len(0), ctx.seq_len(1)
+    batch = Batch(4)
+    batch.add(bos, before[0], 0, logits=True)
+    batch.add(bos, before[1], 1, logits=True)
+    ctx.decode(batch)  # and a good one goes through
+    assert (ctx.seq_len(0), ctx.seq_len(1)) == (before[0] + 1, before[1] + 1)
+    assert_still_works(ctx, model)
+
+
 def test_logits_of_a_row_without_outputs(ctx: Context, model: Model) -> None:
     row = ctx.decode_tokens(model.tokenize("hello world"))
     with pytest.raises(InvalidInputError, match="no outputs"):
