@@ -137,7 +137,7 @@ class _Mailbox:
                 return  # a drain is already scheduled
         held: dict[_Mailbox, None] | None = getattr(_held, "boxes", None)
         if held is not None:
-            held[self] = None  # woken when the poster's batch ends
+            held[self] = None  # woken when the posting thread releases its held deliveries
             return
         self.wake()
 
