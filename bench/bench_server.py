@@ -12,6 +12,8 @@ The cold and streams runs are repeated ``--repeat`` times, interleaved (alternat
 medians are compared: on a small shared VM one run of either side can be 10% off.
 * **streams** — ``--streams`` concurrent requests (distinct 128-token prompts, 128 tokens each, end-of-generation
   tokens banned through ``logit_bias`` on both sides); aggregate completion tokens / wall time. Target >= 1.0x.
+  Also reported: each server's CPU during the run, split into its ``--threads`` busiest threads (ggml's compute
+  threads) and all the others (HTTP, event loop), from per-thread schedstat.
 * **rotating** — 8 documents of ~``--tokens`` tokens, a new question each time, round-robin over 4 slots
   (``bench_rotating.py``'s workload, now through the daemon). Steady-state mean TTFT after one warm-up round,
   against llama-server with ``--cache-ram 0`` (slots only) and as shipped (host-memory prompt cache on).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -38,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench.bench_rotating import QUESTIONS, documents
 from erllama._native import Model, ModelConfig, library
@@ -55,9 +59,36 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class Served:
+    base: str  # the base URL
+    pid: int
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds used so far by each thread of a process: Linux's schedstat (nanoseconds on the CPU), else psutil's
+    user + system times (clock-tick sampled, which undercounts threads that run in short bursts, like HTTP ones)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if tasks.is_dir():
+        out = {}
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError, ValueError):  # a thread that just ended
+                out[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        return out
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
+def cpu_split(before: dict[int, float], after: dict[int, float], n_compute: int) -> tuple[float, float]:
+    """(the ``n_compute`` busiest threads, every other thread): CPU seconds used between two ``thread_cpu`` calls."""
+    used = sorted((cpu - before.get(tid, 0.0) for tid, cpu in after.items()), reverse=True)
+    return sum(used[:n_compute]), sum(used[n_compute:])
+
+
 @contextlib.contextmanager
-def serving(kind: str, model: str, threads: int, slots: int, ctx_per_slot: int, *, extra: list[str]) -> Iterator[str]:
-    """Start ``erllama`` or ``llama-server`` on a free port; yield its base URL."""
+def serving(
+    kind: str, model: str, threads: int, slots: int, ctx_per_slot: int, *, extra: list[str]
+) -> Iterator[Served]:
+    """Start ``erllama`` or ``llama-server`` on a free port; yield its base URL and pid."""
     port = _free_port()
     if kind == "erllama":
         kv = tempfile.mkdtemp(prefix="erllama-bench-kv-")
@@ -87,7 +118,7 @@ def serving(kind: str, model: str, threads: int, slots: int, ctx_per_slot: int, 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind} did not start: {' '.join(cmd)} (log: {log.name})")
             time.sleep(0.2)
-        yield base
+        yield Served(base, proc.pid)
     except BaseException:
         print(f"{kind} failed; its log: {log.name}", file=sys.stderr)
         raise
@@ -175,8 +206,9 @@ def main() -> None:
         eog = [t for t in range(vocab.n_vocab) if vocab.is_eog(t)]
         stream_prompts = _stream_prompts(vocab, args.streams)
     bias = {str(t): -100.0 for t in eog}
-    results: dict[str, dict[str, list[float]]] = {"erllama": {"cold": [], "streams": []}}
-    results["llama-server"] = {"cold": [], "streams": []}
+    results: dict[str, dict[str, list[float]]] = {
+        kind: {"cold": [], "streams": [], "compute_cpu": [], "other_cpu": []} for kind in ("erllama", "llama-server")
+    }
     for rep in range(0 if args.only_rotating else args.repeat):
         # interleaved, alternating who goes first: slow drift of the machine hits both sides alike
         for kind in ("erllama", "llama-server") if rep % 2 == 0 else ("llama-server", "erllama"):
@@ -184,11 +216,15 @@ def main() -> None:
             # cold TTFT: fresh documents, unlike anything seen before (a different tag per side, repeat and prompt)
             docs = documents(args.cold, args.cold_tokens)
             prompts = [f"[{kind} {rep} {i}] {d}\nQuestion: what is this about?\nAnswer:" for i, d in enumerate(docs)]
-            with serving(kind, path, args.threads, 1, args.cold_tokens + 512, extra=[]) as base:
-                r["cold"] += cold(base, prompts)
+            with serving(kind, path, args.threads, 1, args.cold_tokens + 512, extra=[]) as srv:
+                r["cold"] += cold(srv.base, prompts)
             ctx = 2 * (N_STREAM_PROMPT + N_STREAM_GEN)
-            with serving(kind, path, args.threads, args.streams, ctx, extra=[]) as base:
-                r["streams"].append(streams(base, stream_prompts, bias)[0])
+            with serving(kind, path, args.threads, args.streams, ctx, extra=[]) as srv:
+                before = thread_cpu(srv.pid)
+                r["streams"].append(streams(srv.base, stream_prompts, bias)[0])
+                compute, other = cpu_split(before, thread_cpu(srv.pid), args.threads)
+                r["compute_cpu"].append(compute)
+                r["other_cpu"].append(other)
             print(f"repeat {rep}: {kind:12s} cold {[round(x * 1e3) for x in r['cold']]} ms, "
                   f"streams {[round(x, 1) for x in r['streams']]} tok/s", flush=True)  # fmt: skip
     rot: dict[str, list[float]] = {}
@@ -202,8 +238,8 @@ def main() -> None:
             ("llama-server --cache-ram 0", "llama-server", ["--cache-ram", "0"]),
             ("llama-server default", "llama-server", []),
         ):
-            with serving(kind, path, args.threads, 4, args.tokens + 512, extra=extra) as base:
-                rot[name] = rotating(base, prompts)
+            with serving(kind, path, args.threads, 4, args.tokens + 512, extra=extra) as srv:
+                rot[name] = rotating(srv.base, prompts)
             print(name, [round(x * 1e3) for x in rot[name]], flush=True)
 
     print()
@@ -231,6 +267,10 @@ def _report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace
     print(f"{args.streams} concurrent streams x {N_STREAM_GEN} tokens ({args.repeat} repeats, median): erllama "
           f"{tps_ours:.1f} tok/s, llama-server {tps_peer:.1f} tok/s -> {tps_ours / tps_peer:.3f}x (target >= 1.0x); "
           f"per repeat {', '.join(per_rep)}")  # fmt: skip
+    for kind, r in results.items():  # where the CPU went during each streams run (the client's is not counted)
+        compute, other = statistics.median(r["compute_cpu"]), statistics.median(r["other_cpu"])
+        print(f"  {kind:12s} CPU per streams run (median): the {args.threads} busiest threads (compute) "
+              f"{compute:.2f} s, all other threads {other:.2f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
