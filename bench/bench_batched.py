@@ -88,7 +88,10 @@ def main() -> None:
         with Runtime(None) as rt:
             model = rt.load_model(backend=lambda cfg=cfg: LlamaBackend(path, ModelConfig(), cfg))  # type: ignore[misc]
             eog = sorted(rt.model_info(model)["eog_tokens"])
-            ours(rt, model, npl, eog)  # warm-up
+            # warm-up: a lone request first, as on any server that has served one (sequences are then reused in
+            # the order they were freed; a FIFO of free ids once made every step two passes over the weights)
+            rt.complete(model, "warm up", max_tokens=4, use_cache=False)
+            ours(rt, model, npl, eog)
             for r in range(args.rounds):
                 a = ours(rt, model, npl, eog)
                 b = peer(path, npl, args.threads)
