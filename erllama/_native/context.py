@@ -357,6 +357,23 @@ class Context:
         view.flags.writeable = False
         return view
 
+    def _logits_matrix(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.intp]]:
+        """Every output row of the last decode as one read-only matrix, in place (valid until the next decode), and
+        for each batch row its row in the matrix (-1: no output). One call for a whole step's rows: llama.cpp keeps
+        the outputs in batch order, so batch row ``i`` is the matrix's row "number of outputs before ``i``"."""
+        outputs = self._outputs
+        n_out = int(np.count_nonzero(outputs))
+        if n_out == 0:
+            raise InvalidInputError("the last batch has no outputs (mark rows with logits=True)")
+        ptr = lib().llama_get_logits(self.handle)
+        if ptr == ffi.NULL:
+            raise DecodeError(f"no logits: {errcheck.last_error('')}", -1)
+        matrix = np.frombuffer(ffi.buffer(ptr, n_out * self.n_vocab * 4), dtype=np.float32).reshape(n_out, -1)
+        matrix.flags.writeable = False
+        where = np.cumsum(outputs != 0, dtype=np.intp) - 1
+        where[outputs == 0] = -1
+        return matrix, where
+
     def embeddings(self, i: int) -> npt.NDArray[np.float32]:
         """A copy of the embeddings of output row ``i`` (needs ``embeddings=True``)."""
         self._check_output(i)

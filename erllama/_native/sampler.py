@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from erllama._native.loader import ffi, lib
 from erllama._native.model import Model
 from erllama.errors import ClosedError, InvalidInputError, SamplerError
 
-__all__ = ["DEFAULT_SEED", "Sampler", "SamplerConfig"]
+__all__ = ["DEFAULT_SEED", "Sampler", "SamplerConfig", "sample_rows"]
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per sampler
 
@@ -181,14 +181,15 @@ class Sampler:
             raise InvalidInputError("the sampler was built for another model")
         if self._argmax is not None:
             self.handle  # noqa: B018 - closed samplers refuse in both paths
-            return self._greedy(ctx._logits_view(row))
+            view = ctx._logits_view(row)
+            return self._greedy(view, int(view.argmax()))
         ctx._check_output(row)
         return int(lib().llama_sampler_sample(self.handle, ctx.handle, row))
 
-    def _greedy(self, logits: npt.NDArray[np.float32]) -> int:
-        """The first index of the largest biased logit, as llama.cpp's logit_bias + greedy chain picks it."""
+    def _greedy(self, logits: npt.NDArray[np.float32], best: int) -> int:
+        """The first index of the largest biased logit, as llama.cpp's logit_bias + greedy chain picks it, given
+        ``best``, the first index of the largest raw logit (llama.cpp's greedy sampler also takes the first)."""
         assert self._argmax is not None
-        best = int(logits.argmax())  # the first maximum, as llama.cpp's greedy sampler picks
         ids, biases = self._argmax
         if not len(ids):
             return best
@@ -212,3 +213,32 @@ class Sampler:
 
     def reset(self) -> None:
         lib().llama_sampler_reset(self.handle)
+
+
+def sample_rows(ctx: Context, picks: Sequence[tuple[Sampler, int]]) -> list[int]:
+    """``[sampler.sample(ctx, row) for sampler, row in picks]``, with the plain-argmax samplers served together.
+
+    A generation step of n sequences reads n rows of n_vocab logits that llama.cpp has just written: fetched as
+    one matrix and reduced with one argmax over its rows, instead of n views and n argmax calls (half the cost).
+    Samplers with state (a distribution draw, grammar, penalties) go through llama.cpp's chain one by one.
+    """
+    out = [0] * len(picks)
+    bulk = []
+    for i, (sampler, row) in enumerate(picks):
+        if sampler._argmax is None or ctx.model is not sampler.model:
+            out[i] = sampler.sample(ctx, row)  # (a sampler for another model raises there)
+        else:
+            sampler.handle  # noqa: B018 - a closed sampler refuses
+            ctx._check_output(row)
+            bulk.append(i)
+    if bulk:
+        matrix, where = ctx._logits_matrix()
+        rows = [int(where[picks[i][1]]) for i in bulk]
+        if len(rows) == len(matrix) and len(set(rows)) == len(rows):
+            firsts = matrix.argmax(axis=1).tolist()
+            best = [firsts[r] for r in rows]
+        else:
+            best = [int(matrix[r].argmax()) for r in rows]
+        for i, r, b in zip(bulk, rows, best, strict=True):
+            out[i] = picks[i][0]._greedy(matrix[r], b)
+    return out

@@ -118,6 +118,10 @@ class ModelBackend(Protocol):
         """Pick the next token of ``seq_id`` from output row ``row`` of the last decode."""
         ...
 
+    def sample_rows(self, picks: Sequence[tuple[int, int]]) -> list[int]:
+        """``[sample(seq_id, row) for seq_id, row in picks]``, done together where the backend can (one step's rows)."""
+        ...
+
     def seq_len(self, seq_id: int) -> int: ...
 
     def seq_truncate(self, seq_id: int, n_tokens: int) -> None:

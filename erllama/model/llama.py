@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from erllama._native import Batch, Context, ContextConfig, LoraAdapter, Model, ModelConfig, Sampler, SamplerConfig
+from erllama._native.sampler import sample_rows
 from erllama.cache.key import FingerprintMode, fingerprint
 from erllama.errors import InvalidInputError, StateError
 from erllama.model.backend import BackendInfo, DecodeItem
@@ -156,6 +157,16 @@ class LlamaBackend:
         if sampler is None:
             sampler = self._samplers[seq_id] = Sampler(self._model)
         return sampler.sample(self._ctx, row)
+
+    def sample_rows(self, picks: Sequence[tuple[int, int]]) -> list[int]:
+        samplers = []
+        for seq_id, row in picks:
+            self._ctx.check_seq(seq_id)
+            sampler = self._samplers.get(seq_id)
+            if sampler is None:
+                sampler = self._samplers[seq_id] = Sampler(self._model)
+            samplers.append((sampler, row))
+        return sample_rows(self._ctx, samplers)
 
     def seq_len(self, seq_id: int) -> int:
         return self._ctx.seq_len(seq_id)

@@ -172,6 +172,9 @@ class StubBackend:
             raise InvalidInputError(f"row {row} of the last batch has no outputs")
         return self._rows[row].astype(np.float32)
 
+    def sample_rows(self, picks: Sequence[tuple[int, int]]) -> list[int]:
+        return [self.sample(seq_id, row) for seq_id, row in picks]
+
     def sample(self, seq_id: int, row: int) -> int:
         self._check_seq(seq_id)
         if row not in self._rows:

@@ -722,6 +722,14 @@ class ModelWorker:
         _release_held()  # the last tick's tokens go out now: the loops run while this decode holds no GIL
         rows = backend.decode(items)
         self.ticks += 1
+        # The step's tokens, picked together (one pass over the logits); rows that end their request unsampled
+        # (closing, or max_tokens reached by a prefill-only request) are left out.
+        picks = [
+            (a.seq_id, row)
+            for a, row in zip(owners, rows, strict=True)
+            if row is not None and a.closing is None and a.n_generated < a.max_tokens
+        ]
+        tokens = iter(backend.sample_rows(picks) if picks else ())
         for a, item, row in zip(owners, items, rows, strict=True):
             a.fed += len(item.tokens)
             after_first = a.cold_point == a.n_prompt == a.fed  # a folded prompt is saved after its first token
@@ -730,7 +738,7 @@ class ModelWorker:
             if a.closing is not None:
                 self._complete(backend, active, free, a, a.closing, save=True)
             elif row is not None:
-                self._sampled(backend, active, free, a, row)
+                self._sampled(backend, active, free, a, row, tokens)
             if after_first and active.get(a.seq_id) is a:
                 self._maybe_save(backend, a)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
@@ -749,13 +757,19 @@ class ModelWorker:
             a.last_save = a.fed
 
     def _sampled(
-        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, a: _Active, row: int
+        self,
+        backend: ModelBackend,
+        active: dict[int, _Active],
+        free: _FreeSeqs,
+        a: _Active,
+        row: int,
+        tokens: Iterator[int],
     ) -> None:
         if a.n_generated >= a.max_tokens:  # max_tokens == 0: prefill only
             self._finish(backend, active, free, a, FinishReason.LENGTH)
             return
         logits = backend.logits(row) if a.logprobs is not None else None
-        token = backend.sample(a.seq_id, row)
+        token = next(tokens)
         if not a.t_first:
             a.t_first = time.perf_counter()
         a.tokens.append(token)

@@ -60,3 +60,7 @@ class Recording(LlamaBackend):
     def sample(self, seq_id: int, row: int) -> int:
         self.sampled_from.append(self.context.logits(row))
         return super().sample(seq_id, row)
+
+    def sample_rows(self, picks: Sequence[tuple[int, int]]) -> list[int]:
+        self.sampled_from.extend(self.context.logits(row) for _, row in picks)
+        return super().sample_rows(picks)

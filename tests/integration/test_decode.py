@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from erllama._native import Batch, Context, ContextConfig, Model, Sampler, SamplerConfig
-from erllama.errors import SamplerError
+from erllama._native.sampler import sample_rows
+from erllama.errors import InvalidInputError, SamplerError
 from tests.integration.helpers import cold_run, step
 
 pytestmark = pytest.mark.native
@@ -80,6 +81,55 @@ def test_greedy_fast_path_picks_what_llamas_chain_picks(model: Model) -> None:
         assert penalised._argmax is None  # stateful samplers keep llama.cpp's chain
     with Sampler(model, SamplerConfig(grammar='root ::= "a"')) as constrained:
         assert constrained._argmax is None
+
+
+def test_sample_rows_picks_what_sampling_one_row_at_a_time_picks(model: Model) -> None:
+    # One step of four sequences (prompts of different lengths, so the output rows are not at even batch
+    # indices), sampled in bulk and one by one with identically built samplers, picks given out of row order.
+    prompts = [model.tokenize(p) for p in (PROMPT, "Once upon a time", "1, 2, 3, 4,", "Hello")]
+    cfg = ContextConfig(n_ctx=1024, n_batch=128, n_seq_max=4)
+
+    def decoded(ctx: Context) -> list[int]:
+        batch = Batch(128, 1)
+        rows = [batch.add_sequence(p, 0, seq) for seq, p in enumerate(prompts)]
+        ctx.decode(batch)
+        return rows
+
+    def configs(rows: list[int], ctx: Context) -> list[SamplerConfig]:
+        top = int(np.argmax(ctx.logits(rows[2])))
+        return [
+            SamplerConfig(),
+            SamplerConfig(logit_bias={top: -1e9}),  # row 2's raw maximum banned: the bias path
+            SamplerConfig(logit_bias={7: 1e9}),  # promoted past everything
+            SamplerConfig(logit_bias={top: 0.5}),
+        ]
+
+    def run(bulk: bool, mix: bool) -> list[int]:
+        with Context(model, cfg) as ctx:
+            rows = decoded(ctx)
+            cfgs = configs(rows, ctx)
+            if mix:  # one sequence samples from a seeded distribution: the others cannot use the whole matrix
+                cfgs[3] = SamplerConfig(temperature=0.9, seed=3)
+            samplers = [Sampler(model, c) for c in cfgs]
+            try:
+                picks = [(samplers[i], rows[i]) for i in (3, 1, 0, 2)]
+                if bulk:
+                    return sample_rows(ctx, picks)
+                return [s.sample(ctx, r) for s, r in picks]
+            finally:
+                for s in samplers:
+                    s.close()
+
+    for mix in (False, True):
+        one_by_one = run(bulk=False, mix=mix)
+        assert run(bulk=True, mix=mix) == one_by_one
+        assert one_by_one[3] == 7  # the promoted token, from sequence 2 (listed last)
+    with Context(model, cfg) as ctx, Sampler(model) as s:
+        rows = decoded(ctx)
+        with pytest.raises(InvalidInputError):
+            sample_rows(ctx, [(s, rows[0] - 1)])  # a row without logits
+        picked = sample_rows(ctx, [(s, rows[0]), (s, rows[0])])  # the same row twice
+        assert picked == [int(np.argmax(ctx.logits(rows[0])))] * 2
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model: Model) -> None:
