@@ -9,7 +9,7 @@ from erllama._native.context import Context, ContextConfig, FlashAttention, KVTy
 from erllama._native.grammar import JSON_OBJECT_SCHEMA, json_schema_to_grammar
 from erllama._native.loader import GpuDevice, Library, abi_mismatches, library
 from erllama._native.model import LoraAdapter, Model, ModelConfig, ModelInfo
-from erllama._native.sampler import DEFAULT_SEED, Sampler, SamplerConfig
+from erllama._native.sampler import DEFAULT_SEED, Sampler, SamplerConfig, sample_rows
 from erllama._native.text import Detokenizer
 
 __all__ = [
@@ -32,4 +32,5 @@ __all__ = [
     "abi_mismatches",
     "json_schema_to_grammar",
     "library",
+    "sample_rows",
 ]

@@ -12,8 +12,17 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from erllama._native import Batch, Context, ContextConfig, LoraAdapter, Model, ModelConfig, Sampler, SamplerConfig
-from erllama._native.sampler import sample_rows
+from erllama._native import (
+    Batch,
+    Context,
+    ContextConfig,
+    LoraAdapter,
+    Model,
+    ModelConfig,
+    Sampler,
+    SamplerConfig,
+    sample_rows,
+)
 from erllama.cache.key import FingerprintMode, fingerprint
 from erllama.errors import InvalidInputError, StateError
 from erllama.model.backend import BackendInfo, DecodeItem

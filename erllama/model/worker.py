@@ -738,7 +738,7 @@ class ModelWorker:
             if a.closing is not None:
                 self._complete(backend, active, free, a, a.closing, save=True)
             elif row is not None:
-                self._sampled(backend, active, free, a, row, tokens)
+                self._sampled(backend, active, free, a, row, tokens=tokens)
             if after_first and active.get(a.seq_id) is a:
                 self._maybe_save(backend, a)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
@@ -763,6 +763,7 @@ class ModelWorker:
         free: _FreeSeqs,
         a: _Active,
         row: int,
+        *,
         tokens: Iterator[int],
     ) -> None:
         if a.n_generated >= a.max_tokens:  # max_tokens == 0: prefill only

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erllama._native import Batch, Context, ContextConfig, Model, Sampler, SamplerConfig
-from erllama._native.sampler import sample_rows
+from erllama._native import Batch, Context, ContextConfig, Model, Sampler, SamplerConfig, sample_rows
 from erllama.errors import InvalidInputError, SamplerError
 from tests.integration.helpers import cold_run, step
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from erllama.errors import InvalidInputError
+from erllama.errors import DecodeError, InvalidInputError
 from erllama.model import DecodeItem, SamplerConfig, StubBackend
 from erllama.model.worker import DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
 
@@ -154,6 +154,42 @@ def test_a_closed_consumer_loop_cancels_its_request() -> None:
         assert nxt.result(timeout_s=10).finish_reason is FinishReason.LENGTH
     finally:
         w.stop()
+
+
+def _consume(w: ModelWorker, prompt: str, max_tokens: int) -> list[object]:
+    """Run one request to its end through an asyncio consumer (the server's path), with a timeout per event."""
+
+    async def go() -> list[object]:
+        handle = w.submit(StubBackend().tokenize(prompt), max_tokens=max_tokens)
+        aq = handle.async_queue(asyncio.get_running_loop())
+        events: list[object] = []
+        while not events or not isinstance(events[-1], DoneEvent | ErrorEvent):
+            events.append(await asyncio.wait_for(aq.get(), 10))
+        return events
+
+    return asyncio.run(go())
+
+
+def test_a_decode_that_fails_still_wakes_the_loop_for_the_step_before_it() -> None:
+    # A decode fails mid-stream (while the last token's wake-up is held for it): the consumer still gets every
+    # token sampled before it, then the error, instead of waiting forever.
+    sampled_from: list[int] = []
+
+    class Failing(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            if len(sampled_from) == 5:
+                raise DecodeError("injected failure", -3)
+            rows = super().decode(items)
+            sampled_from.extend(r for r in rows if r is not None)
+            return rows
+
+    w = ModelWorker(lambda: Failing(n_seq_max=1, eos_bias=-50.0), name="failing")
+    w.start()
+    try:
+        events = _consume(w, "hello", 50)
+    finally:
+        w.stop()
+    assert [type(e) for e in events] == [TokenEvent] * 5 + [ErrorEvent]
 
 
 def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
