@@ -160,22 +160,19 @@ class LlamaBackend:
     def logits(self, row: int) -> npt.NDArray[np.float32]:
         return self._ctx.logits(row)
 
-    def sample(self, seq_id: int, row: int) -> int:
+    def _sampler(self, seq_id: int) -> Sampler:
+        """The sequence's sampler (greedy until set_sampler gives it another)."""
         self._ctx.check_seq(seq_id)
         sampler = self._samplers.get(seq_id)
         if sampler is None:
             sampler = self._samplers[seq_id] = Sampler(self._model)
-        return sampler.sample(self._ctx, row)
+        return sampler
+
+    def sample(self, seq_id: int, row: int) -> int:
+        return self._sampler(seq_id).sample(self._ctx, row)
 
     def sample_rows(self, picks: Sequence[tuple[int, int]]) -> list[int]:
-        samplers = []
-        for seq_id, row in picks:
-            self._ctx.check_seq(seq_id)
-            sampler = self._samplers.get(seq_id)
-            if sampler is None:
-                sampler = self._samplers[seq_id] = Sampler(self._model)
-            samplers.append((sampler, row))
-        return sample_rows(self._ctx, samplers)
+        return sample_rows(self._ctx, [(self._sampler(seq_id), row) for seq_id, row in picks])
 
     def seq_len(self, seq_id: int) -> int:
         return self._ctx.seq_len(seq_id)

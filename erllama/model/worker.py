@@ -722,14 +722,14 @@ class ModelWorker:
         _release_held()  # the last tick's tokens go out now: the loops run while this decode holds no GIL
         rows = backend.decode(items)
         self.ticks += 1
-        # The step's tokens, picked together (one pass over the logits); rows that end their request unsampled
-        # (closing, or max_tokens reached by a prefill-only request) are left out.
+        # The step's tokens, picked together (one pass over the logits). Rows that end their request unsampled are
+        # left out: closing ones, and those that reached max_tokens (a prefill-only request).
         picks = [
             (a.seq_id, row)
             for a, row in zip(owners, rows, strict=True)
             if row is not None and a.closing is None and a.n_generated < a.max_tokens
         ]
-        tokens = iter(backend.sample_rows(picks) if picks else ())
+        sampled = dict(zip((s for s, _ in picks), backend.sample_rows(picks) if picks else (), strict=True))
         for a, item, row in zip(owners, items, rows, strict=True):
             a.fed += len(item.tokens)
             after_first = a.cold_point == a.n_prompt == a.fed  # a folded prompt is saved after its first token
@@ -738,7 +738,7 @@ class ModelWorker:
             if a.closing is not None:
                 self._complete(backend, active, free, a, a.closing, save=True)
             elif row is not None:
-                self._sampled(backend, active, free, a, row, tokens=tokens)
+                self._sampled(backend, active, free, a, row, token=sampled.get(a.seq_id))
             if after_first and active.get(a.seq_id) is a:
                 self._maybe_save(backend, a)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
@@ -764,13 +764,14 @@ class ModelWorker:
         a: _Active,
         row: int,
         *,
-        tokens: Iterator[int],
+        token: int | None,
     ) -> None:
-        if a.n_generated >= a.max_tokens:  # max_tokens == 0: prefill only
+        """``token``: the one sampled from ``row``; None when the request was not sampled, having reached max_tokens
+        (max_tokens == 0: prefill only)."""
+        if token is None:
             self._finish(backend, active, free, a, FinishReason.LENGTH)
             return
         logits = backend.logits(row) if a.logprobs is not None else None
-        token = next(tokens)
         if not a.t_first:
             a.t_first = time.perf_counter()
         a.tokens.append(token)
