@@ -62,6 +62,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import gc
     import os
 
     import uvicorn
@@ -109,6 +110,11 @@ def serve(args: argparse.Namespace) -> int:
             name = args.name or path.stem
             served[name] = load(rt, path, name)
         app = create_app(rt, served, config, source=ModelDirectory(models_dir, load))
+        # What is alive now (the libraries, the app, the loaded models) lives as long as the process: out of the
+        # cyclic collector's sight, collections walk only what requests allocate. Unfrozen, a full collection took
+        # 9-12 ms here, holding the GIL while a model worker waited for it; frozen, an 8-stream run saw none.
+        gc.collect()
+        gc.freeze()
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     if store is not None:
         store.close()

@@ -168,6 +168,9 @@ def _deliveries_held() -> Iterator[None]:
     The worker holds them from one decode to the next, so consumers' loops wake once per tick, just as the next
     decode starts and runs without the GIL. Woken at the first sampled token instead, a loop would compete for the
     GIL with the worker's sampling and batch building (every cffi call hands the GIL over) and delay the decode.
+    Cache saves keep them held too: a loop woken before a state copy takes the GIL while the copy runs in C and
+    keeps it (a finished stream's last chunks and teardown), and the copy's return waits for it — finish saves took
+    3-13 ms that way against 1-2.5 ms held, with the other streams' next decode waiting on each.
     """
     _held.boxes = {}
     try:
@@ -178,7 +181,7 @@ def _deliveries_held() -> Iterator[None]:
 
 
 def _release_held() -> None:
-    """Wake the loops this thread's held deliveries are bound for, now (before slow work, such as a cache save)."""
+    """Wake the loops this thread's held deliveries are bound for, now (before a decode, a call or idling)."""
     boxes: dict[_Mailbox, None] | None = getattr(_held, "boxes", None)
     if boxes:
         woken = list(boxes)
@@ -594,7 +597,7 @@ class ModelWorker:
     def _loop(self, backend: ModelBackend, active: dict[int, _Active]) -> None:
         info = backend.info
         free = _FreeSeqs(info.n_seq_max)
-        with _deliveries_held():  # released right before each decode, before slow work and before idling
+        with _deliveries_held():  # released right before each decode, before a call and before idling
             while not self._stop.is_set():
                 self._run_calls(backend, free)
                 parked = self._admit(backend, active, free)
@@ -748,11 +751,9 @@ class ModelWorker:
         if link is None or not a.use_cache:
             return
         if a.cold_point is not None and a.fed == a.cold_point:
-            _release_held()  # the tokens sampled so far go out while the state is copied
             link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.COLD)
             a.last_save, a.cold_point = a.fed, None
         elif a.fed > a.n_prompt and a.closing is None and link.continued_due(a.fed, a.fed - a.last_save):
-            _release_held()
             link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.CONTINUED)
             a.last_save = a.fed
 
@@ -818,7 +819,6 @@ class ModelWorker:
         if link is not None and reason is not FinishReason.CANCELLED:
             finish_key = link.key(committed)
             if save and a.fed > a.last_save:
-                _release_held()
                 link.save(backend, a.seq_id, committed, SaveReason.FINISH)
             link.remember(finish_key, committed)
         # Bytes of a character the reply was cut inside are dropped: the reply ends before it, streamed or not.
