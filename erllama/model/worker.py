@@ -168,9 +168,10 @@ def _deliveries_held() -> Iterator[None]:
     The worker holds them from one decode to the next, so consumers' loops wake once per tick, just as the next
     decode starts and runs without the GIL. Woken at the first sampled token instead, a loop would compete for the
     GIL with the worker's sampling and batch building (every cffi call hands the GIL over) and delay the decode.
-    Cache saves keep them held too: a loop woken before a state copy takes the GIL while the copy runs in C and
-    keeps it (a finished stream's last chunks and teardown), and the copy's return waits for it — finish saves took
-    3-13 ms that way against 1-2.5 ms held, with the other streams' next decode waiting on each.
+    Cache saves keep them held too (but for a folded prompt's row, copied once its first token is out): a loop woken
+    before a state copy takes the GIL while the copy runs in C and keeps it (a finished stream's last chunks and
+    teardown), and the copy's return waits for it — finish saves took 3-13 ms that way against 1-2.5 ms held, with
+    the other streams' next decode waiting on each.
     """
     _held.boxes = {}
     try:
@@ -743,6 +744,7 @@ class ModelWorker:
             elif row is not None:
                 self._sampled(backend, active, free, a, row, token=sampled.get(a.seq_id))
             if after_first and active.get(a.seq_id) is a:
+                _release_held()  # the first token goes out before the prompt's row is copied: off the TTFT
                 self._maybe_save(backend, a)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
 

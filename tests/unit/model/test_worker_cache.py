@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -15,7 +16,7 @@ from erllama.cache.kvc import RowMeta
 from erllama.cache.tier import Payload
 from erllama.errors import InvalidInputError, StateError
 from erllama.model import DecodeItem, StubBackend
-from erllama.model.worker import DoneEvent, FinishReason, ModelWorker
+from erllama.model.worker import DoneEvent, FinishReason, ModelWorker, TokenEvent
 
 from .test_worker import reference
 
@@ -405,3 +406,37 @@ def test_a_foldable_backend_prefills_the_last_token_in_the_chunk_and_saves_after
     assert (warm.cache_hit, warm.restored_tokens) == ("exact", 100), "the 101-token row, cut back"
     assert events[0] == "decode 1*"
     assert warm.tokens == cold.tokens == tuple(reference(prompt, 2, eos_bias=-50.0))
+
+
+def test_a_folded_prompts_first_token_reaches_an_asyncio_consumer_before_its_row_is_copied(store: CacheStore) -> None:
+    # The copy waits (up to 5 s) for the consumer to hold the first token: it only gets there if the worker woke the
+    # consumer's loop before copying, as it must for the save to stay off the time to first token.
+    first_token = threading.Event()
+    seen_before_copy: list[bool] = []
+
+    class Foldable(StubBackend):
+        @property
+        def info(self):  # type: ignore[no-untyped-def]
+            return dataclasses.replace(super().info, last_token_foldable=True)
+
+        def state_get(self, seq_id: int) -> memoryview:
+            seen_before_copy.append(first_token.wait(5))
+            return super().state_get(seq_id)
+
+    async def consume(w: ModelWorker, prompt: list[int]) -> DoneEvent:
+        aq = w.submit(prompt, max_tokens=3).async_queue(asyncio.get_running_loop())
+        while True:
+            event = await asyncio.wait_for(aq.get(), 20)
+            if isinstance(event, TokenEvent):
+                first_token.set()
+            elif isinstance(event, DoneEvent):
+                return event
+
+    w = ModelWorker(lambda: Foldable(**STUB), name="fold", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        done = asyncio.run(consume(w, text("z" * 100)))
+    finally:
+        w.stop()
+    assert done.finish_reason is FinishReason.LENGTH
+    assert seen_before_copy[0] is True, "the prompt's row (the first copy) was taken before the token went out"
