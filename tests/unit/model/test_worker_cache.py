@@ -367,18 +367,20 @@ def test_a_cache_that_cannot_drop_positions_falls_back_to_prefix_rows(store: Cac
     assert again.tokens == cut.tokens
 
 
+class _Foldable(StubBackend):
+    """Batch-invariant (as the stub is by construction) and able to cut rows back."""
+
+    @property
+    def info(self):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(super().info, last_token_foldable=True)
+
+
 def test_a_foldable_backend_prefills_the_last_token_in_the_chunk_and_saves_after_the_first_token(
     store: CacheStore,
 ) -> None:
     events: list[str] = []
 
-    class Foldable(StubBackend):
-        """Batch-invariant (as the stub is by construction) and able to cut rows back."""
-
-        @property
-        def info(self):  # type: ignore[no-untyped-def]
-            return dataclasses.replace(super().info, last_token_foldable=True)
-
+    class Foldable(_Foldable):
         def decode(self, items):  # type: ignore[no-untyped-def]
             events.append("decode " + ",".join(f"{len(i.tokens)}{'*' if i.logits else ''}" for i in items))
             return super().decode(items)
@@ -414,11 +416,7 @@ def test_a_folded_prompts_first_token_reaches_an_asyncio_consumer_before_its_row
     first_token = threading.Event()
     seen_before_copy: list[bool] = []
 
-    class Foldable(StubBackend):
-        @property
-        def info(self):  # type: ignore[no-untyped-def]
-            return dataclasses.replace(super().info, last_token_foldable=True)
-
+    class Foldable(_Foldable):
         def state_get(self, seq_id: int) -> memoryview:
             seen_before_copy.append(first_token.wait(5))
             return super().state_get(seq_id)
