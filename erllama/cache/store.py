@@ -4,8 +4,9 @@ Tiers are ordered fastest first and inclusive: a save is written through to ever
 so a row the RAM tier evicts is still on disk; a load is served by the fastest tier holding the row, and a hit in a
 slower tier is promoted back into the fastest one. The prefix index knows every row of every tier; tiers report
 each key that leaves them, and the index forgets a key once no tier holds it. Concurrent saves of one key are
-deduplicated: the second caller gets the first caller's future. A ``parent_key`` resume can wait for an in-flight
-save of that key.
+deduplicated: the second caller gets the first caller's future. A save can be reserved before its payload exists
+(a reply announced before its last token is committed): the key counts as in flight from then on. A ``parent_key``
+resume can wait for an in-flight save of that key.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class CacheStore:
         self.index = PrefixIndex()
         self._lock = threading.Lock()
         self._inflight: dict[CacheKey, Future[bool]] = {}
+        self._reserved: dict[CacheKey, Future[bool]] = {}  # in _inflight too, until filled by save() or released
         for tier in self.tiers:
             tier.on_drop = self._dropped
             for meta in tier.metas():
@@ -147,11 +149,14 @@ class CacheStore:
     def _publish(self, meta: RowMeta, payload: Payload) -> bool:
         t0 = time.perf_counter()
         try:
-            accepted = [tier.publish(meta, payload) for tier in self.tiers]
-            if not any(accepted):
+            accepted = False
+            for tier in self.tiers:  # restorable from the first tier that takes it, while slower tiers write
+                if tier.publish(meta, payload):
+                    self.index.add(meta.namespace, meta.tokens)  # again after a slower tier: a no-op, unless the
+                    accepted = True  # faster tier dropped the row meanwhile and the index forgot it
+            if not accepted:
                 self.counters.incr("saves_refused")
                 return False
-            self.index.add(meta.namespace, meta.tokens)
             self.counters.record_save(meta.save_reason)
             self.counters.record_latency("save", time.perf_counter() - t0)
             return True
@@ -170,16 +175,45 @@ class CacheStore:
         same key), or None when the row is already stored or the writer is full (then counted as dropped)."""
         meta = self._meta(namespace, tokens, reason)
         with self._lock:
-            if meta.key in self._inflight:
+            reserved = self._reserved.pop(meta.key, None)
+            if reserved is None and meta.key in self._inflight:
                 self.counters.incr("saves_deduplicated")
                 return self._inflight[meta.key]
-            if meta.key in self:
+            if reserved is None and meta.key in self:
                 self.counters.incr("saves_already_cached")
                 return None
             future = self.writer.submit(lambda: self._publish(meta, payload))
+            if reserved is not None:
+                if future is None:
+                    self._inflight.pop(meta.key, None)
+                    reserved.set_result(False)
+                else:
+                    future.add_done_callback(lambda f: reserved.set_result(f.exception() is None and f.result()))
+                return reserved
             if future is not None and not future.done():
                 self._inflight[meta.key] = future
         return future
+
+    def reserve(self, namespace: Namespace, tokens: Sequence[int]) -> bool:
+        """Announce a save of ``tokens`` whose payload is not read yet. Until :meth:`save` fills it or
+        :meth:`release` gives it up, the key is in flight: ``pending`` is true, and ``drain``, ``wait_for`` and
+        ``resume`` wait for it. False (nothing reserved) when the key is already stored or in flight."""
+        key = cache_key(namespace, tokens)
+        with self._lock:
+            if key in self._inflight or key in self:
+                return False
+            self._reserved[key] = self._inflight[key] = Future()
+        return True
+
+    def release(self, namespace: Namespace, tokens: Sequence[int]) -> None:
+        """Give up a reservation that will not be filled (its waiters see the key absent)."""
+        key = cache_key(namespace, tokens)
+        with self._lock:
+            reserved = self._reserved.pop(key, None)
+            if reserved is not None:
+                self._inflight.pop(key, None)
+        if reserved is not None:
+            reserved.set_result(False)
 
     def save_sync(
         self,

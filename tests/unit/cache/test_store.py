@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,77 @@ def test_startup_reads_each_header_once(tmp_path: Path, monkeypatch: pytest.Monk
         assert len(again.index) == 3
     finally:
         again.close()
+
+
+def test_a_reserved_save_is_in_flight_until_filled() -> None:
+    store = CacheStore([RamTier(1 << 20)])
+    key = cache_key(NS, PROMPT)
+    try:
+        assert store.reserve(NS, PROMPT)
+        assert store.pending(key)
+        assert key not in store
+        assert not store.reserve(NS, PROMPT), "a key is reserved once"
+        assert not store.drain(0.05), "drain waits for the reservation"
+        waited: list[bool] = []
+        waiter = threading.Thread(target=lambda: waited.append(store.wait_for(key, 5)))
+        waiter.start()
+        future = store.save(NS, PROMPT, b"r" * 100, SaveReason.FINISH)  # fills it: no "already in flight"
+        assert future is not None
+        assert future.result(timeout=5)
+        waiter.join(5)
+        assert waited == [True]
+        assert store.drain(5)
+        assert key in store
+        assert not store.pending(key)
+        snap = store.counters.snapshot()
+        assert (snap["saves_finish"], snap.get("saves_deduplicated", 0)) == (1, 0)
+        assert not store.reserve(NS, PROMPT), "nothing to reserve once stored"
+    finally:
+        store.close()
+
+
+def test_a_released_reservation_wakes_its_waiters_with_nothing() -> None:
+    store = CacheStore([RamTier(1 << 20)])
+    key = cache_key(NS, PROMPT)
+    try:
+        assert store.reserve(NS, PROMPT)
+        waited: list[bool] = []
+        waiter = threading.Thread(target=lambda: waited.append(store.wait_for(key, 5)))
+        waiter.start()
+        store.release(NS, PROMPT)
+        waiter.join(5)
+        assert waited == [False]
+        assert store.drain(0.1)
+        assert not store.pending(key)
+        assert store.reserve(NS, PROMPT), "free to reserve again"
+        store.release(NS, PROMPT)
+    finally:
+        store.close()
+
+
+def test_a_row_is_restorable_from_the_fast_tier_while_the_slow_one_writes(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    class SlowDisk(FileTier):
+        def publish(self, meta, payload):  # type: ignore[no-untyped-def]
+            gate.wait(5)
+            return super().publish(meta, payload)
+
+    store = CacheStore([RamTier(1 << 20), SlowDisk([tmp_path], 1 << 22)])
+    try:
+        future = store.save(NS, PROMPT, b"d" * 1000, SaveReason.FINISH)
+        assert future is not None
+        deadline = time.monotonic() + 5
+        while store.index.longest_prefix(NS, [*PROMPT, 7]) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        hit = store.index.longest_prefix(NS, [*PROMPT, 7])
+        assert hit is not None, "indexed once the RAM tier holds it"
+        assert hit.n_tokens == len(PROMPT)
+        assert store.pending(hit.key), "while the disk tier is still writing"
+        gate.set()
+        assert future.result(timeout=10)
+        assert store.tiers[1].metas()
+        assert not store.pending(hit.key)
+    finally:
+        gate.set()
+        store.close()
