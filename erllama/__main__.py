@@ -93,7 +93,9 @@ def serve(args: argparse.Namespace) -> int:
     )
 
     def load(rt: Runtime, path: Path, name: str) -> str:
-        return rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg), model_id=name)
+        return rt.load_model(
+            backend=lambda: LlamaBackend(path, context_config=cfg), model_id=name, batch_wait_s=args.batch_wait_ms / 1e3
+        )
 
     config = ServerConfig(
         api_key=args.api_key or os.environ.get("ERLLAMA_API_KEY"),
@@ -143,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv.add_argument("--parallel", type=int, default=4, help="sequences decoded together")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
     srv.add_argument("--batch", type=int, default=512, help="tokens per decode call (n_batch)")
+    srv.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="at most this long (and 1%% of its estimated time) a prefill waits for requests arriving with it; 0: off",
+    )
     srv.add_argument("--flash-attn", choices=["auto", "on", "off"], help="default: off on CPU builds, auto on GPUs")
     srv.add_argument("--max-concurrency", type=int, default=None, help="requests run at once (default: --parallel)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests that may wait beyond those")

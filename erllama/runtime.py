@@ -322,9 +322,11 @@ class Runtime:
         salt: str = "",
         max_restarts: int = 3,
         window_s: float = 60.0,
+        batch_wait_s: float = 0.005,
     ) -> str:
         """Load a GGUF (``path``) or a custom backend (``backend``, a factory run on the worker thread) as a
-        supervised worker; returns the model id (``model_id`` or a generated one)."""
+        supervised worker; returns the model id (``model_id`` or a generated one). ``batch_wait_s`` caps how long
+        the worker holds a prefill for requests arriving with it (see ``ModelWorker._gather``; 0 disables)."""
         if (path is None) == (backend is None):
             raise InvalidInputError("load_model needs exactly one of path and backend")
         factory: Callable[[], ModelBackend]
@@ -352,6 +354,7 @@ class Runtime:
             "cache": self.cache,
             "policy": policy or self.policy,
             "salt": salt,
+            "batch_wait_s": batch_wait_s,
             "adapters": lambda: entry_box[0].adapter_specs() if entry_box else [],
         }
         model_id = self._registry.load(

@@ -187,14 +187,26 @@ class CacheLink:
             self.counters.record_veto(veto)
         return veto is None
 
-    def save(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason) -> CacheKey:
-        """Copy the sequence's state out (on this thread) and hand it to the store's writer."""
+    def save(
+        self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason, *, reserved: bool = False
+    ) -> CacheKey:
+        """Copy the sequence's state out (on this thread) and hand it to the store's writer. ``reserved``: this
+        caller holds the key's reservation (:meth:`reserve`), which the save fills."""
         key = self.key(tokens)
-        if key in self.store or self.store.pending(key):
+        if not reserved and (key in self.store or self.store.pending(key)):
             self.counters.incr("saves_already_cached")
             return key
         self.store.save(self.namespace, tokens, backend.state_get(seq_id), reason)
         return key
+
+    def reserve(self, tokens: Sequence[int]) -> bool:
+        """Mark a save of ``tokens`` as in flight before the state holds them all (see ``CacheStore.reserve``);
+        False when the row is already stored or in flight."""
+        return self.store.reserve(self.namespace, tokens)
+
+    def release(self, tokens: Sequence[int]) -> None:
+        """Give up a reservation taken with :meth:`reserve`."""
+        self.store.release(self.namespace, tokens)
 
     def save_sync(
         self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason, timeout_s: float

@@ -12,9 +12,14 @@ rows back (``BackendInfo.last_token_foldable``): then it rides in the final pref
 pass fewer) and the prompt's cold row is taken after the first token is out, off the time-to-first-token.
 
 States are saved per the policy: at the cold save point, every ``continued_interval`` generated tokens, at the
-finish (after committing the final sampled token, so the row holds the whole context), and for live sequences at
-shutdown. ``finish_key`` names the finish row; passed back as ``parent_key`` it continues that context (waiting up
-to ``session_resume_wait_ms`` for its save).
+finish, and for live sequences at shutdown. A reply's end is announced as soon as its last token is sampled; the
+sequence then closes with the next tick (that token decoded with the other sequences' tokens, so the finish row
+holds the whole context), its row reserved in the store meanwhile. ``finish_key`` names the finish row; passed back
+as ``parent_key`` it continues that context, and a request whose context extends a reply waits (up to
+``session_resume_wait_ms``) for that reply's row rather than computing it again.
+
+Before a tick that only starts prefills, the worker waits a moment for requests arriving with them (dynamic
+batching, bounded by ``batch_wait_s`` and by 1% of the tick's estimated time).
 
 Other threads only enqueue requests, read events and set cancel flags; a cancel is observed at the next tick, i.e.
 within one token or one prefill chunk, and frees the sequence. Phase, queue depth and in-flight count are plain
@@ -296,7 +301,8 @@ class _Active:
     cold_point: int | None = None  # where the prompt is saved while prefilling
     last_save: int = 0  # fed at the last save (or restore)
     n_generated: int = 0  # reply tokens streamed
-    closing: FinishReason | None = None  # finished; its last token is being committed for the finish save
+    closing: FinishReason | None = None  # ended and announced; its last token is committed next tick, then saved
+    reserved: bool = False  # holds the reservation of its finish row (taken when it started closing)
     text: list[str] = dataclasses.field(default_factory=list)
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
     t_first: float = 0.0
@@ -326,6 +332,10 @@ class _FreeSeqs:
 # per sequence, so a short extra chunk costs a whole extra micro-batch (a pass over the weights) for a few tokens.
 _MIN_CUT_CHUNK = 64
 
+# Dynamic batching: before a tick that only prefills newly admitted prompts and has room left, the worker waits for
+# more requests up to this share of the tick's estimated time (and at most ``batch_wait_s``).
+_GATHER_SHARE = 0.01
+
 _T = TypeVar("_T")
 _NO_HIT = CacheHit("cold", 0)
 
@@ -348,6 +358,7 @@ class ModelWorker:
         adapters: Callable[[], Sequence[tuple[str, str, float]]] | None = None,
         shutdown_save_timeout_s: float = 10.0,
         idle_wait_s: float = 0.05,
+        batch_wait_s: float = 0.005,
         on_exit: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.name = name
@@ -361,6 +372,9 @@ class ModelWorker:
         self._adapter_handles: dict[str, object] = {}
         self._shutdown_save_timeout_s = shutdown_save_timeout_s
         self._idle_wait_s = idle_wait_s
+        self._batch_wait_s = batch_wait_s
+        self._s_per_token: float | None = None  # decode seconds per token, from recent prefill-sized ticks
+        self._finishing: dict[CacheKey, tuple[int, ...]] = {}  # finish rows announced, not restorable yet
         self._inbox: deque[_Waiting] = deque()
         self._calls: deque[tuple[Callable[[ModelBackend], Any], Future[Any]]] = deque()
         self._seq_calls: deque[tuple[Callable[[ModelBackend, int], Any], Future[Any]]] = deque()
@@ -552,7 +566,10 @@ class ModelWorker:
 
     def _fail_all(self, active: dict[int, _Active], exc: BaseException) -> None:
         for a in active.values():
-            a.handle._emit(ErrorEvent(exc))
+            if a.closing is None:
+                a.handle._emit(ErrorEvent(exc))
+            elif a.reserved and self.link is not None:
+                self.link.release(a.tokens)  # its end went out already; its finish row will not be written
         active.clear()
         with self._wake:
             waiting = list(self._inbox)
@@ -602,9 +619,11 @@ class ModelWorker:
             while not self._stop.is_set():
                 self._run_calls(backend, free)
                 parked = self._admit(backend, active, free)
-                for a in [a for a in active.values() if a.handle.cancelled]:
-                    self._complete(backend, active, free, a, a.closing or FinishReason.CANCELLED, save=False)
+                for a in [a for a in active.values() if a.handle.cancelled and a.closing is None]:
+                    self._complete(backend, active, free, a, FinishReason.CANCELLED, save=False)
                 if active:
+                    if not parked:
+                        self._gather(backend, active, free)
                     self._tick(backend, active, free)
                     continue
                 _release_held()
@@ -613,6 +632,7 @@ class ModelWorker:
                     idle = (parked or not self._inbox) and not self._calls and not self._seq_calls
                     if idle and not self._stop.is_set():
                         self._wake.wait(0.002 if parked else self._idle_wait_s)
+            self._close(backend, active, free, [a for a in active.values() if a.closing is not None])
 
     def _admit(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> bool:
         """Admit waiting requests while sequences are free; returns True if a request is parked on its parent."""
@@ -627,6 +647,9 @@ class ModelWorker:
                 continue
             tokens = self._context_of(backend, w, parked)
             if tokens is None:
+                continue
+            if self._awaits_reply_row(backend, active, free, w, tokens):
+                parked.append(w)
                 continue
             n_ctx, n_vocab = backend.info.n_ctx_seq, backend.info.n_vocab
             if min(tokens) < 0 or max(tokens) >= n_vocab:
@@ -670,6 +693,54 @@ class ModelWorker:
             with self._wake:
                 self._inbox.extendleft(reversed(parked))
         return bool(parked)
+
+    def _gather(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> None:
+        """Give a burst of requests a moment to share the tick that starts their prefill.
+
+        Clients that fire together reach the worker a few milliseconds apart (each request is parsed and validated
+        in turn). Started at the first one, a prefill tick runs it alone, and the rest queue behind a tick that
+        could have held them — on a CPU a ~100-token prompt is a tick of hundreds of milliseconds. So before a tick
+        that only prefills, has a prompt that has not been fed yet and leaves room in the batch, the worker waits
+        for more requests: at most ``batch_wait_s``, and at most ``_GATHER_SHARE`` of the tick's estimated time,
+        so a lone request loses at most that share of its time to first token. No sequence is generating then,
+        so no stream waits on it.
+        """
+        if self._batch_wait_s <= 0 or self._s_per_token is None or not free:
+            return
+        if any(a.fed >= a.n_prompt for a in active.values()) or all(a.fed > a.hit.prefix_len for a in active.values()):
+            return
+        n_batch = backend.info.n_batch
+        pending = sum(a.n_prompt - a.fed for a in active.values())
+        deadline = time.perf_counter() + min(self._batch_wait_s, _GATHER_SHARE * pending * self._s_per_token)
+        while free and pending + _MIN_CUT_CHUNK <= n_batch and not self._stop.is_set():
+            with self._wake:
+                left = deadline - time.perf_counter()
+                if not self._inbox and (left <= 0 or self._calls or self._seq_calls):
+                    return
+                if not self._inbox:
+                    self._wake.wait(left)
+                    continue
+            if self._admit(backend, active, free):
+                return  # a parent_key request is parked: its parent's save is being written
+            pending = sum(a.n_prompt - a.fed for a in active.values())
+
+    def _awaits_reply_row(
+        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, w: _Waiting, tokens: list[int]
+    ) -> bool:
+        """Whether the request continues a reply whose finish row is not restorable yet (the next turn of a chat,
+        sent the moment the reply ended): it then waits for the row, up to its deadline, rather than computing the
+        reply's tokens again. A reply still closing is closed at once, its row handed to the writer."""
+        if not self._finishing or self.link is None:
+            return False
+        store = self.link.store
+        for key, context in list(self._finishing.items()):
+            if key in store or not store.pending(key):
+                del self._finishing[key]
+            elif len(context) < len(tokens) and tuple(tokens[: len(context)]) == context:
+                closing = [a for a in active.values() if a.closing is not None and tuple(a.tokens) == context]
+                self._close(backend, active, free, closing)
+                return time.monotonic() < w.deadline
+        return False
 
     def _context_of(self, backend: ModelBackend, w: _Waiting, parked: list[_Waiting]) -> list[int] | None:
         """The request's whole context: its prompt, after its parent's tokens for a parent_key continuation."""
@@ -724,7 +795,15 @@ class ModelWorker:
                 prefilling = True
         self.phase = Phase.PREFILLING if prefilling else Phase.GENERATING
         _release_held()  # the last tick's tokens go out now: the loops run while this decode holds no GIL
+        n_tokens = sum(len(item.tokens) for item in items)
+        t0 = time.perf_counter()
         rows = backend.decode(items)
+        per_token = (time.perf_counter() - t0) / max(n_tokens, 1)
+        if n_tokens >= _MIN_CUT_CHUNK:
+            old = self._s_per_token
+            self._s_per_token = per_token if old is None else 0.5 * (old + per_token)
+        elif self._s_per_token is None:
+            self._s_per_token = per_token  # an overestimate (small batches cost more per token) until a prefill
         self.ticks += 1
         # The step's tokens, picked together (one pass over the logits). Rows that end their request unsampled are
         # left out: closing ones, and those that reached max_tokens (a prefill-only request).
@@ -798,11 +877,31 @@ class ModelWorker:
     def _finish(
         self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, a: _Active, reason: FinishReason
     ) -> None:
-        save = a.use_cache and self.link is not None and self.link.final_allowed(len(a.tokens))
-        if save and a.fed < len(a.tokens):
-            a.closing = reason  # the last sampled token is decoded next tick, then the whole context is saved
+        link = self.link if a.use_cache else None
+        save = link is not None and link.final_allowed(len(a.tokens))
+        if link is not None and save and a.fed < len(a.tokens):
+            # The reply is over: its end goes out now. The sequence closes with the next tick (its last sampled
+            # token decoded along with the other sequences' tokens, then the whole context saved and the sequence
+            # freed). Until then its finish row is reserved, so a parent_key resume or a drain waits for it.
+            a.closing = reason
+            a.reserved = link.reserve(a.tokens)
+            key = self._announce(a, reason, committed=len(a.tokens))
+            if a.reserved and key is not None:
+                self._finishing[key] = tuple(a.tokens)
             return
         self._complete(backend, active, free, a, reason, save=save)
+
+    def _close(
+        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, closing: list[_Active]
+    ) -> None:
+        """Close these closing sequences now, in a decode of their own (not waiting for the next tick)."""
+        if not closing:
+            return
+        _release_held()
+        backend.decode([DecodeItem(a.seq_id, [a.tokens[a.fed]], logits=False) for a in closing])
+        for a in closing:
+            a.fed += 1
+            self._complete(backend, active, free, a, a.closing or FinishReason.STOP, save=True)
 
     def _complete(
         self,
@@ -814,15 +913,32 @@ class ModelWorker:
         *,
         save: bool,
     ) -> None:
+        """Free the sequence, after saving its context when ``save``; announce the end unless it went out when the
+        sequence began closing."""
         del active[a.seq_id]
         link = self.link if a.use_cache else None
-        committed = a.tokens[: a.fed]
+        saved = False
+        if link is not None and save and reason is not FinishReason.CANCELLED and a.fed > a.last_save:
+            key = link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.FINISH, reserved=a.reserved)
+            self._finishing[key] = tuple(a.tokens[: a.fed])
+            saved = True
+        if a.reserved and not saved and self.link is not None:
+            self.link.release(a.tokens)
+        backend.seq_truncate(a.seq_id, 0)
+        free.give(a.seq_id)
+        self.in_flight = len(active)
+        if a.closing is None:  # announced after the sequence is free: whoever sees the end can count on it
+            self._announce(a, reason, committed=a.fed)
+
+    def _announce(self, a: _Active, reason: FinishReason, *, committed: int) -> CacheKey | None:
+        """Send the request's end: the final DoneEvent (after a last text event for held-back stop text); returns
+        its finish key. ``committed``: how many of its tokens the sequence holds, or will once it has closed."""
+        link = self.link if a.use_cache else None
         finish_key: CacheKey | None = None
         if link is not None and reason is not FinishReason.CANCELLED:
-            finish_key = link.key(committed)
-            if save and a.fed > a.last_save:
-                link.save(backend, a.seq_id, committed, SaveReason.FINISH)
-            link.remember(finish_key, committed)
+            context = a.tokens[:committed]
+            finish_key = link.key(context)
+            link.remember(finish_key, context)
         # Bytes of a character the reply was cut inside are dropped: the reply ends before it, streamed or not.
         a.detok.reset()
         tail = a.stops.flush() if a.stops is not None else ""
@@ -842,15 +958,13 @@ class ModelWorker:
             now - first,
             stop_sequence,
             context_tokens=tuple(a.tokens),
-            committed_tokens=a.fed,
+            committed_tokens=committed,
             finish_key=finish_key,
             cache_hit=a.hit.kind,
             restored_tokens=a.hit.prefix_len,
-            prefilled_tokens=min(a.fed, a.n_prompt) - a.hit.prefix_len,
+            prefilled_tokens=min(committed, a.n_prompt) - a.hit.prefix_len,
         )
-        backend.seq_truncate(a.seq_id, 0)
-        free.give(a.seq_id)
-        self.in_flight = len(active)
         if tail:
             a.handle._emit(TokenEvent(-1, tail))  # so that the streamed text adds up to the reply
-        a.handle._emit(done)  # after the sequence is free: whoever sees the end can count on it
+        a.handle._emit(done)
+        return finish_key

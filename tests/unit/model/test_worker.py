@@ -329,3 +329,34 @@ def test_stop_sequences_end_and_trim_the_reply(worker: ModelWorker) -> None:
     assert len(stopped.tokens) < len(free.tokens)
     with pytest.raises(InvalidInputError):
         worker.submit(prompt, stop=[""])
+
+
+@pytest.mark.parametrize("batch_wait_s", [1.0, 0.0])
+def test_requests_arriving_together_share_the_first_prefill_tick(
+    batch_wait_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import erllama.model.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_GATHER_SHARE", 0.5)  # a 200 ms prefill waits up to 100 ms (1% in service)
+    batches: list[list[tuple[int, int]]] = []
+
+    class Recording(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            batches.append([(i.seq_id, len(i.tokens)) for i in items])
+            return super().decode(items)
+
+    stub = {"n_seq_max": 3, "n_batch": 512, "eos_bias": -50.0, "step_delay_s": 0.002}
+    w = ModelWorker(lambda: Recording(**stub), name="g", batch_wait_s=batch_wait_s)  # type: ignore[arg-type]
+    w.start()
+    try:
+        w.submit(StubBackend().tokenize("w" * 100), max_tokens=0).result(timeout_s=10)  # the per-token estimate
+        batches.clear()
+        first = w.submit(StubBackend().tokenize("a" * 100), max_tokens=2)
+        time.sleep(0.03)
+        second = w.submit(StubBackend().tokenize("b" * 100), max_tokens=2)
+        assert first.result(timeout_s=10).finish_reason is FinishReason.LENGTH
+        assert second.result(timeout_s=10).finish_reason is FinishReason.LENGTH
+    finally:
+        w.stop()
+    together = {seq for seq, _ in batches[0]} == {0, 1}
+    assert together is (batch_wait_s > 0), batches[0]

@@ -438,3 +438,52 @@ def test_a_folded_prompts_first_token_reaches_an_asyncio_consumer_before_its_row
         w.stop()
     assert done.finish_reason is FinishReason.LENGTH
     assert seen_before_copy[0] is True, "the prompt's row (the first copy) was taken before the token went out"
+
+
+def test_a_replys_end_goes_out_before_its_last_token_is_committed(store: CacheStore) -> None:
+    gate = threading.Event()
+    prompt = text("a reply that ends before its sequence closes")
+
+    class HeldClose(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            # the closing decode (the last sampled token, committed without logits): held until the test lets go
+            if any(not i.logits and len(i.tokens) == 1 and self.seq_len(i.seq_id) > len(prompt) for i in items):
+                gate.wait(10)
+            return super().decode(items)
+
+    w = ModelWorker(lambda: HeldClose(**STUB), name="held", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        done = w.submit(prompt, max_tokens=6).result(timeout_s=5)  # times out if the end waits for that decode
+        assert done.finish_key is not None
+        assert done.committed_tokens == len(done.context_tokens), "the row will hold the whole context"
+        assert store.pending(done.finish_key), "reserved"
+        assert done.finish_key not in store, "not written yet"
+        assert not store.drain(0.1), "a drain after the end covers the row still to be written"
+        gate.set()
+        settle(store)
+        row = store.load(done.finish_key)
+        assert row is not None
+        assert row[0].tokens == done.context_tokens
+    finally:
+        gate.set()
+        w.stop()
+
+
+def test_the_next_turn_sent_the_moment_a_reply_ends_restores_the_whole_reply(tmp_path: Path) -> None:
+    class SlowTier(RamTier):
+        def publish(self, meta: RowMeta, payload: Payload) -> bool:
+            time.sleep(0.1)
+            return super().publish(meta, payload)
+
+    store = CacheStore([SlowTier(1 << 22)])
+    w = make_worker(store, SavePolicy(min_tokens=8, cold_min_tokens=8, continued_interval=0))
+    try:
+        first = run(w, text("the first turn of a chat"), n=8)
+        follow = [*first.context_tokens, *text(" and the second")[1:]]
+        second = run(w, follow)  # no settle: its row is still closing or being written
+    finally:
+        w.stop()
+        store.close()
+    assert (second.cache_hit, second.restored_tokens) == ("partial", len(first.context_tokens))
+    assert list(second.tokens) == reference(follow, 12, eos_bias=-50.0)
