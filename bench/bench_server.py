@@ -8,18 +8,23 @@ TTFT is the arrival of the first chunk with text):
 
 * **cold TTFT** — distinct ~``--cold-tokens`` prompts, one at a time: nothing to reuse on either side. Target <= 1.1x.
 
-The cold and streams runs are repeated ``--repeat`` times, interleaved (alternating which side goes first), and
-medians are compared: on a small shared VM one run of either side can be 10% off.
 * **streams** — ``--streams`` concurrent requests (distinct 128-token prompts, 128 tokens each, end-of-generation
   tokens banned through ``logit_bias`` on both sides); aggregate completion tokens / wall time. Target >= 1.0x.
-  Also reported: each server's CPU during the run, split into its ``--threads`` busiest threads (ggml's compute
-  threads) and all the others (HTTP, event loop), from per-thread schedstat.
+  Both servers stay up for the whole comparison (one idles while the other runs) and runs alternate between them,
+  so each pair of runs sees the same machine; every run sends prompts that start with a token of their own, so
+  neither side reuses anything from an earlier run. Also reported: each server's CPU during a run, split into its
+  ``--threads`` busiest threads (ggml's compute threads) and all the others (HTTP, event loop), from per-thread
+  schedstat.
+
+The cold and streams runs are repeated ``--repeat`` times, interleaved (alternating which side goes first), and
+medians are compared, with the median of the per-pair ratios beside them: on a small shared VM one run of either
+side can be 10% off.
 * **rotating** — 8 documents of ~``--tokens`` tokens, a new question each time, round-robin over 4 slots
   (``bench_rotating.py``'s workload, now through the daemon). Steady-state mean TTFT after one warm-up round,
   against llama-server with ``--cache-ram 0`` (slots only) and as shipped (host-memory prompt cache on).
   Target <= 0.3x against the slots-only server.
 
-    python -m bench.bench_server [--threads N] [--streams 8] [--cold 2] [--repeat 3] [--tokens 2000] [--rounds 2]
+    python -m bench.bench_server [--threads N] [--streams 8] [--cold 2] [--repeat 5] [--tokens 2000] [--rounds 2]
                                  [--skip-rotating | --only-rotating]
 """
 
@@ -180,12 +185,22 @@ def rotating(base: str, prompts: list[str]) -> list[float]:
     return asyncio.run(go())
 
 
-def _stream_prompts(model: Model, n: int) -> list[str]:
+def _stream_prompts(model: Model, n: int, runs: int) -> list[list[str]]:
+    """``runs`` sets of ``n`` prompts of ``N_STREAM_PROMPT - 1`` tokens; no two share their first token."""
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    heads: list[str] = []  # single-token words, each its own first token
+    for t in range(1000, model.n_vocab):
+        piece = model.detokenize([t])
+        if len(heads) < n * runs and piece.isalpha() and model.tokenize(piece, add_special=False) == [t]:
+            heads.append(piece)
     out = []
-    for i in range(n):
-        toks = model.tokenize(" ".join(words[(i + j) % len(words)] for j in range(400)), add_special=False)
-        out.append(model.detokenize(toks[: N_STREAM_PROMPT - 1]))
+    for r in range(runs):
+        prompts = []
+        for i in range(n):
+            body = " ".join(words[(i + j) % len(words)] for j in range(400))
+            toks = model.tokenize(f"{heads[r * n + i]} {body}", add_special=False)
+            prompts.append(model.detokenize(toks[: N_STREAM_PROMPT - 1]))
+        out.append(prompts)
     return out
 
 
@@ -194,7 +209,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--cold", type=int, default=2, help="cold prompts per side and repeat")
-    ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats of the cold and streams runs")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats of the cold and streams runs")
     ap.add_argument("--cold-tokens", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=2000, help="tokens per rotating document")
     ap.add_argument("--rounds", type=int, default=2, help="measured rotating rounds after one warm-up")
@@ -204,29 +219,37 @@ def main() -> None:
     path = str(fetch())
     with Model(path, ModelConfig(vocab_only=True)) as vocab:
         eog = [t for t in range(vocab.n_vocab) if vocab.is_eog(t)]
-        stream_prompts = _stream_prompts(vocab, args.streams)
+        stream_prompts = _stream_prompts(vocab, args.streams, 2 * args.repeat)
     bias = {str(t): -100.0 for t in eog}
     results: dict[str, dict[str, list[float]]] = {
         kind: {"cold": [], "streams": [], "compute_cpu": [], "other_cpu": []} for kind in ("erllama", "llama-server")
     }
+    sides = ("erllama", "llama-server")
     for rep in range(0 if args.only_rotating else args.repeat):
         # interleaved, alternating who goes first: slow drift of the machine hits both sides alike
-        for kind in ("erllama", "llama-server") if rep % 2 == 0 else ("llama-server", "erllama"):
-            r = results[kind]
+        for kind in sides if rep % 2 == 0 else sides[::-1]:
             # cold TTFT: fresh documents, unlike anything seen before (a different tag per side, repeat and prompt)
             docs = documents(args.cold, args.cold_tokens)
             prompts = [f"[{kind} {rep} {i}] {d}\nQuestion: what is this about?\nAnswer:" for i, d in enumerate(docs)]
             with serving(kind, path, args.threads, 1, args.cold_tokens + 512, extra=[]) as srv:
-                r["cold"] += cold(srv.base, prompts)
-            ctx = 2 * (N_STREAM_PROMPT + N_STREAM_GEN)
-            with serving(kind, path, args.threads, args.streams, ctx, extra=[]) as srv:
-                before = thread_cpu(srv.pid)
-                r["streams"].append(streams(srv.base, stream_prompts, bias)[0])
-                compute, other = cpu_split(before, thread_cpu(srv.pid), args.threads)
-                r["compute_cpu"].append(compute)
-                r["other_cpu"].append(other)
-            print(f"repeat {rep}: {kind:12s} cold {[round(x * 1e3) for x in r['cold']]} ms, "
-                  f"streams {[round(x, 1) for x in r['streams']]} tok/s", flush=True)  # fmt: skip
+                results[kind]["cold"] += cold(srv.base, prompts)
+        done = ", ".join(f"{k} {[round(x * 1e3) for x in results[k]['cold']]} ms" for k in sides)
+        print(f"repeat {rep}: cold {done}", flush=True)
+    if not args.only_rotating:
+        ctx = 2 * (N_STREAM_PROMPT + N_STREAM_GEN)
+        with contextlib.ExitStack() as stack:
+            up = {k: stack.enter_context(serving(k, path, args.threads, args.streams, ctx, extra=[])) for k in sides}
+            runs = iter(stream_prompts)
+            for rep in range(args.repeat):
+                for kind in sides if rep % 2 == 0 else sides[::-1]:
+                    r, srv = results[kind], up[kind]
+                    before = thread_cpu(srv.pid)
+                    r["streams"].append(streams(srv.base, next(runs), bias)[0])
+                    compute, other = cpu_split(before, thread_cpu(srv.pid), args.threads)
+                    r["compute_cpu"].append(compute)
+                    r["other_cpu"].append(other)
+                print(f"repeat {rep}: streams " + ", ".join(f"{k} {results[k]['streams'][-1]:.1f}" for k in sides)
+                      + " tok/s", flush=True)  # fmt: skip
     rot: dict[str, list[float]] = {}
     if not args.skip_rotating:
         docs = documents(8, args.tokens)
@@ -260,13 +283,14 @@ def _report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace
     ours, peer = results["erllama"], results["llama-server"]
     cold_ours, cold_peer = statistics.median(ours["cold"]), statistics.median(peer["cold"])
     tps_ours, tps_peer = statistics.median(ours["streams"]), statistics.median(peer["streams"])
-    per_rep = [f"{a / b:.3f}" for a, b in zip(ours["streams"], peer["streams"], strict=True)]
+    pairs = [a / b for a, b in zip(ours["streams"], peer["streams"], strict=True)]
+    per_rep = [f"{x:.3f}" for x in pairs]
     print(f"cold TTFT (~{args.cold_tokens} tokens, {len(ours['cold'])} prompts each, median): erllama "
           f"{cold_ours * 1e3:.0f} ms, llama-server {cold_peer * 1e3:.0f} ms -> {cold_ours / cold_peer:.3f}x "
           f"(target <= 1.1x)")  # fmt: skip
     print(f"{args.streams} concurrent streams x {N_STREAM_GEN} tokens ({args.repeat} repeats, median): erllama "
           f"{tps_ours:.1f} tok/s, llama-server {tps_peer:.1f} tok/s -> {tps_ours / tps_peer:.3f}x (target >= 1.0x); "
-          f"per repeat {', '.join(per_rep)}")  # fmt: skip
+          f"per pair {', '.join(per_rep)} (median {statistics.median(pairs):.3f}x)")  # fmt: skip
     for kind, r in results.items():  # where the CPU went during each streams run (the client's is not counted)
         compute, other = statistics.median(r["compute_cpu"]), statistics.median(r["other_cpu"])
         print(f"  {kind:12s} CPU per streams run (median): the {args.threads} busiest threads (compute) "
