@@ -487,3 +487,35 @@ def test_the_next_turn_sent_the_moment_a_reply_ends_restores_the_whole_reply(tmp
         store.close()
     assert (second.cache_hit, second.restored_tokens) == ("partial", len(first.context_tokens))
     assert list(second.tokens) == reference(follow, 12, eos_bias=-50.0)
+
+
+def test_a_worker_that_dies_while_a_reply_closes_releases_its_reserved_row(store: CacheStore) -> None:
+    from erllama.errors import DecodeError
+
+    prompt = text("a reply whose sequence never closes")
+    gate = threading.Event()
+
+    class CrashOnClose(StubBackend):
+        def decode(self, items):  # type: ignore[no-untyped-def]
+            if any(not i.logits and len(i.tokens) == 1 and self.seq_len(i.seq_id) > len(prompt) for i in items):
+                gate.wait(10)
+                raise DecodeError("the device fell over", -3)
+            return super().decode(items)
+
+    w = ModelWorker(lambda: CrashOnClose(**STUB), name="crash", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        done = w.submit(prompt, max_tokens=4).result(timeout_s=5)
+        assert done.finish_key is not None
+        assert store.pending(done.finish_key)
+        gate.set()
+        deadline = time.monotonic() + 5
+        while w.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.crash is not None
+        assert store.drain(1), "nothing left waiting on a row that will never be written"
+        assert not store.pending(done.finish_key)
+        assert done.finish_key not in store
+    finally:
+        gate.set()
+        w.stop()
