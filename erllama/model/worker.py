@@ -303,6 +303,7 @@ class _Active:
     n_generated: int = 0  # reply tokens streamed
     closing: FinishReason | None = None  # ended and announced; its last token is committed next tick, then saved
     reserved: bool = False  # holds the reservation of its finish row (taken when it started closing)
+    t_closing: float = 0.0  # when it started closing (time.monotonic)
     text: list[str] = dataclasses.field(default_factory=list)
     t_start: float = dataclasses.field(default_factory=time.perf_counter)
     t_first: float = 0.0
@@ -331,6 +332,10 @@ class _FreeSeqs:
 # already in the batch: with a KV stream per sequence llama.cpp splits a batch into micro-batches of equal tokens
 # per sequence, so a short extra chunk costs a whole extra micro-batch (a pass over the weights) for a few tokens.
 _MIN_CUT_CHUNK = 64
+
+# A reply that has ended closes (its last token decoded, its row saved) when that costs no one anything: riding along
+# with other sequences' one-token rows, or after this long without a new request, which then goes first.
+_CLOSE_GRACE_S = 0.02
 
 # Dynamic batching: before a tick that only prefills newly admitted prompts and has room left, the worker waits for
 # more requests up to this share of the tick's estimated time (and at most ``batch_wait_s``).
@@ -374,7 +379,8 @@ class ModelWorker:
         self._idle_wait_s = idle_wait_s
         self._batch_wait_s = batch_wait_s
         self._s_per_token: float | None = None  # decode seconds per token, from recent prefill-sized ticks
-        self._finishing: dict[CacheKey, tuple[int, ...]] = {}  # finish rows announced, not restorable yet
+        # finish rows announced but not restorable yet: their context and how much of it was the prompt
+        self._finishing: dict[CacheKey, tuple[tuple[int, ...], int]] = {}
         self._inbox: deque[_Waiting] = deque()
         self._calls: deque[tuple[Callable[[ModelBackend], Any], Future[Any]]] = deque()
         self._seq_calls: deque[tuple[Callable[[ModelBackend, int], Any], Future[Any]]] = deque()
@@ -624,6 +630,8 @@ class ModelWorker:
                 if active:
                     if not parked:
                         self._gather(backend, active, free)
+                    if self._closing_can_wait(active):
+                        continue
                     self._tick(backend, active, free)
                     continue
                 _release_held()
@@ -724,19 +732,38 @@ class ModelWorker:
                 return  # a parent_key request is parked: its parent's save is being written
             pending = sum(a.n_prompt - a.fed for a in active.values())
 
+    def _closing_can_wait(self, active: dict[int, _Active]) -> bool:
+        """With only ended replies left to close, wait a moment for a new request (waking for it at once): a client
+        that sends its next request the moment a reply ends then has its prompt go first, and the closing rows ride
+        along with its generation instead of holding up its time to first token. True when it waited."""
+        if any(a.closing is None for a in active.values()):
+            return False
+        left = min(a.t_closing for a in active.values()) + _CLOSE_GRACE_S - time.monotonic()
+        if left <= 0:
+            return False
+        _release_held()
+        with self._wake:
+            if self._inbox or self._calls or self._seq_calls or self._stop.is_set():
+                return False
+            self._wake.wait(left)
+        return True
+
     def _awaits_reply_row(
         self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, w: _Waiting, tokens: list[int]
     ) -> bool:
         """Whether the request continues a reply whose finish row is not restorable yet (the next turn of a chat,
         sent the moment the reply ended): it then waits for the row, up to its deadline, rather than computing the
-        reply's tokens again. A reply still closing is closed at once, its row handed to the writer."""
+        reply's tokens again. A reply still closing is closed at once, its row handed to the writer. "Continues":
+        shares that request's prompt and the reply's first token (a chat template may render the reply's end
+        differently from the tokens that ended it, so the whole reply need not match), or — a prompt no longer than
+        that one — all the row could restore of it (a repeated prompt)."""
         if not self._finishing or self.link is None:
             return False
         store = self.link.store
-        for key, context in list(self._finishing.items()):
+        for key, (context, n_prompt) in list(self._finishing.items()):
             if key in store or not store.pending(key):
                 del self._finishing[key]
-            elif len(context) < len(tokens) and tuple(tokens[: len(context)]) == context:
+            elif (m := min(n_prompt + 1, len(tokens) - 1, len(context))) > 0 and tuple(tokens[:m]) == context[:m]:
                 closing = [a for a in active.values() if a.closing is not None and tuple(a.tokens) == context]
                 self._close(backend, active, free, closing)
                 return time.monotonic() < w.deadline
@@ -772,7 +799,13 @@ class ModelWorker:
         budget = backend.info.n_batch
         items: list[DecodeItem] = []
         owners: list[_Active] = []
-        for a in active.values():  # generating sequences first: their pending token
+        # generating sequences first: their pending token. A closing row stays out of a tick that would otherwise
+        # hold only prefill chunks: it would cost the tick a micro-batch of its own (a pass over the weights).
+        prefill = any(a.fed < a.n_prompt for a in active.values())
+        live = any(a.closing is None and a.n_prompt <= a.fed for a in active.values())
+        for a in active.values():
+            if a.closing is not None and prefill and not live:
+                continue
             if a.n_prompt <= a.fed < len(a.tokens) and budget > 0:
                 items.append(DecodeItem(a.seq_id, [a.tokens[a.fed]], logits=a.closing is None))
                 owners.append(a)
@@ -813,18 +846,25 @@ class ModelWorker:
             if row is not None and a.closing is None and a.n_generated < a.max_tokens
         ]
         sampled = dict(zip((s for s, _ in picks), backend.sample_rows(picks) if picks else (), strict=True))
+        closed: list[_Active] = []
+        firsts = False
         for a, item, row in zip(owners, items, rows, strict=True):
             a.fed += len(item.tokens)
             after_first = a.cold_point == a.n_prompt == a.fed  # a folded prompt is saved after its first token
             if not after_first:
                 self._maybe_save(backend, a)
             if a.closing is not None:
-                self._complete(backend, active, free, a, a.closing, save=True)
+                closed.append(a)  # its finish row is copied once the others' tokens are handled
             elif row is not None:
+                firsts = firsts or not a.t_first
                 self._sampled(backend, active, free, a, row, token=sampled.get(a.seq_id))
             if after_first and active.get(a.seq_id) is a:
                 _release_held()  # the first token goes out before the prompt's row is copied: off the TTFT
                 self._maybe_save(backend, a)
+        if closed and firsts:
+            _release_held()  # first tokens go out before finish rows are copied: off their time to first token
+        for a in closed:
+            self._complete(backend, active, free, a, a.closing or FinishReason.STOP, save=True)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
 
     def _maybe_save(self, backend: ModelBackend, a: _Active) -> None:
@@ -884,10 +924,11 @@ class ModelWorker:
             # token decoded along with the other sequences' tokens, then the whole context saved and the sequence
             # freed). Until then its finish row is reserved, so a parent_key resume or a drain waits for it.
             a.closing = reason
+            a.t_closing = time.monotonic()
             a.reserved = link.reserve(a.tokens)
             key = self._announce(a, reason, committed=len(a.tokens))
             if a.reserved and key is not None:
-                self._finishing[key] = tuple(a.tokens)
+                self._finishing[key] = (tuple(a.tokens), a.n_prompt)
             return
         self._complete(backend, active, free, a, reason, save=save)
 
@@ -920,7 +961,7 @@ class ModelWorker:
         saved = False
         if link is not None and save and reason is not FinishReason.CANCELLED and a.fed > a.last_save:
             key = link.save(backend, a.seq_id, a.tokens[: a.fed], SaveReason.FINISH, reserved=a.reserved)
-            self._finishing[key] = tuple(a.tokens[: a.fed])
+            self._finishing[key] = (tuple(a.tokens[: a.fed]), a.n_prompt)
             saved = True
         if a.reserved and not saved and self.link is not None:
             self.link.release(a.tokens)

@@ -519,3 +519,27 @@ def test_a_worker_that_dies_while_a_reply_closes_releases_its_reserved_row(store
     finally:
         gate.set()
         w.stop()
+
+
+def test_a_request_sent_as_a_reply_ends_goes_before_the_replys_closing(store: CacheStore) -> None:
+    Recording.batches = []
+    w = ModelWorker(lambda: Recording(**STUB), name="rec", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        first = w.submit(text("the first request, about one thing"), max_tokens=4).result(timeout_s=10)
+        n_before = len(Recording.batches)
+        other = text("another request about something else entirely")
+        second = w.submit(other, max_tokens=4).result(timeout_s=10)  # sent the moment the first one ended
+    finally:
+        w.stop()
+    assert first.finish_reason is second.finish_reason is FinishReason.LENGTH
+    after = Recording.batches[n_before:]
+    closing = [i for i, b in enumerate(after) if any(n == 1 and not logits and seq == 0 for seq, n, logits in b)]
+    prefill = [i for i, b in enumerate(after) if any(seq == 1 and n > 1 for seq, n, _ in b)]
+    assert closing, "the first reply's last token was committed"
+    assert prefill, "the second prompt was prefilled on the next free sequence"
+    assert closing[0] > prefill[-1], f"the closing row waited for the new prompt's prefill: {after}"
+    assert all(len(after[i]) > 1 for i in closing), "and rode along with its generation"
+    settle(store)
+    assert first.finish_key is not None
+    assert first.finish_key in store
