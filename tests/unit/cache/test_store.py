@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -234,14 +235,12 @@ def test_a_reserved_save_is_in_flight_until_filled() -> None:
         assert key not in store
         assert not store.reserve(NS, PROMPT), "a key is reserved once"
         assert not store.drain(0.05), "drain waits for the reservation"
-        waited: list[bool] = []
-        waiter = threading.Thread(target=lambda: waited.append(store.wait_for(key, 5)))
-        waiter.start()
-        future = store.save(NS, PROMPT, b"r" * 100, SaveReason.FINISH)  # fills it: no "already in flight"
-        assert future is not None
-        assert future.result(timeout=5)
-        waiter.join(5)
-        assert waited == [True]
+        with ThreadPoolExecutor(1) as pool:
+            waited = pool.submit(store.wait_for, key, 5)
+            future = store.save(NS, PROMPT, b"r" * 100, SaveReason.FINISH)  # fills it: no "already in flight"
+            assert future is not None
+            assert future.result(timeout=5)
+            assert waited.result(5) is True
         assert store.drain(5)
         assert key in store
         assert not store.pending(key)
@@ -257,12 +256,10 @@ def test_a_released_reservation_wakes_its_waiters_with_nothing() -> None:
     key = cache_key(NS, PROMPT)
     try:
         assert store.reserve(NS, PROMPT)
-        waited: list[bool] = []
-        waiter = threading.Thread(target=lambda: waited.append(store.wait_for(key, 5)))
-        waiter.start()
-        store.release(NS, PROMPT)
-        waiter.join(5)
-        assert waited == [False]
+        with ThreadPoolExecutor(1) as pool:
+            waited = pool.submit(store.wait_for, key, 5)
+            store.release(NS, PROMPT)
+            assert waited.result(5) is False
         assert store.drain(0.1)
         assert not store.pending(key)
         assert store.reserve(NS, PROMPT), "free to reserve again"

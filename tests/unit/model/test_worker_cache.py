@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,23 @@ class Recording(StubBackend):
     def decode(self, items):  # type: ignore[no-untyped-def]
         self.batches.append([(i.seq_id, len(i.tokens), i.logits) for i in items])
         return super().decode(items)
+
+
+class SlowRam(RamTier):
+    """A RAM tier whose every publish first calls ``before`` (waits on a gate, sleeps)."""
+
+    def __init__(self, before: Callable[[], object]) -> None:
+        super().__init__(1 << 22)
+        self._before = before
+
+    def publish(self, meta: RowMeta, payload: Payload) -> bool:
+        self._before()
+        return super().publish(meta, payload)
+
+
+def closes(backend: StubBackend, items: Sequence[DecodeItem], n_prompt: int) -> bool:
+    """Whether a decode commits a finished reply's last token (one token, no logits, past the prompt)."""
+    return any(not i.logits and len(i.tokens) == 1 and backend.seq_len(i.seq_id) > n_prompt for i in items)
 
 
 @pytest.fixture
@@ -122,13 +139,7 @@ def test_parent_key_continues_the_previous_context(store: CacheStore) -> None:
 
 def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
     release = threading.Event()
-
-    class SlowTier(RamTier):
-        def publish(self, meta: RowMeta, payload: Payload) -> bool:
-            release.wait(5)
-            return super().publish(meta, payload)
-
-    store = CacheStore([SlowTier(1 << 22)])
+    store = CacheStore([SlowRam(lambda: release.wait(5))])
     w = make_worker(store, SavePolicy(min_tokens=8, cold_min_tokens=8, session_resume_wait_ms=5000))
     try:
         first = run(w, text("a first turn that is long enough"), n=6)
@@ -446,8 +457,7 @@ def test_a_replys_end_goes_out_before_its_last_token_is_committed(store: CacheSt
 
     class HeldClose(StubBackend):
         def decode(self, items):  # type: ignore[no-untyped-def]
-            # the closing decode (the last sampled token, committed without logits): held until the test lets go
-            if any(not i.logits and len(i.tokens) == 1 and self.seq_len(i.seq_id) > len(prompt) for i in items):
+            if closes(self, items, len(prompt)):  # held until the test lets go
                 gate.wait(10)
             return super().decode(items)
 
@@ -471,12 +481,7 @@ def test_a_replys_end_goes_out_before_its_last_token_is_committed(store: CacheSt
 
 
 def test_the_next_turn_sent_the_moment_a_reply_ends_restores_the_whole_reply(tmp_path: Path) -> None:
-    class SlowTier(RamTier):
-        def publish(self, meta: RowMeta, payload: Payload) -> bool:
-            time.sleep(0.1)
-            return super().publish(meta, payload)
-
-    store = CacheStore([SlowTier(1 << 22)])
+    store = CacheStore([SlowRam(lambda: time.sleep(0.1))])
     w = make_worker(store, SavePolicy(min_tokens=8, cold_min_tokens=8, continued_interval=0))
     try:
         first = run(w, text("the first turn of a chat"), n=8)
@@ -497,7 +502,7 @@ def test_a_worker_that_dies_while_a_reply_closes_releases_its_reserved_row(store
 
     class CrashOnClose(StubBackend):
         def decode(self, items):  # type: ignore[no-untyped-def]
-            if any(not i.logits and len(i.tokens) == 1 and self.seq_len(i.seq_id) > len(prompt) for i in items):
+            if closes(self, items, len(prompt)):
                 gate.wait(10)
                 raise DecodeError("the device fell over", -3)
             return super().decode(items)
