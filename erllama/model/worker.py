@@ -643,7 +643,8 @@ class ModelWorker:
             self._close(backend, active, free, [a for a in active.values() if a.closing is not None])
 
     def _admit(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> bool:
-        """Admit waiting requests while sequences are free; returns True if a request is parked on its parent."""
+        """Admit waiting requests while sequences are free; returns True if a request is parked (waiting for its
+        parent's row or for the row of the reply it continues)."""
         parked: list[_Waiting] = []
         while free:
             with self._wake:
@@ -729,7 +730,7 @@ class ModelWorker:
                     self._wake.wait(left)
                     continue
             if self._admit(backend, active, free):
-                return  # a parent_key request is parked: its parent's save is being written
+                return  # a request is parked: the row it needs is being written
             pending = sum(a.n_prompt - a.fed for a in active.values())
 
     def _closing_can_wait(self, active: dict[int, _Active]) -> bool:
