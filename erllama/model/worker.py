@@ -804,8 +804,10 @@ class ModelWorker:
         # hold only prefill chunks: it would cost the tick a micro-batch of its own (a pass over the weights).
         prefill = any(a.fed < a.n_prompt for a in active.values())
         live = any(a.closing is None and a.n_prompt <= a.fed for a in active.values())
+        # Unless every sequence is taken: then it goes now, and its sequence is free for the next request to arrive.
+        skip_closing = prefill and not live and bool(free)
         for a in active.values():
-            if a.closing is not None and prefill and not live:
+            if a.closing is not None and skip_closing:
                 continue
             if a.n_prompt <= a.fed < len(a.tokens) and budget > 0:
                 items.append(DecodeItem(a.seq_id, [a.tokens[a.fed]], logits=a.closing is None))
@@ -862,8 +864,10 @@ class ModelWorker:
             if after_first and active.get(a.seq_id) is a:
                 _release_held()  # the first token goes out before the prompt's row is copied: off the TTFT
                 self._maybe_save(backend, a)
-        if closed and firsts:
-            _release_held()  # first tokens go out before finish rows are copied: off their time to first token
+        if closed and (firsts or all(a.closing is not None for a in active.values())):
+            # Tokens go out before finish rows are copied when they are first tokens (off their time to first token)
+            # or when no sequence is left generating (the copies then hold up no one's next token).
+            _release_held()
         for a in closed:
             self._complete(backend, active, free, a, a.closing or FinishReason.STOP, save=True)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)

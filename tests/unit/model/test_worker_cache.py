@@ -548,3 +548,73 @@ def test_a_request_sent_as_a_reply_ends_goes_before_the_replys_closing(store: Ca
     settle(store)
     assert first.finish_key is not None
     assert first.finish_key in store
+
+
+def test_a_closing_row_that_holds_the_last_free_sequence_rides_the_next_prefill_tick(
+    store: CacheStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two sequences: the first reply is closing on one when two new requests arrive. The first of them takes the
+    # other sequence; the closing row then goes with its prefill (not after it), so the sequence is free for the
+    # second request when that tick ends, instead of after the next one.
+    from erllama.model import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "_CLOSE_GRACE_S", 10.0)  # the closing waits for the new requests
+    Recording.batches = []
+    stub = {**STUB, "n_seq_max": 2}
+    w = ModelWorker(lambda: Recording(**stub), name="rec", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        first = w.submit(text("the first request, about one thing"), max_tokens=4).result(timeout_s=10)
+        n_before = len(Recording.batches)
+        second = w.submit(text("the second request, about another thing"), max_tokens=4)
+        third = w.submit(text("a third request that needs a sequence"), max_tokens=4)
+        done = [second.result(timeout_s=10), third.result(timeout_s=10)]
+    finally:
+        w.stop()
+    assert all(d.finish_reason is FinishReason.LENGTH for d in done)
+    after = Recording.batches[n_before:]
+    assert any(seq == 1 and n > 1 for seq, n, _ in after[0]), f"the second prompt's prefill comes first: {after[0]}"
+    assert (0, 1, False) in after[0], f"with the first reply's closing row: {after[0]}"
+    assert any(seq == 0 and n > 1 for b in after[1:] for seq, n, _ in b), f"the third prompt got it: {after}"
+    settle(store)
+    assert first.finish_key is not None
+    assert first.finish_key in store, "the closed reply's row was written"
+
+
+def test_the_last_tokens_go_out_before_finish_rows_are_copied_when_no_one_is_left_generating(
+    store: CacheStore,
+) -> None:
+    # Two replies of 3 and 4 tokens: the longer one's last token is sampled in the tick that closes the shorter one.
+    # Nobody waits for another decode then, so its end reaches the consumer before the closed row is copied (the copy
+    # waits up to 5 s for it: it only arrives if the worker woke the consumer's loop first).
+    a_prompt, b_prompt = text("a" * 30), text("b" * 30)
+    b_done = threading.Event()
+    seen_before_copy: list[bool] = []
+
+    class Watched(StubBackend):
+        def state_get(self, seq_id: int) -> memoryview:
+            if seq_id == 0 and self.seq_len(0) == len(a_prompt) + 3:  # the shorter reply's finish row
+                seen_before_copy.append(b_done.wait(5))
+            return super().state_get(seq_id)
+
+    async def consume(w: ModelWorker) -> list[DoneEvent]:
+        loop = asyncio.get_running_loop()
+        queues = [w.submit(p, max_tokens=n).async_queue(loop) for p, n in ((a_prompt, 3), (b_prompt, 4))]
+
+        async def end(i: int) -> DoneEvent:
+            while not isinstance(event := await asyncio.wait_for(queues[i].get(), 20), DoneEvent):
+                pass
+            if i == 1:
+                b_done.set()
+            return event
+
+        return list(await asyncio.gather(end(0), end(1)))
+
+    w = ModelWorker(lambda: Watched(**STUB), name="watched", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w.start()
+    try:
+        a, b = asyncio.run(consume(w))
+    finally:
+        w.stop()
+    assert (a.finish_reason, b.finish_reason) == (FinishReason.LENGTH, FinishReason.LENGTH)
+    assert seen_before_copy == [True], "the longer reply's end was held until the shorter one's row was copied"
