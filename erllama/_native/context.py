@@ -27,6 +27,7 @@ from erllama._native import errcheck
 from erllama._native.batch import Batch
 from erllama._native.loader import ffi, lib, library
 from erllama._native.model import LoraAdapter, Model
+from erllama._native.shim import x87_resetter
 from erllama.errors import (
     AdapterError,
     ClosedError,
@@ -145,6 +146,10 @@ class Context:
         self._abort_flag = ffi.new("char[2]")
         params.abort_callback = ffi.cast("ggml_abort_callback", _strlen_pointer())
         params.abort_callback_data = self._abort_flag
+        # ggml's compute threads inherit the x87 state of the thread that starts them: start them clean, and keep
+        # the owner thread (which computes too) clean before every decode (docs/runtime.md, "x87 state")
+        self._x87_reset = x87_resetter()
+        self._x87_reset()
         model._acquire()
         errcheck.clear_last_error()
         handle = lib().llama_init_from_model(model.handle, params)
@@ -294,6 +299,7 @@ class Context:
         handle = self.handle
         self._validate(batch)
         errcheck.clear_last_error()
+        self._x87_reset()
         rc = lib().llama_decode(handle, batch.as_struct())
         if rc == 0:
             self._outputs = batch.logits[: batch.n_tokens].copy()

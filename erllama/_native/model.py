@@ -19,6 +19,7 @@ import numpy as np
 
 from erllama._native import errcheck
 from erllama._native.loader import ffi, lib
+from erllama._native.shim import x87_resetter
 from erllama.errors import (
     AdapterError,
     ClosedError,
@@ -148,6 +149,7 @@ class Model:
         params.vocab_only = self.config.vocab_only
         params.check_tensors = self.config.check_tensors
         errcheck.clear_last_error()
+        x87_resetter()()  # loader threads start from this one (docs/runtime.md, "x87 state")
         handle = lib().llama_model_load_from_file(os.fsencode(self.path), params)
         if handle == ffi.NULL:
             raise ModelLoadError(f"could not load model {self.path}: {errcheck.last_error('unknown error')}")
