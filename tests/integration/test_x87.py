@@ -1,7 +1,7 @@
 """x87 state hygiene: the shim resets a thread's x87 state, and every decode starts ggml's threads clean.
 
-numpy's ufuncs test and clear the floating-point status with x87 instructions, which leaves the thread's x87 state
-"in use" (XINUSE bit 0); ggml's compute threads inherit it and then run measurably slower (docs/runtime.md).
+numpy's import does long double (x87) arithmetic, which leaves the thread's x87 state "in use" (XINUSE bit 0) and
+every thread started from it inherits that; ggml's compute threads then run measurably slower (docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_context_and_decode_leave_the_owner_thread_clean(observable: None, tiny_
             assert x87_in_use() is False
             tokens = model.tokenize("hello world")
             row = ctx.decode_tokens(tokens[:-1])
-            logits = ctx.logits(row).copy()  # numpy on this thread: dirty again
+            logits = ctx.logits(row).copy()
             _dirty()
             assert x87_in_use() is True
             ctx.decode_tokens(tokens[-1:])
