@@ -10,6 +10,7 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     │   ├── ContextOverflowError             the tokens would not fit the sequence's room in the KV cache
     │   ├── ModelExistsError                 a model id that is already loaded
     │   ├── SchemaError                      a JSON schema that cannot be turned into a grammar
+    │   ├── RefusedSourceError               a pull source erllama will not fetch from (scheme, host, path)
     │   └── UnknownModelError (KeyError)     a model id that is not loaded
     ├── ClosedError (ValueError)             a Model / Context / Sampler used after close()
     ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
@@ -17,6 +18,9 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     ├── WorkerStoppedError (RuntimeError)    a model worker stopped or crashed before a request finished
     ├── NoGpuError (RuntimeError)            GPU information asked of a CPU-only build or machine
     ├── OverloadedError (RuntimeError)       a model's queue is full or a request waited too long for a slot
+    ├── StoreError (OSError)                 the model store
+    │   ├── DownloadError                    a transfer failed or was refused (what arrived is kept to resume)
+    │   └── ChecksumError                    fetched bytes whose sha256 (or format) is not what was promised
     ├── CacheError                           the KV-state cache
     │   └── CorruptCacheFileError (ValueError) a KVC file that is truncated, altered or not one (fields: reason)
     └── NativeError (RuntimeError)           llama.cpp reported a failure
@@ -36,12 +40,14 @@ from __future__ import annotations
 __all__ = [
     "AdapterError",
     "CacheError",
+    "ChecksumError",
     "ClosedError",
     "ContextCreateError",
     "ContextOverflowError",
     "CorruptCacheFileError",
     "DecodeAbortedError",
     "DecodeError",
+    "DownloadError",
     "ErllamaError",
     "InvalidInputError",
     "KVCacheFullError",
@@ -51,11 +57,13 @@ __all__ = [
     "NativeError",
     "NoGpuError",
     "OverloadedError",
+    "RefusedSourceError",
     "ResourceBusyError",
     "SamplerError",
     "SchemaError",
     "SeqIdError",
     "StateError",
+    "StoreError",
     "ThreadAffinityError",
     "TokenIdError",
     "UnknownModelError",
@@ -107,6 +115,10 @@ class SchemaError(InvalidInputError):
     """A JSON schema (``response_format``, ``format``) that cannot be turned into a grammar."""
 
 
+class RefusedSourceError(InvalidInputError):
+    """A pull source that erllama does not fetch from: another scheme, plain HTTP off loopback, a bad path."""
+
+
 class UnknownModelError(InvalidInputError, KeyError):
     """A model id that is not loaded."""
 
@@ -141,6 +153,18 @@ class OverloadedError(ErllamaError, RuntimeError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StoreError(ErllamaError, OSError):
+    """A failure of the model store."""
+
+
+class DownloadError(StoreError):
+    """A download failed or the server refused it; the bytes that arrived are kept for the next pull to resume."""
+
+
+class ChecksumError(StoreError):
+    """Fetched bytes that are not what the source promised: a sha256 mismatch, or not a GGUF file."""
 
 
 class CacheError(ErllamaError):

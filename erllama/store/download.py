@@ -1,0 +1,126 @@
+"""Resumable HTTP downloads into a ``.partial`` file.
+
+The partial file lives in the store's ``incoming/`` directory and is never visible as a model. A download that
+drops (a reset connection, a timeout, a truncated body) is retried from where it stopped with a ``Range`` request;
+the ``If-Range`` validator (the ETag, else Last-Modified, kept beside the partial) makes a server that changed the
+file send all of it again instead of a tail that does not match. A pull that gives up leaves the partial for the
+next pull of the same file to continue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import httpx
+
+from erllama.errors import DownloadError
+
+__all__ = ["ProgressFn", "download"]
+
+ProgressFn = Callable[[int, int | None], None]
+"""``progress(completed_bytes, total_bytes_or_None)``."""
+
+
+def _validator(response: httpx.Response) -> str | None:
+    etag: str | None = response.headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    modified: str | None = response.headers.get("last-modified")
+    return modified
+
+
+def _total(response: httpx.Response, start: int) -> int | None:
+    if response.status_code == 206:
+        # Content-Range: bytes START-END/TOTAL
+        _, _, total = response.headers.get("content-range", "").rpartition("/")
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("content-length")
+    return int(length) if length and length.isdigit() else None
+
+
+def download(
+    url: str,
+    partial: Path,
+    *,
+    headers: Mapping[str, str] | None = None,
+    progress: ProgressFn | None = None,
+    attempts: int = 4,
+    timeout_s: float = 30.0,
+    client: httpx.Client | None = None,
+) -> int:
+    """Fetch ``url`` into ``partial``, continuing what an earlier attempt left there; returns the file's size.
+
+    Raises:
+        DownloadError: the server refused (4xx/5xx), or the transfer failed ``attempts`` times in a row without
+            progress. The partial file is kept for a later call to continue.
+    """
+    meta_path = partial.with_name(partial.name + ".json")
+    own = client is None
+    http = client or httpx.Client(follow_redirects=True, timeout=timeout_s)
+    failures = 0
+    try:
+        while True:
+            start = partial.stat().st_size if partial.exists() else 0
+            validator = _read_validator(meta_path, url) if start else None
+            req = {**(headers or {}), "Accept-Encoding": "identity"}  # byte ranges of the file itself
+            if start and validator:
+                req["Range"] = f"bytes={start}-"
+                req["If-Range"] = validator
+            elif start:
+                start = 0  # nothing to check the old bytes against: start over
+            got_before = start
+            try:
+                with http.stream("GET", url, headers=req) as response:
+                    if response.status_code == 416 and start:  # nothing left to send: the partial is whole
+                        return start
+                    if response.status_code not in (200, 206):
+                        raise DownloadError(f"GET {url}: HTTP {response.status_code} {response.reason_phrase}")
+                    if response.status_code == 200:
+                        start = 0
+                    total = _total(response, start)
+                    _write_validator(meta_path, url, _validator(response))
+                    with partial.open("r+b" if start else "wb") as out:
+                        out.seek(start)
+                        out.truncate()
+                        done = start
+                        if progress:
+                            progress(done, total)
+                        for chunk in response.iter_bytes():  # as received: a drop loses nothing written
+                            out.write(chunk)
+                            done += len(chunk)
+                            if progress:
+                                progress(done, total)
+                    if total is not None and done != total:
+                        raise httpx.RemoteProtocolError(f"body ended at {done} of {total} bytes")
+                    meta_path.unlink(missing_ok=True)
+                    return done
+            except httpx.TransportError as exc:  # dropped, reset, timed out, truncated: resume
+                now = partial.stat().st_size if partial.exists() else 0
+                failures = 0 if now > got_before else failures + 1
+                if failures >= attempts:
+                    raise DownloadError(
+                        f"GET {url} failed {attempts} times in a row ({exc}); {now} bytes kept, pull again to continue"
+                    ) from exc
+                time.sleep(min(0.25 * 2**failures, 4.0))
+    finally:
+        if own:
+            http.close()
+
+
+def _read_validator(meta_path: Path, url: str) -> str | None:
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("url") == url and isinstance(meta.get("validator"), str):
+            return str(meta["validator"])
+    return None
+
+
+def _write_validator(meta_path: Path, url: str, validator: str | None) -> None:
+    if validator:
+        meta_path.write_text(json.dumps({"url": url, "validator": validator}))
+    else:
+        meta_path.unlink(missing_ok=True)
