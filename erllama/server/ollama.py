@@ -545,7 +545,7 @@ async def pull(body: ModelRef, request: Request) -> Any:
     last: dict[str, Any] = first
     async for step in progress():
         last = step
-    return JSONResponse(last, status_code=500 if "error" in last else 200)
+    return JSONResponse(last, status_code=502 if "error" in last else 200)  # the source failed us, not the client
 
 
 @router.delete("/api/delete")

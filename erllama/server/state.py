@@ -60,6 +60,10 @@ class ModelSource(Protocol):
         """Load ``name`` into ``runtime`` and return its model id. Raises UnknownModelError."""
         ...
 
+    def canonical(self, name: str) -> str | None:
+        """The key of ``available()`` that ``name`` means (``smollm2`` -> ``smollm2:135m``), or None."""
+        ...
+
 
 @runtime_checkable
 class ManagedSource(ModelSource, Protocol):
@@ -123,6 +127,12 @@ class ServerState:
             out.update(self.source.available())
         return out
 
+    def canonical(self, name: str) -> str:
+        """The name ``name`` is served under: itself when loaded, else what the source says it means."""
+        if name in self._loaded or self.source is None:
+            return name
+        return self.source.canonical(name) or name
+
     def resolve(self, name: str) -> str:
         """The model id of a loaded model."""
         entry = self._loaded.get(name)
@@ -142,6 +152,7 @@ class ServerState:
         """The model id of ``name``, loading it from the source when needed (off the event loop)."""
         if not name or not isinstance(name, str):
             raise InvalidInputError("a model name is required")
+        name = self.canonical(name)
         entry = self._loaded.get(name)
         if entry is None:
             if self.source is None or name not in self.source.available():
@@ -173,7 +184,7 @@ class ServerState:
 
     async def unload(self, name: str) -> bool:
         """Unload ``name`` now (False when it was not loaded)."""
-        entry = self._loaded.pop(name, None)
+        entry = self._loaded.pop(self.canonical(name), None)
         if entry is None:
             return False
         self._gates.pop(entry.model_id, None)
