@@ -18,6 +18,7 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     ├── WorkerStoppedError (RuntimeError)    a model worker stopped or crashed before a request finished
     ├── NoGpuError (RuntimeError)            GPU information asked of a CPU-only build or machine
     ├── OverloadedError (RuntimeError)       a model's queue is full or a request waited too long for a slot
+    ├── DaemonUnavailableError (ConnectionError) no erllama daemon answers at the address the CLI was given
     ├── StoreError (OSError)                 the model store
     │   ├── DownloadError                    a transfer failed or was refused (what arrived is kept to resume)
     │   └── ChecksumError                    fetched bytes whose sha256 (or format) is not what was promised
@@ -45,6 +46,7 @@ __all__ = [
     "ContextCreateError",
     "ContextOverflowError",
     "CorruptCacheFileError",
+    "DaemonUnavailableError",
     "DecodeAbortedError",
     "DecodeError",
     "DownloadError",
@@ -153,6 +155,10 @@ class OverloadedError(ErllamaError, RuntimeError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DaemonUnavailableError(ErllamaError, ConnectionError):
+    """No erllama daemon answers at the address the CLI was given."""
 
 
 class StoreError(ErllamaError, OSError):

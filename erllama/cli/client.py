@@ -1,0 +1,104 @@
+"""The CLI's client of a running daemon (``erllama serve``), over its Ollama-dialect and health endpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx
+
+from erllama.errors import DaemonUnavailableError, ErllamaError, InvalidInputError, UnknownModelError
+
+__all__ = ["DEFAULT_HOST", "Daemon"]
+
+DEFAULT_HOST = "http://127.0.0.1:8000"
+
+
+class Daemon:
+    """A daemon at ``host`` (``$ERLLAMA_HOST``, default ``http://127.0.0.1:8000``)."""
+
+    def __init__(self, host: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
+        self.host = host if "://" in host else f"http://{host}"
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.host, headers=headers, timeout=httpx.Timeout(timeout_s, connect=2.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def up(self) -> bool:
+        """Whether a daemon answers (within a short timeout)."""
+        try:
+            return self._http.get("/health", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise DaemonUnavailableError(
+                f"no erllama daemon at {self.host} ({exc}); start one with `erllama serve`"
+            ) from exc
+        _raise_for(response)
+        return response.json() if response.content else {}
+
+    def ps(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/ps")["models"])
+
+    def metrics(self) -> str:
+        try:
+            response = self._http.get("/metrics")
+        except httpx.HTTPError as exc:
+            raise DaemonUnavailableError(f"no erllama daemon at {self.host} ({exc})") from exc
+        _raise_for(response)
+        return response.text
+
+    def stop(self, model: str) -> bool:
+        """Unload ``model``; False when it was not loaded."""
+        loaded = {m["name"] for m in self.ps()}
+        names = {model, model if ":" in model else f"{model}:latest"}
+        hit = [n for n in loaded if n in names or n.split(":")[0] == model]
+        for name in hit:
+            self._call("POST", "/api/generate", {"model": name, "prompt": "", "keep_alive": 0, "stream": False})
+        return bool(hit)
+
+    def delete(self, model: str) -> None:
+        self._call("DELETE", "/api/delete", {"model": model})
+
+    def chat(self, model: str, messages: list[dict[str, str]], options: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """Stream ``/api/chat`` records."""
+        body = {"model": model, "messages": messages, "stream": True, "options": dict(options)}
+        try:
+            with self._http.stream("POST", "/api/chat", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    _raise_for(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        record = json.loads(line)
+                        if "error" in record:
+                            raise ErllamaError(str(record["error"]))
+                        yield record
+        except httpx.HTTPError as exc:
+            raise DaemonUnavailableError(f"the daemon at {self.host} went away ({exc})") from exc
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        message = str(response.json().get("error", response.text))
+    except (ValueError, AttributeError):
+        message = response.text
+    if response.status_code == 404:
+        raise UnknownModelError(message)
+    if response.status_code in (400, 401, 403, 413, 422):
+        raise InvalidInputError(f"{response.status_code}: {message}")
+    raise ErllamaError(f"the daemon answered {response.status_code}: {message}")
