@@ -36,7 +36,9 @@ def test_pull_tags_chat_copy_delete(fs: FileServer, tmp_path: Path) -> None:
 
     def load(runtime: Runtime, path: Path, name: str) -> str:
         loads.append(path)
-        return runtime.load_model(backend=lambda: StubBackend(n_seq_max=2, eos_bias=-50.0, script=script), model_id=name)
+        return runtime.load_model(
+            backend=lambda: StubBackend(n_seq_max=2, eos_bias=-50.0, script=script), model_id=name
+        )
 
     app = create_app(rt, {}, ServerConfig(keep_alive_s=300), source=StoreSource(store, load))
 
