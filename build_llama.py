@@ -45,6 +45,7 @@ import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "native"
@@ -169,20 +170,42 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: 
 def run_streaming(
     cmd: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> None:
-    """Run a long command, echoing its progress lines to stderr."""
+    """Run a long command, showing its progress on stderr: a progress bar driven by CMake's ``[ NN%]`` lines on a
+    terminal (when rich is installed), the progress lines themselves otherwise."""
     args = [str(c) for c in cmd]
     log("$ " + " ".join(args))
-    with subprocess.Popen(
-        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
-        assert proc.stdout is not None
-        tail: list[str] = []
-        for line in proc.stdout:
-            tail.append(line)
-            del tail[:-60]
-            if line.startswith("[") or "error" in line.lower():
-                sys.stderr.write("  " + line)
-        rc = proc.wait()
+    bar: Any = None
+    if sys.stderr.isatty():
+        try:
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+        except ImportError:
+            pass
+        else:
+            bar = Progress(TextColumn("  building"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                           TextColumn("{task.description}"), transient=True)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        task = None
+        if bar is not None:
+            stack.enter_context(bar)
+            task = bar.add_task("", total=100)
+        with subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            assert proc.stdout is not None
+            tail: list[str] = []
+            for line in proc.stdout:
+                tail.append(line)
+                del tail[:-60]
+                percent = re.match(r"\[\s*(\d+)%\]\s*(.*)", line)
+                if bar is not None and percent:
+                    what = percent.group(2).rsplit("/", 1)[-1][:40]
+                    bar.update(task, completed=int(percent.group(1)), description=what)
+                elif line.startswith("[") or "error" in line.lower():
+                    if bar is not None:
+                        bar.console.print("  " + line.rstrip("\n"), markup=False, highlight=False)
+                    else:
+                        sys.stderr.write("  " + line)
+            rc = proc.wait()
     if rc != 0:
         raise BuildError(f"command failed ({rc}): {' '.join(args)}\n{''.join(tail)}")
 

@@ -123,3 +123,21 @@ def test_pull_over_http_with_progress(fs: FileServer, env: dict[str, str], capsy
     assert (
         main(["pull", f"{fs.url}/m/Remote.gguf", "--name", "again", "--sha256", "0" * 64], env) == EXIT_CODES["verify"]
     )
+
+
+def test_prompts_from_arguments_stdin_and_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import io
+
+    from erllama.cli.run import _prompts
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert list(_prompts(argparse.Namespace(prompt=["say", "hi"]), io.StringIO("ignored"))) == ["say hi"]
+    assert list(_prompts(argparse.Namespace(prompt=[]), io.StringIO("  from a pipe\n"))) == ["from a pipe"]
+    assert list(_prompts(argparse.Namespace(prompt=[]), io.StringIO("\n"))) == []
+    answers = iter(["first", "", "second", "/bye", "never"])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(answers))
+    assert list(_prompts(argparse.Namespace(prompt=[]), Tty())) == ["first", "second"]

@@ -1,0 +1,67 @@
+"""``erllama serve`` as a process, driven by the other commands: models load from the store on demand, ``run``
+goes through the daemon, ``ps`` / ``stop`` see it, and SIGINT stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from erllama.cli import main
+
+pytestmark = pytest.mark.native
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_run_ps_stop(tiny_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    env = {**os.environ, "ERLLAMA_HOME": str(tmp_path / "home"), "ERLLAMA_HOST": f"http://127.0.0.1:{port}"}
+    assert main(["pull", str(tiny_path), "--name", "tiny:1"], env) == 0
+    cmd = [sys.executable, "-m", "erllama", "serve", "--port", str(port), "--threads", "1", "--parallel", "2",
+           "--ctx", "512", "--disk-cache-mb", "0", "--log-level", "warning"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(0.1)
+        capsys.readouterr()
+        assert main(["ps", "--json"], env) == 0
+        assert json.loads(capsys.readouterr().out)["models"] == []
+        assert main(["run", "tiny", "--max-tokens", "5", "--json", "hello there"], env) == 0
+        turn = json.loads(capsys.readouterr().out)["turns"][0]
+        assert turn["stats"]["cache"] == "daemon"
+        assert turn["stats"]["completion_tokens"] == 5
+        assert main(["ps", "--json"], env) == 0
+        assert [m["name"] for m in json.loads(capsys.readouterr().out)["models"]] == ["tiny:1"]
+        assert main(["stop", "tiny", "--json"], env) == 0
+        assert json.loads(capsys.readouterr().out)["stopped"] is True
+        tags = httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"]
+        assert [m["name"] for m in tags] == ["tiny:1"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, log.read_text()
+    assert "erllama serving on" in log.read_text()
