@@ -86,6 +86,8 @@ def test_run_ps_stop_rm_against_a_daemon(
     assert turn["stats"]["cache"] == "daemon"
     assert turn["reply"].strip()
     assert turn["stats"]["completion_tokens"] == 16
+    assert rt.cache is not None
+    rt.cache.drain()  # saves are published off the request path; wait for them before counting rows
     ps = run_json(capsys, ["ps"], env)
     assert [m["name"] for m in ps["models"]] == ["smollm2:135m"]
     assert ps["cache_tiers"]["ram"]["rows"] >= 1, "the daemon cached the conversation"
