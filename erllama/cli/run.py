@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from erllama.cli.client import Daemon
 from erllama.cli.output import Output
@@ -64,6 +64,7 @@ class _Local:
     def __init__(self, path: Path, args: argparse.Namespace, env: Mapping[str, str]) -> None:
         from erllama._native import ContextConfig
         from erllama.cache import CacheStore, FileTier, RamTier
+        from erllama.chat import ChatEngine
         from erllama.model import LlamaBackend
         from erllama.runtime import Runtime
 
@@ -72,16 +73,19 @@ class _Local:
         self.rt = Runtime(self.cache)
         cfg = ContextConfig(n_ctx=args.ctx, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads)
         self.model = self.rt.load_model(backend=lambda: LlamaBackend(path, context_config=cfg))
-        self.templated = bool(self.rt.model_info(self.model).get("chat_template"))
+        self.min_tokens = self.rt.policy.min_tokens
+        self.chat = ChatEngine(self.rt)  # the model's own Jinja template, rendered as the daemon renders it
 
     def turn(self, messages: list[dict[str, str]], args: argparse.Namespace, write: Callable[[str], None]) -> Any:
+        from erllama.chat import Message
+        from erllama.chat.types import Role
         from erllama.runtime import TextDelta
 
-        prompt = (
-            self.rt.apply_chat_template(self.model, messages)
-            if self.templated and not args.raw
-            else messages[-1]["content"]
-        )
+        if args.raw:
+            prompt = messages[-1]["content"]
+        else:
+            convo = [Message(role=cast(Role, m["role"]), content=m["content"]) for m in messages]
+            prompt = self.chat.prepare(self.model, convo).prompt
         stream = self.rt.infer(
             self.model, prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
         )
@@ -98,7 +102,9 @@ class _Local:
             "completion_tokens": s.generated_tokens,
             "ttft_ms": round(s.ttft_s * 1e3, 1),
             "tokens_per_s": round(s.tokens_per_s, 1),
-        }
+            **({"not_cached": f"prompts under {self.min_tokens} tokens are cheaper to prefill than to restore"}
+               if s.prompt_tokens < self.min_tokens else {}),
+        }  # fmt: skip
 
     def close(self) -> None:
         self.rt.close()
@@ -156,6 +162,8 @@ class _Remote:
 
 def _stats_line(stats: Mapping[str, Any]) -> str:
     cached = f", {stats['cached_tokens']} cached" if "cached_tokens" in stats else ""
+    if "not_cached" in stats:
+        cached += f" (not cached: {stats['not_cached']})"
     return (
         f"[cache {stats['cache']}: prompt {stats['prompt_tokens']} tokens{cached}; first token after "
         f"{stats['ttft_ms']:.1f} ms; {stats['completion_tokens']} tokens at {stats['tokens_per_s']:.1f} tokens/s]"
