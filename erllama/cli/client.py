@@ -71,19 +71,7 @@ class Daemon:
 
     def pull(self, model: str) -> Iterator[dict[str, Any]]:
         """Have the daemon pull ``model`` into its store; its progress records."""
-        try:
-            with self._http.stream("POST", "/api/pull", json={"model": model}) as response:
-                if response.status_code != 200:
-                    response.read()
-                    _raise_for(response)
-                for line in response.iter_lines():
-                    if line.strip():
-                        record = json.loads(line)
-                        if "error" in record:
-                            raise ErllamaError(str(record["error"]))
-                        yield record
-        except httpx.HTTPError as exc:
-            raise DaemonUnavailableError(f"the daemon at {self.host} went away ({exc})") from exc
+        return self._stream("/api/pull", {"model": model})
 
     def delete(self, model: str) -> None:
         self._call("DELETE", "/api/delete", {"model": model})
@@ -91,8 +79,12 @@ class Daemon:
     def chat(self, model: str, messages: list[dict[str, str]], options: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         """Stream ``/api/chat`` records."""
         body = {"model": model, "messages": messages, "stream": True, "options": dict(options)}
+        return self._stream("/api/chat", body)
+
+    def _stream(self, path: str, body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST ``body`` and yield the NDJSON records of the reply (the request starts at the first ``next``)."""
         try:
-            with self._http.stream("POST", "/api/chat", json=body) as response:
+            with self._http.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     response.read()
                     _raise_for(response)
