@@ -11,6 +11,7 @@ from stdin; on a terminal with no prompt it is an interactive chat, each turn re
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -138,7 +139,7 @@ class _Remote:
                     self.out.note(str(step.get("status", "")))
             records = self.daemon.chat(self.model, messages, options)
             head = next(records, None)
-        for record in [head, *records] if head is not None else []:
+        for record in itertools.chain([head] if head is not None else [], records):  # streamed as they arrive
             text = record.get("message", {}).get("content", "")
             if text:
                 first = first if first is not None else time.monotonic()

@@ -141,3 +141,25 @@ def test_prompts_from_arguments_stdin_and_a_terminal(monkeypatch: pytest.MonkeyP
     answers = iter(["first", "", "second", "/bye", "never"])
     monkeypatch.setattr("builtins.input", lambda _prompt: next(answers))
     assert list(_prompts(argparse.Namespace(prompt=[]), Tty())) == ["first", "second"]
+
+
+def test_run_through_a_daemon_streams_as_records_arrive() -> None:
+    import argparse
+
+    from erllama.cli.output import Output
+    from erllama.cli.run import _Remote
+
+    written: list[str] = []
+
+    class FakeDaemon:
+        def chat(self, model: str, messages: Any, options: Any) -> Iterator[dict[str, Any]]:
+            yield {"message": {"content": "Hel"}}
+            assert written == ["Hel"], "the first piece is out before the next record is read"
+            yield {"message": {"content": "lo"}, "done": True, "eval_count": 2, "eval_duration": 10**9}
+
+    backend = _Remote(FakeDaemon(), "m", Output(as_json=False))  # type: ignore[arg-type]
+    args = argparse.Namespace(max_tokens=2, temperature=0.0, seed=None)
+    reply, stats = backend.turn([{"role": "user", "content": "hi"}], args, written.append)
+    assert reply == "Hello"
+    assert written == ["Hel", "lo"]
+    assert stats["completion_tokens"] == 2
