@@ -106,6 +106,7 @@ class ServerState:
         self.runtime = runtime
         self.config = config
         self.source = source
+        self._aliases: dict[str, str] = {}  # request name -> served name (a bare name -> its only tag)
         self.default_max_tokens = config.default_max_tokens
         self.started = int(time.time())
         self.chat = ChatEngine(runtime)
@@ -131,7 +132,13 @@ class ServerState:
         """The name ``name`` is served under: itself when loaded, else what the source says it means."""
         if name in self._loaded or self.source is None:
             return name
-        return self.source.canonical(name) or name
+        alias = self._aliases.get(name)
+        if alias is not None and alias in self._loaded:
+            return alias  # no store lookup on the request path while the model stays loaded
+        found = self.source.canonical(name) or name
+        if found != name:
+            self._aliases[name] = found
+        return found
 
     def resolve(self, name: str) -> str:
         """The model id of a loaded model."""
