@@ -25,6 +25,21 @@ ProgressFn = Callable[[int, int | None], None]
 """``progress(completed_bytes, total_bytes_or_None)``."""
 
 
+BACKOFF_S = 0.25
+"""First wait before a retry; it doubles with each failure in a row (a ``Retry-After`` may ask for longer)."""
+MAX_WAIT_S = 30.0
+
+# statuses that say "not now" rather than "no": retried like a dropped connection
+_TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _Transient(Exception):  # control flow inside download(); never escapes it
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code} {response.reason_phrase}")
+        value = response.headers.get("retry-after", "")
+        self.retry_after: float | None = float(value) if value.isdigit() else None
+
+
 def _validator(response: httpx.Response) -> str | None:
     etag: str | None = response.headers.get("etag")
     if etag and not etag.startswith("W/"):
@@ -54,8 +69,12 @@ def download(
 ) -> int:
     """Fetch ``url`` into ``partial``, continuing what an earlier attempt left there; returns the file's size.
 
+    A dropped connection, a timeout or a "not now" status (408, 429, 5xx but 501/505) is retried, resuming, with a
+    doubling wait (at least what ``Retry-After`` asks, at most 30 s); ``attempts`` failures in a row without new
+    bytes give up.
+
     Raises:
-        DownloadError: the server refused (4xx/5xx), or the transfer failed ``attempts`` times in a row without
+        DownloadError: the server refused (another 4xx), or the transfer failed ``attempts`` times in a row without
             progress. The partial file is kept for a later call to continue.
     """
     meta_path = partial.with_name(partial.name + ".json")
@@ -77,6 +96,8 @@ def download(
                 with http.stream("GET", url, headers=req) as response:
                     if response.status_code == 416 and start:  # nothing left to send: the partial is whole
                         return start
+                    if response.status_code in _TRANSIENT:
+                        raise _Transient(response)
                     if response.status_code not in (200, 206):
                         raise DownloadError(f"GET {url}: HTTP {response.status_code} {response.reason_phrase}")
                     if response.status_code == 200:
@@ -98,14 +119,17 @@ def download(
                         raise httpx.RemoteProtocolError(f"body ended at {done} of {total} bytes")
                     meta_path.unlink(missing_ok=True)
                     return done
-            except httpx.TransportError as exc:  # dropped, reset, timed out, truncated: resume
+            except (httpx.TransportError, _Transient) as exc:  # dropped, reset, timed out, busy: resume
                 now = partial.stat().st_size if partial.exists() else 0
                 failures = 0 if now > got_before else failures + 1
                 if failures >= attempts:
                     raise DownloadError(
                         f"GET {url} failed {attempts} times in a row ({exc}); {now} bytes kept, pull again to continue"
                     ) from exc
-                time.sleep(min(0.25 * 2**failures, 4.0))
+                wait = BACKOFF_S * 2**failures
+                if isinstance(exc, _Transient) and exc.retry_after is not None:
+                    wait = max(wait, exc.retry_after)
+                time.sleep(min(wait, MAX_WAIT_S))
     finally:
         if own:
             http.close()

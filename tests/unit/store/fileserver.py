@@ -22,7 +22,9 @@ class Served:
     """Close the connection after this many body bytes of a response (once per ``drops`` left)."""
     drops: int = 0
     fail_status: int | None = None
-    """Answer every request with this status instead."""
+    """Answer requests with this status instead (``fail_times`` of them; all while it is None)."""
+    fail_times: int | None = None
+    retry_after: str | None = None
     delay_per_chunk_s: float = 0.0
 
 
@@ -74,8 +76,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if served is None:
             self.send_error(404)
             return
-        if served.fail_status is not None:
-            self.send_error(served.fail_status)
+        if served.fail_status is not None and served.fail_times != 0:
+            if served.fail_times is not None:
+                served.fail_times -= 1
+            self.send_response(served.fail_status)
+            if served.retry_after is not None:
+                self.send_header("retry-after", served.retry_after)
+            self.send_header("content-length", "0")
+            self.end_headers()
             return
         body, start = served.body, 0
         rng = self.headers.get("range")

@@ -48,6 +48,14 @@ def fs() -> Iterator[FileServer]:
         yield server
 
 
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from erllama.store import download
+
+    monkeypatch.setattr(download, "BACKOFF_S", 0.001)
+    monkeypatch.setattr(download, "MAX_WAIT_S", 0.05)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "models", env={})
@@ -168,10 +176,21 @@ def test_not_a_gguf_is_refused(fs: FileServer, store: ModelStore) -> None:
 def test_http_errors_are_download_errors(fs: FileServer, store: ModelStore) -> None:
     with pytest.raises(DownloadError, match="HTTP 404"):
         store.pull(f"{fs.url}/missing.gguf")
-    fs.files["/busy.gguf"] = Served(gguf_bytes(10), fail_status=503)
-    with pytest.raises(DownloadError, match="HTTP 503"):
-        store.pull(f"{fs.url}/busy.gguf")
+    fs.files["/gone.gguf"] = Served(gguf_bytes(10), fail_status=410)
+    with pytest.raises(DownloadError, match="HTTP 410"):
+        store.pull(f"{fs.url}/gone.gguf")
     assert store.entries() == []
+
+
+def test_busy_answers_are_retried(fs: FileServer, store: ModelStore) -> None:
+    body = gguf_bytes(20_000, seed=12)
+    fs.files["/busy.gguf"] = Served(body, fail_status=503, fail_times=2, retry_after="1")
+    entry = store.pull(f"{fs.url}/busy.gguf")
+    assert entry.path.read_bytes() == body
+    assert len([r for r in fs.requests if r["method"] == "GET"]) == 3
+    fs.files["/limited.gguf"] = Served(body, fail_status=429, fail_times=5)
+    with pytest.raises(DownloadError, match="failed 4 times in a row"):
+        store.pull(f"{fs.url}/limited.gguf", name="limited")
 
 
 def test_a_dropped_connection_resumes_with_a_range_request(fs: FileServer, store: ModelStore) -> None:
