@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -20,43 +19,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from erllama.cli.client import Daemon
+from erllama.cli.local import default_kv_dir, in_catalog, model_file
 from erllama.cli.output import Output
-from erllama.errors import InvalidInputError, UnknownModelError
+from erllama.errors import UnknownModelError
 from erllama.store.store import ModelStore
 
 __all__ = ["run"]
-
-
-def _cache_root(env: Mapping[str, str]) -> Path:
-    return Path(env.get("ERLLAMA_CACHE_DIR") or Path.home() / ".cache" / "erllama")
-
-
-def _in_catalog(model: str) -> bool:
-    from erllama.store.catalog import lookup
-    from erllama.store.names import ModelName
-
-    try:
-        return lookup(str(ModelName.parse(model))) is not None
-    except InvalidInputError:
-        return False
-
-
-def _model_path(model: str, store: ModelStore, out: Output) -> tuple[str, Path]:
-    """The model's name and file: a GGUF path as given, an installed model, or a catalog model pulled now."""
-    if model.endswith(".gguf") or os.sep in model:
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise UnknownModelError(f"{model}: no such file")
-        return path.stem, path
-    try:
-        entry = store.get(model)
-    except UnknownModelError:
-        if not _in_catalog(model):
-            raise
-        out.note(f"pulling {model}")
-        with out.pull_progress() as progress:
-            entry = store.pull(model, progress=progress)
-    return str(entry.name), entry.path
 
 
 class _Local:
@@ -69,7 +37,7 @@ class _Local:
         from erllama.model import LlamaBackend
         from erllama.runtime import Runtime
 
-        kv_dir = Path(args.kv_dir) if args.kv_dir else _cache_root(env) / "kv"
+        kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir(env)
         self.cache = CacheStore([RamTier(1 << 30), FileTier([kv_dir], 4 << 30)])
         self.rt = Runtime(self.cache)
         cfg = ContextConfig(n_ctx=args.ctx, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads)
@@ -132,7 +100,7 @@ class _Remote:
             records = self.daemon.chat(self.model, messages, options)
             head = next(records, None)
         except UnknownModelError:
-            if not _in_catalog(self.model):
+            if not in_catalog(self.model):
                 raise
             for step in self.daemon.pull(self.model):  # as `ollama run` does: the daemon fetches it, then answers
                 if "completed" not in step:
@@ -196,7 +164,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str], out: Output, daemon: D
     if not args.local and daemon.up():
         backend = _Remote(daemon, args.model, out)
     else:
-        name, path = _model_path(args.model, ModelStore(env=env), out)
+        name, path = model_file(args.model, ModelStore(env=env), out)
         if args.verbose:
             out.note(f"[loading {name} from {path}]")
         backend = _Local(path, args, env)

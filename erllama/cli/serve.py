@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
+from erllama.cli.local import default_kv_dir, model_file
 from erllama.cli.output import Output
 
 __all__ = ["serve"]
@@ -26,8 +27,7 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
     from erllama.server.state import ModelSource
     from erllama.store.store import ModelStore
 
-    root = Path(env.get("ERLLAMA_CACHE_DIR") or Path.home() / ".cache" / "erllama")
-    kv_dir = Path(args.kv_dir) if args.kv_dir else root / "kv"
+    kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir(env)
     tiers: list[Tier] = [RamTier(args.ram_cache_mb << 20)]
     if args.disk_cache_mb > 0:
         tiers.append(FileTier([kv_dir], args.disk_cache_mb << 20))
@@ -59,12 +59,8 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
     with Runtime(cache) as rt:
         served: dict[str, str] = {}
         if args.model:  # a GGUF file, or a model of the store, loaded now and kept
-            if args.model.endswith(".gguf") or "/" in args.model:
-                path, name = Path(args.model), args.name or Path(args.model).stem
-            else:
-                entry = store.get(args.model)
-                path, name = entry.path, args.name or str(entry.name)
-            served[name] = load(rt, path, name)
+            name, path = model_file(args.model, store, out)
+            served[args.name or name] = load(rt, path, args.name or name)
         app = create_app(rt, served, config, source=source)
         # What is alive now (the libraries, the app, the loaded models) lives as long as the process: out of the
         # cyclic collector's sight, collections walk only what requests allocate. Unfrozen, a full collection took

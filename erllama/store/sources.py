@@ -80,7 +80,7 @@ def default_name(filename: str) -> ModelName:
     return ModelName.parse(cleaned)
 
 
-def _check_digest(path: Path, got: str, want: str | None, what: str) -> None:
+def _check_digest(got: str, want: str | None, what: str) -> None:
     if want is not None and got != want:
         raise ChecksumError(f"checksum mismatch for {what}: expected sha256 {want}, got {got}")
 
@@ -110,7 +110,7 @@ class CatalogSource:
         assemble(self.model, partial, work_dir, progress)
 
     def verify(self, path: Path, sha256: str) -> None:
-        _check_digest(path, sha256, self.sha256, self.spec)
+        _check_digest(sha256, self.sha256, self.spec)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,7 +131,7 @@ class UrlSource:
         download(self.url, partial, headers=self.headers, progress=progress)
 
     def verify(self, path: Path, sha256: str) -> None:
-        _check_digest(path, sha256, self.sha256, self.spec)
+        _check_digest(sha256, self.sha256, self.spec)
         if self.git_oid is not None:  # a non-LFS file on the Hub: its git blob id
             h = hashlib.sha1(usedforsecurity=False)
             h.update(b"blob %d\0" % path.stat().st_size)
@@ -165,7 +165,7 @@ class FileSource:
                     progress(done, total)
 
     def verify(self, path: Path, sha256: str) -> None:
-        _check_digest(path, sha256, self.sha256, self.spec)
+        _check_digest(sha256, self.sha256, self.spec)
 
 
 def _is_loopback(host: str) -> bool:

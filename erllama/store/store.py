@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -232,14 +231,12 @@ class ModelStore:
         target = target or source.name
         for d in (self.manifests, self.blobs, self.incoming):
             d.mkdir(parents=True, exist_ok=True)
-        if source.sha256 is not None and (self.blobs / f"sha256-{source.sha256}").is_file():
-            say(PullEvent(f"already have sha256:{source.sha256[:12]}", digest=f"sha256:{source.sha256}"))
-            return self._install(target, source, source.sha256, say)
         key = hashlib.sha256(f"{source.kind}\0{source.spec}".encode()).hexdigest()[:32]
         partial = self.incoming / f"{key}.partial"
-        with self._lock(key):
+        with self._lock(key):  # one download per source; a concurrent pull of it may have just finished
             if source.sha256 is not None and (self.blobs / f"sha256-{source.sha256}").is_file():
-                return self._install(target, source, source.sha256, say)  # a concurrent pull just finished it
+                say(PullEvent(f"already have sha256:{source.sha256[:12]}", digest=f"sha256:{source.sha256}"))
+                return self._install(target, source, source.sha256, say)
             label = f"pulling {(source.sha256 or key)[:12]}"
             digest_label = f"sha256:{source.sha256}" if source.sha256 else None
 
@@ -307,21 +304,3 @@ class ModelStore:
             if not any(e.digest == entry.digest for e in self.entries()):
                 entry.path.unlink(missing_ok=True)
         return entry
-
-    def disk_usage(self) -> int:
-        """Bytes of blobs (each counted once) and partial downloads."""
-        total = 0
-        for d in (self.blobs, self.incoming):
-            if d.is_dir():
-                total += sum(p.stat().st_size for p in d.iterdir() if p.is_file())
-        return total
-
-    def clean_incoming(self) -> None:
-        """Remove abandoned partial downloads (nothing resumes them afterwards)."""
-        with self._lock("store"):
-            if self.incoming.is_dir():
-                for p in self.incoming.iterdir():
-                    if p.is_dir() and p.name.startswith("work-"):
-                        shutil.rmtree(p, ignore_errors=True)
-                    elif p.suffix in (".partial", ".json"):
-                        p.unlink(missing_ok=True)
