@@ -75,16 +75,45 @@ BASE_CMAKE_FLAGS = (
     "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_TOOLS_INSTALL=OFF",
 )
-# CPU builds turn llamafile's sgemm off: it serves prompt batches (n >= 2) while one-token steps go through ggml's
-# vec_dot, so a token's K/V and logits depended on the batch it was decoded in. Without it every CPU matmul computes
-# each output element the same way whatever the batch, so a restored or resumed sequence continues bit for bit like
-# the cold run (docs/native.md, "Batch invariance"; measured cost on SmolLM2 Q4_1: pp512 -9%, pp2048 -20%, tg +-0).
-# Pass --cmake-flag=-DGGML_LLAMAFILE=ON to trade that guarantee for prefill speed.
+# CPU builds keep llama.cpp's default kernels (llamafile's sgemm on): stock prefill speed. Exact and parent_key cache
+# hits stay bit-identical anyway, because cold and warm paths decode the last prompt token alone (docs/native.md).
+# --deterministic turns sgemm off so every matmul computes an output element the same way whatever the batch: partial
+# hits then match cold runs bit for bit too, at a prefill cost that depends on the CPU (docs/native.md, "Batch
+# invariance").
+DETERMINISTIC_FLAGS = ("-DGGML_LLAMAFILE=OFF",)
+# Two kinds of CPU build. native: compiled for the CPU in front of it (-march=native), what a user of llama.cpp gets
+# by default. portable: ggml's CPU backend as dynamically loaded variants, one per x86-64 / ARM64 feature level,
+# the best one for the CPU picked at load time (as llama.cpp's release binaries and Ollama do); the build can be
+# copied to, or shared with, machines with other CPUs.
+CPU_KIND_FLAGS = {
+    "native": ("-DGGML_NATIVE=ON",),
+    "portable": ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"),
+}
+CPU_KINDS = tuple(CPU_KIND_FLAGS)
+# native by default: stock llama.cpp's kernels and flags, built in ~2 minutes on 2 cores; the portable build compiles
+# 14 x86-64 variants (~40 minutes there). docs/native.md has the measurements.
+DEFAULT_CPU_KIND = "native"
+# Fixed instruction-set levels (ggml's own variant table, as one non-DL build): the second kernel set the tests run
+# against (a level below what the CPU has), and a way to build for an older CPU than this one.
+_X86_FEATURES = ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
+                 "AVX512_BF16", "AMX_TILE", "AMX_INT8", "AMX_BF16")  # fmt: skip
+CPU_LEVELS = {
+    "x64": (),
+    "sse42": ("SSE42",),
+    "sandybridge": ("SSE42", "AVX"),
+    "haswell": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2"),
+    "skylakex": ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX512"),
+    "armv8": (),  # ARM64 without -mcpu=native: the baseline every ARM64 CPU runs
+}
 BACKEND_CMAKE_FLAGS = {
-    "cpu": ("-DGGML_NATIVE=ON", "-DGGML_LLAMAFILE=OFF"),
+    "cpu": (),
     "cuda": ("-DGGML_NATIVE=ON", "-DGGML_CUDA=ON"),
     "metal": ("-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"),
 }
+# The native fallback for a CPU whose AMX path failed its self-check: everything the CPU has but the tile units.
+NO_AMX_FLAGS = ("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+                "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")  # fmt: skip
+PATCH_DIR = NATIVE / "patches"
 
 
 class BuildError(RuntimeError):
@@ -102,6 +131,21 @@ class BuildOptions:
     jobs: int | None = None
     cache_dir: Path | None = None
     extra_cmake_flags: tuple[str, ...] = ()
+    cpu_kind: str = DEFAULT_CPU_KIND
+    cpu_level: str | None = None
+    deterministic: bool = False
+    stock: bool = False
+    prove: bool = True
+    patches: bool = True  # False only for the tests that show what the patches fix; never recorded as current
+
+    @property
+    def flavor(self) -> str:
+        """What the build is called in its key and its manifest: cpu-portable, cpu-native, cuda, ..., stock."""
+        if self.stock:
+            return "stock"
+        if self.backend != "cpu":
+            return self.backend + ("" if self.patches else "-unpatched")
+        return f"cpu-{self.cpu_level or self.cpu_kind}" + ("" if self.patches else "-unpatched")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,6 +167,8 @@ class BuildResult:
     tools: dict[str, Path]
     abi_file: Path
     source: Source
+    options: BuildOptions
+    proof: dict[str, Any] | None = None
 
 
 def log(msg: str) -> None:
@@ -359,33 +405,126 @@ def _compiler_id() -> str:
         return cc
 
 
-def _cpu_flags() -> str:
+def _cpu_flags_line() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return hashlib.sha256(line.encode()).hexdigest()[:16]
+                return line
     except OSError:
         pass
-    return platform.machine()
+    return ""
+
+
+def _cpu_flags() -> str:
+    line = _cpu_flags_line()
+    return hashlib.sha256(line.encode()).hexdigest()[:16] if line else platform.machine()
+
+
+def cpu_has_amx() -> bool:
+    return "amx_tile" in _cpu_flags_line().split()
+
+
+def lower_cpu_level() -> str:
+    """A kernel set below the one a native build picks here, so the tests see the paths other CPUs take: AVX2 on an
+    AVX-512 machine, AVX on an AVX2 one, the x86-64 baseline below that, the ARMv8 baseline on ARM64."""
+    flags = set(_cpu_flags_line().split())
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "armv8"
+    if "avx512f" in flags:
+        return "haswell"
+    if "avx2" in flags:
+        return "sandybridge"
+    return "x64"
 
 
 def cmake_flags(options: BuildOptions) -> list[str]:
     if options.backend not in BACKENDS:
         raise BuildError(f"unknown backend {options.backend!r}; choose one of {', '.join(BACKENDS)}")
-    return [*BASE_CMAKE_FLAGS, *BACKEND_CMAKE_FLAGS[options.backend], *options.extra_cmake_flags]
+    if options.cpu_kind not in CPU_KINDS:
+        raise BuildError(f"unknown CPU build kind {options.cpu_kind!r}; choose one of {', '.join(CPU_KINDS)}")
+    if options.stock:
+        # llama.cpp's own defaults (GGML_NATIVE on, llamafile on), the peer benchmarks compare against. On a CPU
+        # with AMX the unpatched tile path crashes (ggml-org/llama.cpp#20824), so there it is compiled out.
+        return [*BASE_CMAKE_FLAGS, *(NO_AMX_FLAGS if cpu_has_amx() else ()), *options.extra_cmake_flags]
+    flags = [*BASE_CMAKE_FLAGS, *BACKEND_CMAKE_FLAGS[options.backend]]
+    if options.backend == "cpu" and options.cpu_level is not None:
+        if options.cpu_level not in CPU_LEVELS:
+            raise BuildError(f"unknown CPU level {options.cpu_level!r}; choose one of {', '.join(CPU_LEVELS)}")
+        wanted = CPU_LEVELS[options.cpu_level]
+        flags.append("-DGGML_NATIVE=OFF")
+        if options.cpu_level != "armv8":
+            flags += [f"-DGGML_{f}={'ON' if f in wanted else 'OFF'}" for f in _X86_FEATURES]
+    elif options.backend == "cpu":
+        flags += CPU_KIND_FLAGS[options.cpu_kind]
+    if options.deterministic:
+        flags += DETERMINISTIC_FLAGS
+    return [*flags, *options.extra_cmake_flags]
+
+
+def patch_set() -> list[Path]:
+    """erllama's patches to the pinned llama.cpp (native/patches/*.patch), in the order they apply."""
+    return sorted(PATCH_DIR.glob("*.patch"))
+
+
+def patches_digest(patches: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in patches:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def apply_patches(source: Source, options: BuildOptions) -> Source:
+    """A copy of ``source`` with erllama's patches applied (made once per source and patch set, then reused).
+
+    The pristine tree is never touched: the stock build, the peer of the benchmarks, is built from it.
+    """
+    patches = patch_set()
+    if not patches:
+        return source
+    digest = patches_digest(patches)
+    source_id = f"{source.source_id}+patches-{digest[:12]}"
+    src_root = cache_root(options) / "src"
+    src_root.mkdir(parents=True, exist_ok=True)
+    dest = src_root / f"patched-{hashlib.sha256(source_id.encode()).hexdigest()[:16]}"
+    patched = Source(path=dest, source_id=source_id, origin=f"{source.origin} + {len(patches)} erllama patch(es)")
+    if (dest / ".erllama-ok").is_file():
+        return patched
+    with tempfile.TemporaryDirectory(dir=src_root) as tmp_s:
+        tree = Path(tmp_s) / "tree"
+        shutil.copytree(source.path, tree, ignore=shutil.ignore_patterns(".git"), symlinks=True)
+        for patch in patches:
+            try:
+                run(["patch", "-p1", "--forward", "--batch", "--quiet", "--dry-run", "-i", patch], cwd=tree)
+            except BuildError as exc:
+                raise BuildError(f"{patch.name} does not apply to {source.source_id} ({source.origin}): {exc}") from exc
+            run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", patch], cwd=tree)
+            log(f"applied {patch.name}")
+        (tree / ".erllama-ok").write_text(source_id + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        tree.rename(dest)
+    return patched
 
 
 def build_key(source: Source, options: BuildOptions) -> str:
+    flags = cmake_flags(options)
+    # A portable build runs on any CPU of its architecture, so the CPU in front of the builder is not part of its
+    # identity (copies and shared caches keep working); a native one is compiled for it.
+    portable = (
+        options.backend == "cpu"
+        and not options.stock
+        and (options.cpu_kind == "portable" or options.cpu_level is not None)
+    )
     ident = {
         "source": source.source_id,
         "backend": options.backend,
-        "flags": cmake_flags(options),
+        "flavor": options.flavor,
+        "flags": flags,
         "compiler": _compiler_id(),
-        "cpu": _cpu_flags() if options.backend != "metal" else platform.machine(),
+        "cpu": platform.machine() if portable or options.backend == "metal" else _cpu_flags(),
         "platform": f"{platform.system()}-{platform.machine()}",
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{options.backend}-{digest}"
+    return f"{options.flavor}-{digest}"
 
 
 def _build_env(root: Path) -> dict[str, str]:
@@ -549,12 +688,20 @@ def _manifest(result: BuildResult, options: BuildOptions) -> dict[str, object]:
     return {
         "key": result.key,
         "backend": options.backend,
+        "flavor": options.flavor,
+        "cpu_kind": (options.cpu_level or options.cpu_kind) if options.backend == "cpu" and not options.stock else None,
+        "deterministic": options.deterministic,
         "lib_dir": str(result.lib_dir),
         "tools": {k: str(v) for k, v in result.tools.items()},
         "abi_file": str(result.abi_file),
         "source_id": result.source.source_id,
         "origin": result.source.origin,
+        "patches": [
+            {"name": p.name, "sha256": sha256_file(p)}
+            for p in ([] if options.stock or not options.patches else patch_set())
+        ],
         "cmake_flags": cmake_flags(options),
+        "selfcheck": result.proof,
     }
 
 
@@ -571,14 +718,87 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def ensure_built(options: BuildOptions) -> BuildResult:
-    """Fetch, verify and build as needed; return where the libraries (and tools) are. Idempotent."""
+    """Fetch, verify, patch, build and prove as needed; return where the libraries (and tools) are. Idempotent."""
     generate_ffi_module()
+    if options.stock:
+        options = dataclasses.replace(options, with_tools=True, prove=False)
     with _locked(cache_root(options) / "build.lock"):
-        return _ensure_built(options)
+        pristine = resolve_source(options)
+        source = pristine if options.stock or not options.patches else apply_patches(pristine, options)
+        result = _ensure_proven(source, options)
+        options = result.options
+        manifest = _manifest(result, options)
+        root = cache_root(options) / "llama"
+        (result.build_root / "build.json").write_text(json.dumps(manifest, indent=2))
+        if options.stock:
+            pointers = ["current-stock.json"]
+        elif not options.patches:
+            pointers = []
+        elif options.cpu_level is not None:  # a second kernel set beside the default build, never instead of it
+            pointers = [f"current-cpu-{options.cpu_level}.json"]
+        else:
+            pointers = [f"current-{options.backend}.json", "current.json"]
+        for name in pointers:
+            tmp = root / f".{name}.{os.getpid()}"
+            tmp.write_text(json.dumps(manifest, indent=2))
+            tmp.replace(root / name)
+        return result
 
 
-def _ensure_built(options: BuildOptions) -> BuildResult:
-    source = resolve_source(options)
+def _fallbacks(options: BuildOptions) -> list[tuple[str, BuildOptions]]:
+    """What to build instead when a native CPU build fails its self-check, in order: without AMX where the CPU has
+    it (the path of ggml-org/llama.cpp#20824), then portable (each variant proven on its own, the bad ones skipped)."""
+    out = []
+    if options.cpu_level is not None:
+        return []
+    if options.cpu_kind == "native" and cpu_has_amx() and not set(NO_AMX_FLAGS) <= set(options.extra_cmake_flags):
+        out.append(("native without AMX", dataclasses.replace(options, extra_cmake_flags=(*options.extra_cmake_flags,
+                                                                                         *NO_AMX_FLAGS))))  # fmt: skip
+    if options.cpu_kind == "native":
+        out.append(("portable", dataclasses.replace(options, cpu_kind="portable")))
+    return out
+
+
+def _ensure_proven(source: Source, options: BuildOptions) -> BuildResult:
+    result = _ensure_built(source, options)
+    if not options.prove or options.backend != "cpu" or options.stock:
+        return result
+    proof = prove_build(result.lib_dir)
+    if proof["usable"]:
+        return dataclasses.replace(result, proof=proof)
+    log(f"the build failed its self-check: {proof['summary']}")
+    for what, fallback in _fallbacks(options):
+        log(f"falling back to a {what} build")
+        result = _ensure_built(source, fallback)
+        proof = prove_build(result.lib_dir)
+        if proof["usable"]:
+            return dataclasses.replace(result, proof=proof)
+        log(f"the {what} build failed its self-check too: {proof['summary']}")
+    raise BuildError(
+        f"no build of this llama.cpp passed its self-check on this CPU: {proof['summary']}\n"
+        "nothing was handed to erllama; the messages above say which variant failed and how"
+    )
+
+
+def prove_build(lib_dir: Path) -> dict[str, Any]:
+    """Run the self-check (``python -m erllama._native.selfcheck prove``) over a finished build: a smoke decode per CPU
+    kernel variant, each in a child process of its own, compared with a NumPy reference. Its verdicts are recorded
+    beside the libraries, where the loader reads them."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "erllama._native.selfcheck", "prove", "--lib-dir", str(lib_dir), "--json"]
+    log("self-check: a smoke decode per CPU variant, compared with a NumPy reference")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    for line in proc.stderr.splitlines():
+        log("  " + line)
+    try:
+        report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError) as exc:
+        raise BuildError(f"the self-check itself failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}") from exc
+    return report
+
+
+def _ensure_built(source: Source, options: BuildOptions) -> BuildResult:
     key = build_key(source, options)
     root = cache_root(options) / "llama"
     build_root = root / key
@@ -587,7 +807,7 @@ def _ensure_built(options: BuildOptions) -> BuildResult:
     tools_ok = build_root / "tools.ok"
     build_root.mkdir(parents=True, exist_ok=True)
     log(f"source {source.source_id} ({source.origin})")
-    log(f"build {build_root}")
+    log(f"build {build_root} ({options.flavor}{', deterministic' if options.deterministic else ''})")
     if not libs_ok.is_file():
         _configure_and_build(source, options, build_root, LIB_TARGETS)
         libs_ok.write_text("ok\n")
@@ -597,18 +817,18 @@ def _ensure_built(options: BuildOptions) -> BuildResult:
         _configure_and_build(source, options, build_root, TOOL_TARGETS)
         tools_ok.write_text("ok\n")
     abi_file = run_abi_probe(source, build_root / "probe", lib_dir / "abi.json")
-    try:
-        build_shim(source, options, build_root)
-    except (BuildError, OSError) as exc:  # the binding works without it; grammars from JSON schemas do not
-        log(f"warning: erllama's shim did not build ({exc}); JSON-schema grammars will be unavailable")
+    if not options.stock:
+        try:
+            build_shim(source, options, build_root)
+        except (BuildError, OSError) as exc:  # the binding works without it; grammars from JSON schemas do not
+            log(f"warning: erllama's shim did not build ({exc}); JSON-schema grammars will be unavailable")
     tools = {t: lib_dir / t for t in TOOL_TARGETS if tools_ok.is_file()}
     if not (lib_dir / _shared_lib_name("llama")).exists():
         raise BuildError(f"the build finished but {lib_dir / _shared_lib_name('llama')} is missing")
-    result = BuildResult(key=key, build_root=build_root, lib_dir=lib_dir, tools=tools, abi_file=abi_file, source=source)
-    manifest = _manifest(result, options)
-    (build_root / "build.json").write_text(json.dumps(manifest, indent=2))
-    (root / f"current-{options.backend}.json").write_text(json.dumps(manifest, indent=2))
-    (root / "current.json").write_text(json.dumps(manifest, indent=2))
+    # the manifest beside the libraries, before the self-check: the loader in its children reads it
+    result = BuildResult(key=key, build_root=build_root, lib_dir=lib_dir, tools=tools, abi_file=abi_file,
+                         source=source, options=options)  # fmt: skip
+    (build_root / "build.json").write_text(json.dumps(_manifest(result, options), indent=2))
     return result
 
 
@@ -628,6 +848,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="-DX=Y",
         help="extra CMake flag (repeatable; part of the build key)",
     )
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--portable", dest="cpu_kind", action="store_const", const="portable",
+                      help="CPU kernels for every x86-64 / ARM64 level, the best picked at load time")  # fmt: skip
+    kind.add_argument("--native", dest="cpu_kind", action="store_const", const="native",
+                      help="CPU kernels compiled for this machine's CPU only (-march=native)")  # fmt: skip
+    kind.add_argument("--stock", action="store_true",
+                      help="llama.cpp's default build with its tools, unpatched: bench/'s peer")  # fmt: skip
+    kind.add_argument("--cpu-level", choices=[*CPU_LEVELS, "lower"],
+                      help="a fixed instruction-set level ('lower': one below this CPU's, the tests' second kernel "
+                      "set); recorded as current-cpu-LEVEL.json, beside the default build")  # fmt: skip
+    parser.add_argument("--deterministic", action="store_true",
+                        help="batch-invariant CPU kernels (llamafile off): partial cache hits bit-identical too, "
+                        "at a prefill cost (docs/native.md)")  # fmt: skip
+    parser.add_argument("--no-prove", action="store_true", help="skip the self-check (the loader then runs it)")
     parser.add_argument("--print-lib-dir", action="store_true", help="print only the library directory")
     parser.add_argument("--ffi-only", action="store_true", help="only regenerate the cffi module")
     args = parser.parse_args(argv)
@@ -644,6 +878,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs=args.jobs,
         cache_dir=args.cache_dir,
         extra_cmake_flags=tuple(args.cmake_flags),
+        cpu_kind=args.cpu_kind or DEFAULT_CPU_KIND,
+        cpu_level=lower_cpu_level() if args.cpu_level == "lower" else args.cpu_level,
+        deterministic=args.deterministic,
+        stock=args.stock,
+        prove=not args.no_prove,
     )
     try:
         result = ensure_built(options)

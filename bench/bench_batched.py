@@ -1,6 +1,6 @@
 """Aggregate decode tokens/s with 1, 4 and 8 concurrent streams: the runtime vs ``llama-batched-bench``.
 
-Both run SmolLM2-135M-Instruct Q4_1 from the same llama.cpp build (``build_llama.py --with-tools``), the same
+Both run SmolLM2-135M-Instruct Q4_1 from the same llama.cpp source (the peer from ``build_llama.py --stock``), the same
 threads, n_ctx, n_batch and flash-attention setting, with ``npl`` sequences of a 128-token prompt each generating
 128 tokens. The peer's S_TG is ``npl * ntg / time of the generation steps``; ours is the number of tokens all streams
 produced while all of them were generating, over that window, as the client sees them (every token sampled with a
@@ -20,8 +20,9 @@ import statistics
 import subprocess
 import time
 
+from bench.peers import stock_tool
 from erllama import Runtime, TextDelta
-from erllama._native import ContextConfig, FlashAttention, ModelConfig, library
+from erllama._native import ContextConfig, FlashAttention, ModelConfig
 from erllama.model import LlamaBackend, SamplerConfig
 from erllama.testing import fetch
 
@@ -29,7 +30,7 @@ N_PP, N_TG, N_CTX, N_BATCH = 128, 128, 4096, 512
 
 
 def peer(model: str, npl: int, threads: int) -> float:
-    tool = library().lib_dir / "llama-batched-bench"
+    tool = stock_tool("llama-batched-bench")
     cmd = [
         str(tool), "-m", model, "-c", str(N_CTX), "-b", str(N_BATCH), "-ub", str(N_BATCH),
         "-npp", str(N_PP), "-ntg", str(N_TG), "-npl", str(npl), "-t", str(threads), "-fa", "off",

@@ -1,4 +1,4 @@
-"""Prefill and decode tokens/s through erllama's binding against llama-bench, built from the same source.
+"""Prefill and decode tokens/s through erllama's binding against llama-bench from the stock build of the same source.
 
     python bench/bench_native.py                  # SmolLM2-135M Q4_1, pp512 / tg128, all cores
     python bench/bench_native.py --rounds 7 --threads 2 --model path/to/model.gguf
@@ -191,7 +191,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    build = build_llama.ensure_built(build_llama.BuildOptions(with_tools=True))
+    build = build_llama.ensure_built(build_llama.BuildOptions())
+    peer_tool = build_llama.ensure_built(build_llama.BuildOptions(stock=True)).tools["llama-bench"]
     model = args.model or fetch()
     binding = Binding(model, args)
     peer_runs: list[dict[str, float]] = []
@@ -200,11 +201,11 @@ def main() -> int:
         for r in range(args.rounds):
             # ABBA order: alternate who goes first, so a trend in the machine's speed lands on both sides.
             if r % 2 == 0:
-                peer_runs.append(run_llama_bench(build.tools["llama-bench"], model, args))
+                peer_runs.append(run_llama_bench(peer_tool, model, args))
                 ours_runs.append(binding.run())
             else:
                 ours_runs.append(binding.run())
-                peer_runs.append(run_llama_bench(build.tools["llama-bench"], model, args))
+                peer_runs.append(run_llama_bench(peer_tool, model, args))
             print(
                 f"round {r + 1}/{args.rounds}: llama-bench {peer_runs[-1]}  erllama {ours_runs[-1]}",
                 file=sys.stderr,

@@ -6,7 +6,8 @@ Two means are reported from one run of ``warmup + rounds`` rounds: the steady st
 cold start (the first ``rounds`` rounds, the first of which is cold for everyone; with 8 of 24 requests cold on
 both sides that mean cannot drop much below 1/3 of the peer's, whatever the cache does).
 
-Both serve SmolLM2-135M-Instruct Q4_1 from the same llama.cpp build with the same threads, 4 slots / sequences of
+Both serve SmolLM2-135M-Instruct Q4_1 from the same llama.cpp source (llama-server from the
+stock build, ``bench/peers.py``) with the same threads, 4 slots / sequences of
 the same context size, flash attention off, and get the same prompts one after another. The peer is driven over
 HTTP (``/completion``, streaming, ``cache_prompt``) and its TTFT is taken at the first streamed token; ours is taken
 in-process at the first streamed token (the HTTP daemon is the next issue). llama-server is run twice: as shipped
@@ -28,8 +29,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from bench.peers import stock_tool
 from erllama import Runtime, TextDelta
-from erllama._native import ContextConfig, FlashAttention, ModelConfig, library
+from erllama._native import ContextConfig, FlashAttention, ModelConfig
 from erllama.cache import CacheStore, RamTier
 from erllama.model import LlamaBackend
 from erllama.testing import fetch
@@ -99,7 +101,7 @@ def _free_port() -> int:
 def server(path: str, prompts: list[str], threads: int, n_ctx: int, extra: list[str]) -> list[float]:
     port = _free_port()
     cmd = [
-        str(library().lib_dir / "llama-server"), "-m", path, "-t", str(threads), "-tb", str(threads),
+        str(stock_tool("llama-server")), "-m", path, "-t", str(threads), "-tb", str(threads),
         "-c", str(n_ctx), "-np", str(SLOTS), "-b", "512", "-fa", "off", "--host", "127.0.0.1", "--port", str(port),
         *extra,
     ]  # fmt: skip

@@ -1,8 +1,9 @@
 """The daemon against llama-server, both over HTTP, in one run: cold TTFT, aggregate tokens/s with concurrent
 streams, and the rotating multi-conversation workload.
 
-Both serve SmolLM2-135M-Instruct Q4_1 from the same llama.cpp build (``python -m erllama serve`` and the
-``llama-server`` build_llama.py builds beside libllama), with the same threads, slots, context per slot, batch size
+Both serve SmolLM2-135M-Instruct Q4_1 from the same llama.cpp source (``python -m erllama serve`` on erllama's
+build, ``llama-server`` from the stock build: ``bench/peers.py``), with the same threads, slots, context per slot,
+batch size
 and flash attention off, and get the same requests through the same client code (``/v1/completions``, streaming;
 TTFT is the arrival of the first chunk with text):
 
@@ -49,7 +50,8 @@ import httpx
 import psutil
 
 from bench.bench_rotating import QUESTIONS, documents
-from erllama._native import Model, ModelConfig, library
+from bench.peers import stock_tool
+from erllama._native import Model, ModelConfig
 from erllama.testing import fetch
 
 N_STREAM_PROMPT, N_STREAM_GEN = 128, 128
@@ -105,7 +107,7 @@ def serving(
         ]  # fmt: skip
     else:
         cmd = [
-            str(library().lib_dir / "llama-server"), "-m", model, "-a", "m", "-t", str(threads), "-tb", str(threads),
+            str(stock_tool("llama-server")), "-m", model, "-a", "m", "-t", str(threads), "-tb", str(threads),
             "-c", str(slots * ctx_per_slot), "-np", str(slots), "-b", "512", "-fa", "off",
             "--host", "127.0.0.1", "--port", str(port), *extra,
         ]  # fmt: skip

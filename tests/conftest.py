@@ -21,6 +21,18 @@ settings.register_profile("dev", max_examples=20, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which libllama and CPU kernel set this run tests (scripts/test runs the integration suite on two)."""
+    try:
+        from erllama._native import library
+
+        build = library().build
+    except ImportError as exc:  # LibraryError is an ImportError
+        return f"libllama: not loaded ({exc})"
+    return (f"libllama: {build['flavor']} ({build['lib_dir']}), CPU kernels {build['cpu_variant']}, "
+            f"self-check {build['selfcheck']}, batch-invariant {build['deterministic']}")  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for marker, env in (("smollm2", "ERLLAMA_SKIP_SMOLLM2"), ("gemma3", "ERLLAMA_SKIP_GEMMA3")):
         if os.environ.get(env) == "1":

@@ -7,9 +7,10 @@ one llama.cpp object and free it deterministically in ``close()``; ``Detokenizer
 from erllama._native.batch import Batch
 from erllama._native.context import Context, ContextConfig, FlashAttention, KVType
 from erllama._native.grammar import JSON_OBJECT_SCHEMA, json_schema_to_grammar
-from erllama._native.loader import GpuDevice, Library, abi_mismatches, library
+from erllama._native.loader import CpuVariant, GpuDevice, Library, abi_mismatches, cpu_variants, library, loaded_library
 from erllama._native.model import LoraAdapter, Model, ModelConfig, ModelInfo
 from erllama._native.sampler import DEFAULT_SEED, Sampler, SamplerConfig, sample_rows
+from erllama._native.selfcheck import SmokeSpec, Verdict, prove_build, prove_variant
 from erllama._native.text import Detokenizer
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Batch",
     "Context",
     "ContextConfig",
+    "CpuVariant",
     "Detokenizer",
     "FlashAttention",
     "GpuDevice",
@@ -29,8 +31,14 @@ __all__ = [
     "ModelInfo",
     "Sampler",
     "SamplerConfig",
+    "SmokeSpec",
+    "Verdict",
     "abi_mismatches",
+    "cpu_variants",
     "json_schema_to_grammar",
     "library",
+    "loaded_library",
+    "prove_build",
+    "prove_variant",
     "sample_rows",
 ]

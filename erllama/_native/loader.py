@@ -6,6 +6,12 @@ The library is ``dlopen``-ed once per process (thread-safe), from ``$ERLLAMA_LIB
 * sets ``GGML_NO_BACKTRACE`` so a failed ggml assertion never forks a debugger to print a backtrace;
 * compares the ABI probe's layouts (``abi.json`` beside the libraries) with cffi's, refusing a library whose
   structs differ from the cdef;
+* in a portable build (ggml's CPU backend as one library per instruction-set variant), scores the variants for this
+  CPU and registers the best one (or ``$ERLLAMA_CPU_VARIANT``);
+* refuses a CPU kernel set that has not passed its self-check on this CPU (``selfcheck``): a smoke decode in a
+  child process, compared with a NumPy reference. build_llama.py runs it after building; a build copied to another
+  machine is checked there on first load. A failed variant is skipped for the next best one; a native build that
+  failed is refused with an error that names the fix;
 * calls ``llama_backend_init`` and routes llama.cpp's log callback into the ``erllama.llama`` logger.
 """
 
@@ -20,6 +26,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import cffi
+
 from erllama._native import errcheck
 from erllama.errors import LibraryError
 
@@ -30,7 +38,18 @@ except ImportError as exc:  # pragma: no cover - only before the first build
         "erllama's cffi module has not been generated yet; run `python build_llama.py` from the source tree"
     ) from exc
 
-__all__ = ["GpuDevice", "Library", "abi_mismatches", "ffi", "lib", "library", "library_dir"]
+__all__ = [
+    "CpuVariant",
+    "GpuDevice",
+    "Library",
+    "abi_mismatches",
+    "cpu_variants",
+    "ffi",
+    "lib",
+    "library",
+    "library_dir",
+    "loaded_library",
+]
 
 log = logging.getLogger("erllama.llama")
 
@@ -52,6 +71,26 @@ class Library:
     lib_dir: Path
     abi_file: Path | None
     manifest: dict[str, Any]
+    cpu_variant: str = "native"
+    """The CPU kernel set in use: a portable build's variant (``zen4``, ``haswell``, ...), a fixed level's name, or
+    ``native`` for a build compiled for this CPU."""
+    selfcheck: str = "skipped"
+    """How the kernel set was proven on this CPU: ``passed`` (with its error), ``skipped`` (ERLLAMA_SKIP_SELFCHECK or a
+    GPU build), ``child`` (this process is a self-check)."""
+
+    @property
+    def build(self) -> dict[str, Any]:
+        """What ``erllama version``, ``ps`` and ``/metrics`` report about the build."""
+        return {
+            "backend": self.backend,
+            "flavor": self.manifest.get("flavor"),
+            "cpu_variant": self.cpu_variant,
+            "selfcheck": self.selfcheck,
+            "deterministic": self.batch_invariant,
+            "patches": [p.get("name") for p in self.manifest.get("patches", [])],
+            "source_id": self.manifest.get("source_id"),
+            "lib_dir": str(self.lib_dir),
+        }
 
     @property
     def backend(self) -> str:
@@ -150,7 +189,8 @@ def _dlopen_all(lib_dir: Path) -> Any:
     main = lib_dir / f"libllama{suffix}"
     if not main.exists():
         raise LibraryError(f"{main} does not exist; run `python build_llama.py` or fix ERLLAMA_LIB_DIR")
-    ggml = sorted(lib_dir.glob(f"libggml*{suffix}"))
+    variants = {p.name for p in _variant_files(lib_dir).values()}
+    ggml = sorted(p for p in lib_dir.glob(f"libggml*{suffix}") if p.name not in variants)
     order = (
         [p for p in ggml if p.name == f"libggml-base{suffix}"]
         + [p for p in ggml if p.name not in (f"libggml-base{suffix}", f"libggml{suffix}")]
@@ -164,6 +204,96 @@ def _dlopen_all(lib_dir: Path) -> Any:
         raise LibraryError(f"could not load libllama from {lib_dir}: {exc}") from exc
     _keepalive.extend(deps)
     return handle
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CpuVariant:
+    """One CPU kernel library of a portable build and how well it suits this CPU (0: it cannot run here)."""
+
+    name: str
+    path: Path
+    score: int
+
+
+def _variant_files(lib_dir: Path) -> dict[str, Path]:
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    prefix = "libggml-cpu-"
+    return {p.name[len(prefix) : -len(suffix)]: p for p in sorted(lib_dir.glob(f"{prefix}*{suffix}"))}
+
+
+_score_ffi = cffi.FFI()
+_score_ffi.cdef("int ggml_backend_score(void);")
+
+
+def cpu_variants(lib_dir: Path) -> list[CpuVariant]:
+    """The CPU variants of a portable build, best first, each scored by its own ``ggml_backend_score`` (what
+    llama.cpp's ``ggml_backend_load_best`` does); empty for a build with one CPU backend linked in. The ggml base
+    library must be loaded first (``_dlopen_all``)."""
+    out = []
+    for name, path in _variant_files(lib_dir).items():
+        try:
+            handle = _score_ffi.dlopen(str(path), _score_ffi.RTLD_NOW | _score_ffi.RTLD_LOCAL)
+        except OSError as exc:
+            log.warning("skipping CPU variant %s: %s", name, exc)
+            continue
+        try:
+            score = int(handle.ggml_backend_score())
+        except AttributeError:
+            score = 0
+        finally:
+            _score_ffi.dlclose(handle)
+        out.append(CpuVariant(name, path, score))
+    return sorted(out, key=lambda v: -v.score)
+
+
+def _choose_cpu_variant(handle: Any, lib_dir: Path, manifest: dict[str, Any]) -> tuple[str, str]:
+    """Register the CPU kernels to use and say which (and how they were proven)."""
+    from erllama._native import selfcheck
+
+    variants = cpu_variants(lib_dir)
+    forced = os.environ.get("ERLLAMA_CPU_VARIANT") or None
+    gated = selfcheck.gate_enabled(manifest)
+    if not variants:
+        name = str(manifest.get("cpu_kind") or "native")
+        if forced not in (None, name):
+            raise LibraryError(f"ERLLAMA_CPU_VARIANT={forced}, but {lib_dir} is a {name} build without CPU variants")
+        if not gated:
+            return name, "child" if selfcheck.in_child() else "skipped"
+        verdict = selfcheck.verdict(lib_dir, name)
+        if not verdict.ok:
+            raise LibraryError(
+                f"the CPU kernels of {lib_dir} ({name}) failed their self-check on this CPU: {verdict.detail}. "
+                "Rebuild with `python build_llama.py` (it falls back to a build without the failing instruction set) "
+                "or `python build_llama.py --portable`; ERLLAMA_SKIP_SELFCHECK=1 loads it anyway"
+            )
+        return name, verdict.describe()
+    candidates = [v for v in variants if v.score > 0]
+    if forced is not None:
+        match = [v for v in variants if v.name == forced]
+        if not match:
+            raise LibraryError(f"ERLLAMA_CPU_VARIANT={forced}: no such variant in {lib_dir} "
+                               f"({', '.join(v.name for v in variants)})")  # fmt: skip
+        if match[0].score <= 0:
+            raise LibraryError(f"ERLLAMA_CPU_VARIANT={forced}: this CPU lacks instructions that variant needs")
+        candidates = match
+    refused = []
+    for variant in candidates:
+        how = "child" if selfcheck.in_child() else "skipped"
+        if gated:
+            verdict = selfcheck.verdict(lib_dir, variant.name)
+            if not verdict.ok:
+                log.warning("CPU variant %s failed its self-check here (%s); trying the next", variant.name,
+                            verdict.detail)  # fmt: skip
+                refused.append(f"{variant.name}: {verdict.detail}")
+                continue
+            how = verdict.describe()
+        if handle.ggml_backend_load(str(variant.path).encode()) == ffi.NULL:
+            raise LibraryError(f"ggml could not load the CPU variant {variant.path}: {errcheck.last_error('')}")
+        return variant.name, how
+    raise LibraryError(
+        f"no CPU variant of {lib_dir} passed its self-check on this CPU ({'; '.join(refused) or 'none can run here'}); "
+        "rebuild with `python build_llama.py`, or set ERLLAMA_SKIP_SELFCHECK=1 to load one anyway"
+    )
 
 
 # cffi objects that must outlive every call into the library: dependency handles and the log callback.
@@ -212,8 +342,10 @@ def _load() -> Library:
     callback = ffi.callback("ggml_log_callback", _on_log)
     _keepalive.append(callback)
     lib.llama_log_set(callback, ffi.NULL)
+    variant, proof = _choose_cpu_variant(lib, lib_dir, manifest)
     lib.llama_backend_init()
-    return Library(lib=lib, lib_dir=lib_dir, abi_file=abi_file if abi_file.is_file() else None, manifest=manifest)
+    return Library(lib=lib, lib_dir=lib_dir, abi_file=abi_file if abi_file.is_file() else None, manifest=manifest,
+                   cpu_variant=variant, selfcheck=proof)  # fmt: skip
 
 
 def library() -> Library:
@@ -223,6 +355,11 @@ def library() -> Library:
         with _lock:
             if _library is None:
                 _library = _load()
+    return _library
+
+
+def loaded_library() -> Library | None:
+    """The library if this process has loaded it (never loads it)."""
     return _library
 
 

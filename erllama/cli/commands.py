@@ -82,9 +82,22 @@ def _tier_metrics(text: str) -> dict[str, dict[str, float]]:
     return tiers
 
 
+def _build_metrics(text: str) -> dict[str, str]:
+    """The labels of ``erllama_build_info`` (the loaded libllama: backend, CPU variant, ...); empty before a load."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        if family.name == "erllama_build_info":
+            for sample in family.samples:
+                return dict(sample.labels)
+    return {}
+
+
 def cmd_ps(args: argparse.Namespace, env: Mapping[str, str], out: Output, daemon: Daemon) -> int:
     models = daemon.ps()
-    tiers = _tier_metrics(daemon.metrics())
+    metrics = daemon.metrics()
+    tiers = _tier_metrics(metrics)
+    build = _build_metrics(metrics)
     rows = [[m["name"], human_bytes(int(m.get("size", 0))), str(m.get("context_length", "")), m.get("expires_at", "")]
             for m in models]  # fmt: skip
     text = out.table(["NAME", "SIZE", "CONTEXT", "UNTIL"], rows)
@@ -92,7 +105,10 @@ def cmd_ps(args: argparse.Namespace, env: Mapping[str, str], out: Output, daemon
         tier_rows = [[t, str(int(v.get("rows", 0))), human_bytes(int(v.get("bytes", 0))),
                       human_bytes(int(v.get("budget_bytes", 0)))] for t, v in sorted(tiers.items())]  # fmt: skip
         text += "\n\n" + out.table(["CACHE TIER", "ROWS", "BYTES", "BUDGET"], tier_rows)
-    out.result({"models": models, "cache_tiers": tiers}, text)
+    if build:
+        text += f"\n\nlibllama: {build.get('backend', '?')}, CPU kernels {build.get('cpu_variant', '?')}"
+        text += f" (self-check {build.get('selfcheck', '?')})"
+    out.result({"models": models, "cache_tiers": tiers, "build": build}, text)
     return 0
 
 
@@ -113,10 +129,16 @@ def cmd_version(args: argparse.Namespace, env: Mapping[str, str], out: Output, d
         data["llama.cpp"] = str(lib.manifest.get("source_id", "")).removeprefix("git-")[:12]
         data["origin"] = str(lib.manifest.get("origin", ""))
         data["backend"] = lib.backend
+        build = lib.build
+        data |= {k: build[k] for k in ("flavor", "cpu_variant", "selfcheck", "deterministic", "patches")}
     except ImportError as exc:  # LibraryError derives from ImportError
         data["llama.cpp"] = f"not built ({exc})"
     text = f"erllama {data['erllama']}\nllama.cpp {data['llama.cpp']}" + (
         f" ({data['backend']})" if "backend" in data else ""
     )
+    if "cpu_variant" in data:
+        text += f"\nbuild {data['flavor']}, CPU kernels {data['cpu_variant']} (self-check {data['selfcheck']})"
+        text += "\npatches " + (", ".join(data["patches"]) or "none")
+        text += "\nbatch-invariant kernels" if data["deterministic"] else ""
     out.result(data, text)
     return 0

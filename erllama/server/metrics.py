@@ -16,12 +16,21 @@ from prometheus_client.core import GaugeMetricFamily, Metric, UnknownMetricFamil
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from erllama._native.loader import Library
     from erllama.runtime import Completion
     from erllama.server.state import ServerState
 
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def _loaded_library() -> Library | None:
+    try:
+        from erllama._native.loader import loaded_library
+    except ImportError:  # no build at all: a stub-backed daemon
+        return None
+    return loaded_library()
 
 
 class _Live(Collector):
@@ -39,6 +48,20 @@ class _Live(Collector):
         yield waiting
         yield running
         yield GaugeMetricFamily("erllama_models_loaded", "Models loaded", value=len(state.model_names()))
+        build = _loaded_library()
+        if build is not None:
+            info = build.build
+            labels = {
+                "backend": info["backend"],
+                "cpu_variant": info["cpu_variant"],
+                "flavor": str(info["flavor"] or ""),
+                "selfcheck": info["selfcheck"],
+                "deterministic": str(info["deterministic"]).lower(),
+                "patches": ",".join(info["patches"]),
+            }
+            family = GaugeMetricFamily("erllama_build_info", "The libllama in use (value 1)", labels=list(labels))
+            family.add_metric(list(labels.values()), 1)
+            yield family
         cache = state.runtime.cache
         used = GaugeMetricFamily("erllama_cache_tier_bytes", "Bytes held by a cache tier", labels=["tier"])
         budget = GaugeMetricFamily("erllama_cache_tier_budget_bytes", "Byte budget of a cache tier", labels=["tier"])

@@ -1,9 +1,13 @@
-"""The default CPU build is batch-invariant: a token's logits do not depend on the batch it was decoded in.
+"""Batch invariance: whether a token's logits depend on the batch it was decoded in, and that the build says so.
 
-This is what makes every cache hit (exact, longest-prefix, parent_key resume) reproduce the cold run bit for bit:
-a restored sequence's K/V were computed in other batches (one token per generation step, chunks cut elsewhere,
-other sequences riding along) than a cold run would use. build_llama.py turns llamafile's sgemm off because it
-served only batches of two or more tokens.
+A ``--deterministic`` CPU build (llamafile's sgemm off) is batch-invariant: every cache hit (exact, longest-prefix,
+parent_key resume) then reproduces the cold run bit for bit, although a restored sequence's K/V were computed in
+other batches (one token per generation step, chunks cut elsewhere, other sequences riding along) than a cold run
+would use. The default build keeps llama.cpp's stock kernels: sgemm serves batches of two or more rows, ggml's
+vec_dot one-row products, and the two sum in different orders, so one-token steps and a chunk differ by rounding
+(measured on SmolLM2 Q4_1: up to ~2% of the logit range; the tolerance below is 5%). Exact and parent_key hits stay
+bit-identical there too, because cold and warm paths decode the last prompt token alone (test_runtime_llama.py).
+scripts/test runs the integration suite on both kinds of build.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from erllama.model import DecodeItem, LlamaBackend
 pytestmark = pytest.mark.native
 
 
-def test_the_default_build_is_batch_invariant() -> None:
-    assert library().batch_invariant, "the default CPU build turns llamafile's sgemm off (build_llama.py)"
+# Largest difference, as a fraction of the logits' range, between one-token steps and a chunk on a build that is
+# not batch-invariant: rounding of two summation orders, amplified through the layers; a wrong kernel is O(1).
+TOLERANCE = 5e-2
 
 
 def test_logits_do_not_depend_on_the_batch_shape(model_path: Path) -> None:
@@ -45,5 +50,21 @@ def test_logits_do_not_depend_on_the_batch_shape(model_path: Path) -> None:
         mixed = b.context.logits(r)
     finally:
         b.close()
-    assert np.array_equal(chunk, steps)
-    assert np.array_equal(chunk, mixed)
+    if library().batch_invariant:
+        assert np.array_equal(chunk, steps)
+        assert np.array_equal(chunk, mixed)
+    else:
+        scale = float(np.abs(chunk).max())
+        assert np.abs(chunk - steps).max() <= TOLERANCE * scale
+        assert np.abs(chunk - mixed).max() <= TOLERANCE * scale
+
+
+def test_a_batch_invariant_build_folds_the_last_prompt_token(model_path: Path) -> None:
+    """The probe LlamaBackend runs at load (three decodes of one prompt) finds what the build promises."""
+    if not library().batch_invariant:
+        pytest.skip("the build under test keeps the stock kernels; scripts/test's second run is --deterministic")
+    b = LlamaBackend(model_path, context_config=ContextConfig(n_ctx=512, n_batch=64))
+    try:
+        assert b.info.last_token_foldable
+    finally:
+        b.close()

@@ -51,7 +51,14 @@ def test_serve_run_ps_stop(tiny_path: Path, tmp_path: Path, capsys: pytest.Captu
         assert turn["stats"]["cache"] == "daemon"
         assert turn["stats"]["completion_tokens"] == 5
         assert main(["ps", "--json"], env) == 0
-        assert [m["name"] for m in json.loads(capsys.readouterr().out)["models"]] == ["tiny:1"]
+        ps = json.loads(capsys.readouterr().out)
+        assert [m["name"] for m in ps["models"]] == ["tiny:1"]
+        from erllama._native import library  # the daemon loaded the same build this process tests
+
+        assert ps["build"]["cpu_variant"] == library().cpu_variant, "ps shows the CPU kernels in use"
+        assert ps["build"]["backend"] == library().backend
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert f'cpu_variant="{library().cpu_variant}"' in metrics, "so does /metrics (erllama_build_info)"
         assert main(["stop", "tiny", "--json"], env) == 0
         assert json.loads(capsys.readouterr().out)["stopped"] is True
         tags = httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"]

@@ -60,6 +60,15 @@ def test_version(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Non
     data = run_json(capsys, ["version"], env)
     assert data["erllama"] == erllama.__version__
     assert "llama.cpp" in data
+    try:
+        from erllama._native import library
+
+        lib = library()
+    except ImportError:
+        return  # not built: version still answers
+    assert data["cpu_variant"] == lib.cpu_variant, "version shows the CPU kernels in use"
+    assert data["patches"] == [p["name"] for p in lib.manifest.get("patches", [])]
+    assert data["selfcheck"] == lib.selfcheck
 
 
 def test_pull_list_show_rm(tiny_path: Path, env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
