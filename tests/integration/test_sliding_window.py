@@ -6,6 +6,12 @@ back that would need dropped cells is refused (``restore_cut_refused``) and the 
 or goes cold; it never attends to a hole. Prompts here are longer than the window so that cells really are dropped.
 Q4_K weights are repacked for the CPU, whose kernels depend on the batch, so only exact hits are compared bit for
 bit; the others must give the cold run's greedy tokens.
+
+Without ``swa_full`` on the stock kernels (llamafile's sgemm on) even an exact hit is not bit-identical: the live
+sequence's local layers hold their cells in a ring that has wrapped, a restored sequence holds them in position
+order, and sgemm's attention products sum over the cells in that order. The logits then agree within
+``WINDOW_TOLERANCE`` of their range (measured: up to 3% on Gemma 3 270M, AMD EPYC Zen 4) and the greedy tokens are the same; on a
+batch-invariant build (``--deterministic``) and with ``swa_full`` they are bit-identical.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import numpy.typing as npt
 import pytest
 
 from erllama import Runtime
-from erllama._native import ContextConfig, Model
+from erllama._native import ContextConfig, Model, library
 from erllama.cache import CacheStore, RamTier, SavePolicy
 
 from .helpers import Recording
 
 pytestmark = [pytest.mark.native, pytest.mark.gemma3]
 
+WINDOW_TOLERANCE = 5e-2
 DOC = "".join(f"Entry {i}: the lighthouse keeper logged the weather, the ships and the tides. " for i in range(60))
 
 
@@ -77,7 +84,11 @@ def test_sliding_window_hits_match_cold_runs(gemma3_path: Path, swa_full: bool) 
 
     assert first.cache_hit_kind == "cold"
     assert (exact.cache_hit_kind, exact.generated) == ("exact", first.generated)
-    assert np.array_equal(exact_logits, box[0].sampled_from[0]), "the exact hit reproduces the cold run bit for bit"
+    cold_logits = box[0].sampled_from[0]
+    if swa_full or library().batch_invariant:
+        assert np.array_equal(exact_logits, cold_logits), "the exact hit reproduces the cold run bit for bit"
+    else:
+        assert np.abs(exact_logits - cold_logits).max() <= WINDOW_TOLERANCE * float(np.abs(cold_logits).max())
 
     cold_other, _ = cold_reply(gemma3_path, q2, swa_full)
     assert other.generated == cold_other
