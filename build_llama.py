@@ -730,14 +730,13 @@ def ensure_built(options: BuildOptions) -> BuildResult:
         manifest = _manifest(result, options)
         root = cache_root(options) / "llama"
         (result.build_root / "build.json").write_text(json.dumps(manifest, indent=2))
-        if options.stock:
-            pointers = ["current-stock.json"]
-        elif not options.patches:
+        # current.json: what erllama loads (the last main build); current-<flavor>.json: each kind's latest
+        if not options.patches:
             pointers = []
-        elif options.cpu_level is not None:  # a second kernel set beside the default build, never instead of it
-            pointers = [f"current-cpu-{options.cpu_level}.json"]
+        elif options.stock or options.cpu_level is not None:  # peers and second kernel sets, never instead of it
+            pointers = [f"current-{options.flavor}.json"]
         else:
-            pointers = [f"current-{options.backend}.json", "current.json"]
+            pointers = [f"current-{options.flavor}.json", f"current-{options.backend}.json", "current.json"]
         for name in pointers:
             tmp = root / f".{name}.{os.getpid()}"
             tmp.write_text(json.dumps(manifest, indent=2))
@@ -781,12 +780,14 @@ def _ensure_proven(source: Source, options: BuildOptions) -> BuildResult:
 
 
 def prove_build(lib_dir: Path) -> dict[str, Any]:
-    """Run the self-check (``python -m erllama._native.selfcheck prove``) over a finished build: a smoke decode per CPU
+    """Run the self-check (``erllama._native.selfcheck.main(["prove", ...])``) over a finished build: a smoke decode per CPU
     kernel variant, each in a child process of its own, compared with a NumPy reference. Its verdicts are recorded
-    beside the libraries, where the loader reads them."""
+    beside the libraries, where the loader reads them; verdicts already recorded for this CPU stand (a build's
+    libraries never change under its key)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "erllama._native.selfcheck", "prove", "--lib-dir", str(lib_dir), "--json"]
+    code = "import sys; from erllama._native.selfcheck import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", code, "prove", "--lib-dir", str(lib_dir), "--json", "--reuse"]
     log("self-check: a smoke decode per CPU variant, compared with a NumPy reference")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in proc.stderr.splitlines():

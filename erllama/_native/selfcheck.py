@@ -19,11 +19,9 @@ Verdicts are recorded per CPU (a fingerprint of its model name and feature flags
 loader reads them (``loader._choose_cpu_variant``) and proves a kernel set it finds no verdict for, so a build
 copied to another machine is checked there before its first use.
 
-Command line (build_llama.py runs ``prove``; the others are its children)::
-
-    python -m erllama._native.selfcheck prove --lib-dir DIR [--json]
-    python -m erllama._native.selfcheck variants --lib-dir DIR
-    python -m erllama._native.selfcheck decode --out FILE
+Command line, ``main()``: ``prove --lib-dir DIR [--json]`` (what build_llama.py runs), and its children
+``variants --lib-dir DIR`` and ``decode --out FILE``; e.g.
+``python -c 'import sys; from erllama._native.selfcheck import main; sys.exit(main())' prove --lib-dir DIR``.
 
 ``ERLLAMA_SELFCHECK_FAULT`` exists for the tests: ``crash`` (or ``crash:VARIANT``) makes the smoke decode fault
 inside C before its first decode; ``logits`` (or ``logits:VARIANT``) perturbs its logits as a wrong kernel would.
@@ -53,6 +51,8 @@ import numpy.typing as npt
 __all__ = ["TOLERANCE", "SmokeSpec", "Verdict", "prove_build", "prove_variant"]
 
 CHILD_ENV = "ERLLAMA_SELFCHECK_CHILD"
+# how a child runs this module's main() (``-m`` would import the module twice: erllama._native imports it)
+_SELF = (sys.executable, "-c", "import sys; from erllama._native.selfcheck import main; sys.exit(main())")
 FAULT_ENV = "ERLLAMA_SELFCHECK_FAULT"
 SKIP_ENV = "ERLLAMA_SKIP_SELFCHECK"
 RECORD_NAME = "selfcheck.json"
@@ -469,7 +469,7 @@ def prove_variant(lib_dir: Path, variant: str) -> Verdict:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="erllama-selfcheck-") as tmp:
         out = Path(tmp) / "logits.npy"
-        cmd = [sys.executable, "-m", "erllama._native.selfcheck", "decode", "--out", str(out)]
+        cmd = [*_SELF, "decode", "--out", str(out)]
         try:
             proc = subprocess.run(cmd, env=_child_env(lib_dir, variant), capture_output=True, text=True,
                                   timeout=TIMEOUT_S, check=False)  # fmt: skip
@@ -508,15 +508,16 @@ def verdict(lib_dir: Path, variant: str) -> Verdict:
 
 def list_variants(lib_dir: Path) -> list[tuple[str, int]]:
     """The build's CPU variants and their scores for this CPU (in a child: dlopen-ing them is its business)."""
-    cmd = [sys.executable, "-m", "erllama._native.selfcheck", "variants", "--lib-dir", str(lib_dir)]
+    cmd = [*_SELF, "variants", "--lib-dir", str(lib_dir)]
     proc = subprocess.run(cmd, env=_child_env(lib_dir, ""), capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"could not list the CPU variants of {lib_dir}: {proc.stderr.strip()[-2000:]}")
     return [(v["name"], int(v["score"])) for v in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
-def prove_build(lib_dir: Path, *, say: Any = None) -> dict[str, Any]:
-    """Prove every kernel set of a build that can run on this CPU; record and return the verdicts."""
+def prove_build(lib_dir: Path, *, say: Any = None, reuse: bool = False) -> dict[str, Any]:
+    """Prove every kernel set of a build that can run on this CPU; record and return the verdicts. With ``reuse``,
+    a verdict already recorded for this CPU and these libraries stands."""
     manifest_file = lib_dir.parent.parent / "build.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     variants = list_variants(lib_dir)
@@ -524,7 +525,7 @@ def prove_build(lib_dir: Path, *, say: Any = None) -> dict[str, Any]:
     skipped = [n for n, score in variants if score <= 0]
     verdicts = []
     for name in names:
-        v = prove_variant(lib_dir, name)
+        v = (recorded(lib_dir, name) if reuse else None) or prove_variant(lib_dir, name)
         verdicts.append(v)
         if say is not None:
             state = f"ok, rel. error {v.rel_error:.1e}" if v.ok else f"BAD: {v.detail}"
@@ -547,11 +548,12 @@ def prove_build(lib_dir: Path, *, say: Any = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m erllama._native.selfcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="erllama selfcheck", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_prove = sub.add_parser("prove", help="prove every CPU kernel set of a build on this CPU")
     p_prove.add_argument("--lib-dir", type=Path, required=True)
     p_prove.add_argument("--json", action="store_true", help="print the report as one JSON line on stdout")
+    p_prove.add_argument("--reuse", action="store_true", help="keep verdicts already recorded for this CPU")
     p_var = sub.add_parser("variants", help="(child) list the CPU variants and their scores")
     p_var.add_argument("--lib-dir", type=Path, required=True)
     p_dec = sub.add_parser("decode", help="(child) run the smoke decode, save its logits")
@@ -561,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _child_decode(args.out)
     if args.cmd == "variants":
         return _child_variants(args.lib_dir)
-    report = prove_build(args.lib_dir, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = prove_build(args.lib_dir, say=lambda msg: print(msg, file=sys.stderr, flush=True), reuse=args.reuse)
     if args.json:
         print(json.dumps(report))
     else:
