@@ -137,6 +137,7 @@ class BuildOptions:
     stock: bool = False
     prove: bool = True
     patches: bool = True  # False only for the tests that show what the patches fix; never recorded as current
+    make_current: bool = True  # False: record only current-<flavor>.json (a benchmark's alternative build)
 
     @property
     def flavor(self) -> str:
@@ -733,7 +734,7 @@ def ensure_built(options: BuildOptions) -> BuildResult:
         # current.json: what erllama loads (the last main build); current-<flavor>.json: each kind's latest
         if not options.patches:
             pointers = []
-        elif options.stock or options.cpu_level is not None:  # peers and second kernel sets, never instead of it
+        elif options.stock or options.cpu_level is not None or not options.make_current:  # never instead of it
             pointers = [f"current-{options.flavor}.json"]
         else:
             pointers = [f"current-{options.flavor}.json", f"current-{options.backend}.json", "current.json"]

@@ -37,8 +37,10 @@ def main() -> int:
     from erllama.testing import fetch
 
     model = args.model or fetch()
-    amx = build_llama.ensure_built(build_llama.BuildOptions())
-    avx512 = build_llama.ensure_built(build_llama.BuildOptions(extra_cmake_flags=build_llama.NO_AMX_FLAGS))
+    amx = build_llama.ensure_built(build_llama.BuildOptions(make_current=False))
+    avx512 = build_llama.ensure_built(
+        build_llama.BuildOptions(extra_cmake_flags=build_llama.NO_AMX_FLAGS, make_current=False)
+    )
     runs: dict[str, list[dict[str, float]]] = {"amx": [], "avx512": []}
     for r in range(args.rounds):
         for name, build in (("amx", amx), ("avx512", avx512))[:: 1 if r % 2 == 0 else -1]:

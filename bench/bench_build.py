@@ -121,7 +121,7 @@ def main() -> int:
     kinds = ["native", *(["portable"] if args.portable else [])]
     variants: dict[str, str] = {}
     for kind in kinds:
-        build = build_llama.ensure_built(build_llama.BuildOptions(cpu_kind=kind))
+        build = build_llama.ensure_built(build_llama.BuildOptions(cpu_kind=kind, make_current=False))
         lib_dir = build.lib_dir
 
         def run(lib_dir: Path = lib_dir, kind: str = kind) -> dict[str, float]:
