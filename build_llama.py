@@ -446,7 +446,8 @@ def cmake_flags(options: BuildOptions) -> list[str]:
     if options.stock:
         # llama.cpp's own defaults (GGML_NATIVE on, llamafile on), the peer benchmarks compare against. On a CPU
         # with AMX the unpatched tile path crashes (ggml-org/llama.cpp#20824), so there it is compiled out.
-        return [*BASE_CMAKE_FLAGS, *(NO_AMX_FLAGS if cpu_has_amx() else ()), *options.extra_cmake_flags]
+        gpu = [f for f in BACKEND_CMAKE_FLAGS[options.backend] if f != "-DGGML_NATIVE=ON"]  # NATIVE is the default
+        return [*BASE_CMAKE_FLAGS, *gpu, *(NO_AMX_FLAGS if cpu_has_amx() else ()), *options.extra_cmake_flags]
     flags = [*BASE_CMAKE_FLAGS, *BACKEND_CMAKE_FLAGS[options.backend]]
     if options.backend == "cpu" and options.cpu_level is not None:
         if options.cpu_level not in CPU_LEVELS:
@@ -781,8 +782,8 @@ def _ensure_proven(source: Source, options: BuildOptions) -> BuildResult:
 
 
 def prove_build(lib_dir: Path) -> dict[str, Any]:
-    """Run the self-check (``erllama._native.selfcheck.main(["prove", ...])``) over a finished build: a smoke decode per CPU
-    kernel variant, each in a child process of its own, compared with a NumPy reference. Its verdicts are recorded
+    """Run the self-check (``erllama._native.selfcheck.main(["prove", ...])``) over a finished build: a smoke decode
+    per CPU kernel variant, each in a child process of its own, compared with a NumPy reference. Its verdicts are recorded
     beside the libraries, where the loader reads them; verdicts already recorded for this CPU stand (a build's
     libraries never change under its key)."""
     env = dict(os.environ)

@@ -189,7 +189,7 @@ def _dlopen_all(lib_dir: Path) -> Any:
     main = lib_dir / f"libllama{suffix}"
     if not main.exists():
         raise LibraryError(f"{main} does not exist; run `python build_llama.py` or fix ERLLAMA_LIB_DIR")
-    variants = {p.name for p in _variant_files(lib_dir).values()}
+    variants = {p.name for p in variant_files(lib_dir).values()}
     ggml = sorted(p for p in lib_dir.glob(f"libggml*{suffix}") if p.name not in variants)
     order = (
         [p for p in ggml if p.name == f"libggml-base{suffix}"]
@@ -215,7 +215,8 @@ class CpuVariant:
     score: int
 
 
-def _variant_files(lib_dir: Path) -> dict[str, Path]:
+def variant_files(lib_dir: Path) -> dict[str, Path]:
+    """A portable build's CPU variant libraries by name (``libggml-cpu-haswell.so`` -> ``haswell``)."""
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
     prefix = "libggml-cpu-"
     return {p.name[len(prefix) : -len(suffix)]: p for p in sorted(lib_dir.glob(f"{prefix}*{suffix}"))}
@@ -230,7 +231,7 @@ def cpu_variants(lib_dir: Path) -> list[CpuVariant]:
     llama.cpp's ``ggml_backend_load_best`` does); empty for a build with one CPU backend linked in. The ggml base
     library must be loaded first (``_dlopen_all``)."""
     out = []
-    for name, path in _variant_files(lib_dir).items():
+    for name, path in variant_files(lib_dir).items():
         try:
             handle = _score_ffi.dlopen(str(path), _score_ffi.RTLD_NOW | _score_ffi.RTLD_LOCAL)
         except OSError as exc:

@@ -362,7 +362,7 @@ class Verdict:
     seconds: float = 0.0
 
     def describe(self) -> str:
-        return f"passed (rel. error {self.rel_error:.1e})" if self.ok and self.rel_error is not None else self.detail
+        return f"passed, rel. error {self.rel_error:.1e}" if self.ok and self.rel_error is not None else self.detail
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -382,16 +382,16 @@ def gate_enabled(manifest: dict[str, Any]) -> bool:
 
 def cpu_fingerprint() -> str:
     """Names the CPU a verdict holds for: its model name and feature flags (and the architecture)."""
-    parts = [platform.machine(), platform.system()]
+    fields: dict[str, str] = {"machine": platform.machine(), "system": platform.system()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags", "Features", "CPU part")):
-                parts.append(line)
-                if len(parts) >= 5:
-                    break
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "flags", "Features", "CPU implementer", "CPU part"):
+                fields.setdefault(key, value.strip())  # the first CPU's (the flags the kernel reports are common)
     except OSError:
-        parts.append(platform.processor())
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+        fields["processor"] = platform.processor()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _libs_signature(lib_dir: Path) -> str:
@@ -435,7 +435,10 @@ def _write_record(lib_dir: Path, verdicts: Sequence[Verdict]) -> None:
 
 def recorded(lib_dir: Path, variant: str) -> Verdict | None:
     entry = _read_record(lib_dir).get("cpus", {}).get(cpu_fingerprint(), {}).get(variant)
-    return Verdict(**entry) if entry else None
+    try:
+        return Verdict(**entry) if entry else None
+    except TypeError:  # a record this version cannot read: proved again
+        return None
 
 
 def _child_env(lib_dir: Path, variant: str) -> dict[str, str]:
@@ -443,7 +446,9 @@ def _child_env(lib_dir: Path, variant: str) -> dict[str, str]:
     env[CHILD_ENV] = "1"
     env["ERLLAMA_LIB_DIR"] = str(lib_dir)
     env.pop("ERLLAMA_CPU_VARIANT", None)
-    if variant in {p.name.removeprefix("libggml-cpu-").split(".")[0] for p in lib_dir.glob("libggml-cpu-*")}:
+    from erllama._native.loader import variant_files
+
+    if variant in variant_files(lib_dir):
         env["ERLLAMA_CPU_VARIANT"] = variant
     root = str(Path(__file__).resolve().parents[2])  # so a source checkout's children import this erllama
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])

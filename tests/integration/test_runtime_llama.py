@@ -187,7 +187,8 @@ def test_parent_key_resume_continues_the_live_sequence_bit_for_bit(tmp_path: Pat
     prompt = list(first.context_tokens[: first.stats.prompt_tokens])
     reply = list(first.context_tokens[first.stats.prompt_tokens :])
     turn = list(second.context_tokens[len(first.context_tokens) : second.stats.prompt_tokens])
-    assert reply and len(turn) > 1
+    assert reply
+    assert len(turn) > 1
     live = Recording(model_path, context_config=ContextConfig(n_ctx=1024, n_batch=64))
     try:
         for chunk in (prompt[:-1][i : i + 64] for i in range(0, len(prompt) - 1, 64)):

@@ -10,8 +10,8 @@ bit; the others must give the cold run's greedy tokens.
 Without ``swa_full`` on the stock kernels (llamafile's sgemm on) even an exact hit is not bit-identical: the live
 sequence's local layers hold their cells in a ring that has wrapped, a restored sequence holds them in position
 order, and sgemm's attention products sum over the cells in that order. The logits then agree within
-``WINDOW_TOLERANCE`` of their range (measured: up to 3% on Gemma 3 270M, AMD EPYC Zen 4) and the greedy tokens are the same; on a
-batch-invariant build (``--deterministic``) and with ``swa_full`` they are bit-identical.
+``WINDOW_TOLERANCE`` of their range (measured: up to 3% on Gemma 3 270M, AMD EPYC Zen 4) and the greedy tokens are
+the same; on a batch-invariant build (``--deterministic``) and with ``swa_full`` they are bit-identical.
 """
 
 from __future__ import annotations

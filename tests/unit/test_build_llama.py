@@ -182,3 +182,8 @@ def test_no_build_that_passes_is_an_error_not_a_library(tmp_path: Path, monkeypa
     monkeypatch.setattr(bl, "prove_build", lambda lib_dir: {"usable": False, "summary": "x64 (wrong logits)"})
     with pytest.raises(bl.BuildError, match=r"no build of this llama\.cpp passed its self-check.*wrong logits"):
         bl._ensure_proven(bl.Source(path=tmp_path, source_id="git-abc", origin="test"), bl.BuildOptions())
+
+
+def test_a_stock_gpu_build_only_adds_its_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bl, "cpu_has_amx", lambda: False)
+    assert bl.cmake_flags(bl.BuildOptions(stock=True, backend="cuda")) == [*bl.BASE_CMAKE_FLAGS, "-DGGML_CUDA=ON"]
