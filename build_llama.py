@@ -783,9 +783,9 @@ def _ensure_proven(source: Source, options: BuildOptions) -> BuildResult:
 
 def prove_build(lib_dir: Path) -> dict[str, Any]:
     """Run the self-check (``erllama._native.selfcheck.main(["prove", ...])``) over a finished build: a smoke decode
-    per CPU kernel variant, each in a child process of its own, compared with a NumPy reference. Its verdicts are recorded
-    beside the libraries, where the loader reads them; verdicts already recorded for this CPU stand (a build's
-    libraries never change under its key)."""
+    per CPU kernel variant, each in a child process of its own, compared with a NumPy reference. Its verdicts are
+    recorded beside the libraries, where the loader reads them; verdicts already recorded for this CPU stand (a
+    build's libraries never change under its key)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     code = "import sys; from erllama._native.selfcheck import main; sys.exit(main())"
@@ -797,7 +797,11 @@ def prove_build(lib_dir: Path) -> dict[str, Any]:
     try:
         report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError) as exc:
-        raise BuildError(f"the self-check itself failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}") from exc
+        hint = ""
+        if "No module named" in proc.stderr:
+            hint = ("\nrun build_llama.py with the Python erllama is installed in (scripts/bootstrap makes one), "
+                    "or pass --no-prove to leave the self-check to the loader")  # fmt: skip
+        raise BuildError(f"the self-check itself failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}{hint}") from exc
     return report
 
 
