@@ -268,7 +268,10 @@ def main() -> None:
             print(name, [round(x * 1e3) for x in rot[name]], flush=True)
 
     print()
-    print(f"machine: {os.cpu_count()} CPUs, {args.threads} threads; {Path(path).name}; both over HTTP, same build")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {args.threads} threads; {Path(path).name}; both over HTTP, "
+        "llama-server from the stock build of the same source"
+    )
     if results["erllama"]["cold"]:
         _report(results, args)
     if rot:
