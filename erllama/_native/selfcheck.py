@@ -161,41 +161,18 @@ def write_smoke_model(path: Path, spec: SmokeSpec) -> Path:
     """Write the smoke model (vocabulary and template of the tiny test model, weights of its own) atomically."""
     import gguf
 
-    from erllama.testing.tiny import spm_vocab
+    from erllama.testing.tiny import finish_gguf, llama_writer
 
-    tokens, scores, types = spm_vocab()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_name("erllama-smoke")
-    writer.add_context_length(4096)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
-    writer.add_rope_freq_base(spec.rope_base)
-    writer.add_layer_norm_rms_eps(spec.eps)
-    writer.add_vocab_size(len(tokens))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    writer = llama_writer(tmp, "erllama-smoke", n_embd=spec.n_embd, n_layer=spec.n_layer, n_head=spec.n_head,
+                          n_head_kv=spec.n_head_kv, n_ff=spec.n_ff, rope_base=spec.rope_base, eps=spec.eps,
+                          file_type=gguf.LlamaFileType.MOSTLY_Q8_0)  # fmt: skip
     for name, (data, kind) in _stored(spec).items():
         if kind in ("F32", "F16"):
             writer.add_tensor(name, data)
         else:
             writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
-    return path
+    return finish_gguf(writer, tmp, path)
 
 
 def _cache_root() -> Path:

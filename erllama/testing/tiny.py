@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TinyModelSpec", "spm_vocab", "tiny_model", "write_tiny_lora", "write_tiny_model"]
+__all__ = [
+    "TinyModelSpec",
+    "finish_gguf",
+    "llama_writer",
+    "spm_vocab",
+    "tiny_model",
+    "write_tiny_lora",
+    "write_tiny_model",
+]
 
 _FORMAT_VERSION = 1  # bump when write_tiny_model() changes what it writes
 
@@ -201,8 +209,8 @@ def write_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     import gguf
 
     spec = spec or TinyModelSpec()
-    tokens, scores, types = spm_vocab()
-    n_vocab = len(tokens)
+    n_vocab = len(spm_vocab()[0])
+
     rng = np.random.default_rng(spec.seed)
     wtype = np.float16 if spec.f16 else np.float32
     head_dim = spec.n_embd // spec.n_head
@@ -216,26 +224,17 @@ def write_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
 
     out = Path(path)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_name("erllama-tiny")
-    writer.add_context_length(spec.n_ctx_train)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(n_vocab)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if spec.f16 else gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    writer = llama_writer(
+        tmp,
+        "erllama-tiny",
+        n_embd=spec.n_embd,
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        n_head_kv=spec.n_head_kv,
+        n_ff=spec.n_ff,
+        n_ctx_train=spec.n_ctx_train,
+        file_type=gguf.LlamaFileType.MOSTLY_F16 if spec.f16 else gguf.LlamaFileType.ALL_F32,
+    )
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(True)
@@ -255,10 +254,52 @@ def write_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
         writer.add_tensor(f"blk.{i}.ffn_down.weight", mat(spec.n_embd, spec.n_ff, 1.0 / np.sqrt(spec.n_ff)))
     writer.add_tensor("output_norm.weight", norm(spec.n_embd))
     writer.add_tensor("output.weight", mat(n_vocab, spec.n_embd, 3.0 * s))
-    return _finish(writer, tmp, out)
+    return finish_gguf(writer, tmp, out)
 
 
-def _finish(writer: Any, tmp: Path, out: Path) -> Path:
+def llama_writer(
+    tmp: Path,
+    name: str,
+    *,
+    n_embd: int,
+    n_layer: int,
+    n_head: int,
+    n_head_kv: int,
+    n_ff: int,
+    n_ctx_train: int = 4096,
+    rope_base: float = 10000.0,
+    eps: float = 1e-5,
+    file_type: Any = None,
+) -> Any:
+    """A GGUF writer for a generated llama model: its hyperparameters and the SPM vocabulary, tensors still to add."""
+    import gguf
+
+    tokens, scores, types = spm_vocab()
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_name(name)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(rope_base)
+    writer.add_layer_norm_rms_eps(eps)
+    writer.add_vocab_size(len(tokens))
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    return writer
+
+
+def finish_gguf(writer: Any, tmp: Path, out: Path) -> Path:
     """Write everything added to ``writer`` into ``tmp``, then move it to ``out`` in one rename."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -307,4 +348,4 @@ def write_tiny_lora(
             b = (rng.standard_normal((n_out, rank)) * 0.5).astype(np.float32)
             writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
             writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
-    return _finish(writer, tmp, out)
+    return finish_gguf(writer, tmp, out)
