@@ -20,8 +20,6 @@ import numpy as np
 
 __all__ = [
     "TinyModelSpec",
-    "finish_gguf",
-    "llama_writer",
     "spm_vocab",
     "tiny_model",
     "write_tiny_lora",
