@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -47,6 +48,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from erllama._native.loader import _cache_root as loader_cache_root
 
 __all__ = ["TOLERANCE", "SmokeSpec", "Verdict", "prove_build", "prove_variant"]
 
@@ -175,15 +178,10 @@ def write_smoke_model(path: Path, spec: SmokeSpec) -> Path:
     return finish_gguf(writer, tmp, path)
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("ERLLAMA_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "erllama"
-
-
 def smoke_model(spec: SmokeSpec | None = None) -> Path:
     """The smoke model's path under ``$ERLLAMA_CACHE_DIR/selfcheck/``, written once."""
     spec = spec or SmokeSpec()
-    base = _cache_root() / "selfcheck"
+    base = loader_cache_root() / "selfcheck"
     base.mkdir(parents=True, exist_ok=True)
     path = base / f"erllama-smoke-{spec_digest(spec)}.gguf"
     if not path.is_file():
@@ -357,6 +355,7 @@ def gate_enabled(manifest: dict[str, Any]) -> bool:
     return manifest.get("backend") not in ("cuda", "metal")
 
 
+@functools.cache
 def cpu_fingerprint() -> str:
     """Names the CPU a verdict holds for: its model name and feature flags (and the architecture)."""
     fields: dict[str, str] = {"machine": platform.machine(), "system": platform.system()}
@@ -380,7 +379,7 @@ def _libs_signature(lib_dir: Path) -> str:
 
 
 def _record_paths(lib_dir: Path) -> list[Path]:
-    alt = _cache_root() / "selfcheck" / f"{hashlib.sha256(str(lib_dir.resolve()).encode()).hexdigest()[:16]}.json"
+    alt = loader_cache_root() / "selfcheck" / f"{hashlib.sha256(str(lib_dir.resolve()).encode()).hexdigest()[:16]}.json"
     return [lib_dir / RECORD_NAME, alt]
 
 
