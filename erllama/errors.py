@@ -16,6 +16,7 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     ├── ThreadAffinityError (RuntimeError)   a Context touched from a thread other than its owner
     ├── ResourceBusyError (RuntimeError)     a Model closed while contexts still use it
     ├── WorkerStoppedError (RuntimeError)    a model worker stopped or crashed before a request finished
+    ├── RequestFailedError (RuntimeError)    one request failed inside its worker (the worker and the rest go on)
     ├── NoGpuError (RuntimeError)            GPU information asked of a CPU-only build or machine
     ├── OverloadedError (RuntimeError)       a model's queue is full or a request waited too long for a slot
     ├── DaemonUnavailableError (ConnectionError) no erllama daemon answers at the address the CLI was given
@@ -60,6 +61,7 @@ __all__ = [
     "NoGpuError",
     "OverloadedError",
     "RefusedSourceError",
+    "RequestFailedError",
     "ResourceBusyError",
     "SamplerError",
     "SchemaError",
@@ -139,6 +141,11 @@ class ResourceBusyError(ErllamaError, RuntimeError):
 
 class WorkerStoppedError(ErllamaError, RuntimeError):
     """A model worker stopped (or crashed) before the request finished."""
+
+
+class RequestFailedError(ErllamaError, RuntimeError):
+    """One request failed inside its model worker for a reason outside erllama's error tree (a bug): that request
+    is answered with this; its sequence is freed, and the worker and the other requests go on."""
 
 
 class NoGpuError(ErllamaError, RuntimeError):

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from erllama._native.shim import ffi, shim
+from erllama._native.text import utf8
 from erllama.errors import SchemaError
 
 __all__ = ["JSON_OBJECT_SCHEMA", "json_schema_to_grammar"]
@@ -32,7 +33,7 @@ def json_schema_to_grammar(schema: Mapping[str, Any] | bool) -> str:
         raise SchemaError(f"the schema is not JSON: {exc}") from exc
     lib = shim()
     out = ffi.new("char **")
-    rc = lib.erllama_json_schema_to_grammar(text.encode(), out)
+    rc = lib.erllama_json_schema_to_grammar(utf8(text, "the schema"), out)
     try:
         message = ffi.string(out[0]).decode("utf-8", "replace") if out[0] != ffi.NULL else ""
     finally:

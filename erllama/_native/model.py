@@ -20,6 +20,7 @@ import numpy as np
 from erllama._native import errcheck
 from erllama._native.loader import ffi, lib
 from erllama._native.shim import x87_resetter
+from erllama._native.text import utf8
 from erllama.errors import (
     AdapterError,
     ClosedError,
@@ -290,7 +291,7 @@ class Model:
             add_special: add BOS/EOS as the model's metadata asks.
             parse_special: treat special-token text (e.g. ``<|im_start|>``) as those tokens instead of plain text.
         """
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        data = utf8(text, "the prompt") if isinstance(text, str) else bytes(text)
         if len(data) >= 2**31 - 1:
             raise InvalidInputError(f"text of {len(data)} bytes is too long to tokenize")
         capacity = len(data) + 8
@@ -368,14 +369,14 @@ class Model:
         if tmpl is None:
             raise InvalidInputError(f"model {self.path} has no chat template; pass one")
         msgs = list(messages)
-        keep = [(ffi.new("char[]", r.encode()), ffi.new("char[]", c.encode())) for r, c in msgs]
+        keep = [(ffi.new("char[]", utf8(r, "a role")), ffi.new("char[]", utf8(c, "a message"))) for r, c in msgs]
         chat = ffi.new("llama_chat_message[]", len(keep))
         for i, (r, c) in enumerate(keep):
             chat[i].role, chat[i].content = r, c
         size = 256 + 2 * sum(len(r) + len(c) for r, c in msgs)
         while True:
             buf = ffi.new("char[]", size)
-            n = lib().llama_chat_apply_template(tmpl.encode(), chat, len(keep), add_assistant, buf, size)
+            n = lib().llama_chat_apply_template(utf8(tmpl, "the template"), chat, len(keep), add_assistant, buf, size)
             if n < 0:
                 raise InvalidInputError("llama.cpp does not support this chat template")
             if n <= size:

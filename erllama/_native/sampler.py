@@ -7,6 +7,7 @@ Chain order follows llama.cpp's own defaults: logit bias, grammar, penalties, th
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from erllama._native import errcheck
 from erllama._native.context import Context
 from erllama._native.loader import ffi, lib
 from erllama._native.model import Model
+from erllama._native.text import utf8
 from erllama.errors import ClosedError, InvalidInputError, SamplerError
 
 __all__ = ["DEFAULT_SEED", "Sampler", "SamplerConfig", "sample_rows"]
@@ -60,6 +62,15 @@ class SamplerConfig:
     logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        floats = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty")
+        for name in (*floats, "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidInputError(f"{name} must be a finite number")
+        if not all(math.isfinite(b) or b == -math.inf for b in self.logit_bias.values()):
+            raise InvalidInputError("logit_bias values must be finite numbers (or -inf to ban a token)")
+        for name in ("top_k", "penalty_last_n"):
+            if not -(2**31) <= getattr(self, name) < 2**31:
+                raise InvalidInputError(f"{name} must fit in 32 bits")
         if not 0.0 <= self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0 or not 0.0 < self.typical_p <= 1.0:
             raise InvalidInputError("top_p and min_p must be in [0, 1], typical_p in (0, 1]")
         if self.top_k < 0:
@@ -108,7 +119,9 @@ class Sampler:
                 self._add(L.llama_sampler_init_logit_bias(model.n_vocab, len(cfg.logit_bias), biases))
             if cfg.grammar is not None:
                 errcheck.clear_last_error()
-                grammar = L.llama_sampler_init_grammar(model.vocab, cfg.grammar.encode(), cfg.grammar_root.encode())
+                grammar = L.llama_sampler_init_grammar(
+                    model.vocab, utf8(cfg.grammar, "the grammar"), utf8(cfg.grammar_root, "the grammar root")
+                )
                 if grammar == ffi.NULL:
                     raise SamplerError(f"could not parse the grammar: {errcheck.last_error('invalid grammar')}")
                 self._add(grammar)

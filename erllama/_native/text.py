@@ -12,7 +12,20 @@ import codecs
 from collections.abc import Iterable
 from typing import Protocol
 
-__all__ = ["Detokenizer", "PieceSource"]
+from erllama.errors import InvalidInputError
+
+__all__ = ["Detokenizer", "PieceSource", "utf8"]
+
+
+def utf8(text: str, what: str = "text") -> bytes:
+    """``text`` as UTF-8 for a C call; InvalidInputError for text that has none (a lone surrogate such as the
+    JSON escape ``"\\ud800"``), naming where."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} is not valid Unicode: {exc.reason} at character {exc.start} ({exc.object[exc.start]!r})"
+        ) from None
 
 
 class PieceSource(Protocol):

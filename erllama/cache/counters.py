@@ -43,6 +43,22 @@ class Counters:
         self._gauges: dict[str, int] = {}
         self._latency: dict[str, tuple[int, float, float]] = {}
 
+    def adopt(self, other: Counters) -> Counters:
+        """Take over ``other``'s counts, gauges and latencies (added to this one's) and return self: a tier built
+        with counters of its own counts into its store's from then on, nothing it counted before lost."""
+        if other is self:
+            return self
+        with other._lock:
+            counts, gauges, latency = Counter(other._counts), dict(other._gauges), dict(other._latency)
+        with self._lock:
+            self._counts.update(counts)
+            for name, value in gauges.items():
+                self._gauges[name] = self._gauges.get(name, 0) + value
+            for name, (n, total, worst) in latency.items():
+                n0, total0, worst0 = self._latency.get(name, (0, 0.0, 0.0))
+                self._latency[name] = (n0 + n, total0 + total, max(worst0, worst))
+        return self
+
     def incr(self, name: str, by: int = 1) -> None:
         with self._lock:
             self._counts[name] += by

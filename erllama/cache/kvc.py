@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import json
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +41,7 @@ __all__ = [
     "decode",
     "encode",
     "file_name",
+    "open_row_file",
     "path_for",
     "read_meta",
     "read_row",
@@ -270,22 +273,51 @@ def decode(data: bytes | bytearray | memoryview, path: str | None = None) -> tup
     return meta, body
 
 
-def read_meta(path: str | os.PathLike[str]) -> tuple[RowMeta, int]:
-    """The row's metadata and its file size, from one bounded read that stops before the payload."""
+def open_row_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a row file for reading: a regular file only, never through a symlink, never blocking on a FIFO or a
+    device (``O_NOFOLLOW | O_NONBLOCK``, then ``fstat``). Anything else raises CorruptCacheFileError; a missing
+    file FileNotFoundError; other I/O errors (EACCES, EIO, ...) their OSError."""
     p = str(path)
-    with open(p, "rb") as fh:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(p, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            raise CorruptCacheFileError("a symbolic link, not a row file", p) from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO):  # a directory; a socket or a FIFO without a writer
+            raise CorruptCacheFileError("not a regular file", p) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptCacheFileError("not a regular file", p)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_meta(path: str | os.PathLike[str]) -> tuple[RowMeta, int]:
+    """The row's metadata and its file size, from one bounded read that stops before the payload. A header that
+    claims another size than the file has is corrupt (the scan budgets rows by it)."""
+    p = str(path)
+    with open_row_file(p) as fh:
+        actual = os.fstat(fh.fileno()).st_size
         head = fh.read(HEADER_SIZE)
         header = _parse_header(head, p)
         tlv = fh.read(header.tlv_len)
     data = head + tlv
     _check_header_digest(data, header, p)
+    if header.file_size != actual:
+        raise CorruptCacheFileError(f"header claims {header.file_size} bytes; the file has {actual}", p)
     return _parse_meta(memoryview(data)[HEADER_SIZE:], p), header.file_size
 
 
 def read_row(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> tuple[RowMeta, memoryview]:
     """Read a whole row file in one read into one buffer, verify it once, and return its metadata and state."""
     p = str(path)
-    with open(p, "rb") as fh:
+    with open_row_file(p) as fh:
         size = os.fstat(fh.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
             raise CorruptCacheFileError(f"file of {size} bytes exceeds the {max_bytes}-byte bound", p)

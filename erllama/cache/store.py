@@ -11,6 +11,7 @@ resume can wait for an in-flight save of that key.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -32,6 +33,18 @@ __all__ = ["CacheStore"]
 
 PRODUCER = "erllama 0.1.0"
 
+log = logging.getLogger("erllama.cache")
+_last_write_log: dict[tuple[str, int | None], float] = {}
+
+
+def _log_write_error(tier: str, exc: OSError) -> None:
+    """Log a failed write, at most once a minute per tier and errno (a full disk fails every save)."""
+    now = time.monotonic()
+    what = (tier, exc.errno)
+    if now - _last_write_log.get(what, -1e9) >= 60.0:
+        _last_write_log[what] = now
+        log.warning("cache tier %s: a save failed: %s (counted in %s_write_errors)", tier, exc, tier)
+
 
 class CacheStore:
     """Tiers (fastest first) + prefix index + writer + counters."""
@@ -48,6 +61,8 @@ class CacheStore:
             raise InvalidInputError("a cache needs at least one tier")
         self.tiers = list(tiers)
         self.counters = counters or Counters()
+        for tier in self.tiers:  # one set of counters: what the tiers counted so far (their startup scan) moves over
+            tier.counters = self.counters.adopt(tier.counters)
         self.writer = writer or SaveWriter(self.counters)
         self.promote = promote
         self.index = PrefixIndex()
@@ -88,8 +103,11 @@ class CacheStore:
             if row is None:
                 continue
             if self.promote and i > 0:
-                self.tiers[0].publish(row[0], row[1])
-                self.counters.incr("promotions")
+                try:
+                    if self.tiers[0].publish(row[0], row[1]):
+                        self.counters.incr("promotions")
+                except OSError as exc:
+                    _log_write_error(self.tiers[0].name, exc)
             self.counters.record_latency("load", time.perf_counter() - t0)
             return row
         return None
@@ -151,7 +169,12 @@ class CacheStore:
         try:
             accepted = False
             for tier in self.tiers:  # restorable from the first tier that takes it, while slower tiers write
-                if tier.publish(meta, payload):
+                try:
+                    taken = tier.publish(meta, payload)
+                except OSError as exc:  # a full or read-only disk: counted by the tier; the other tiers go on
+                    _log_write_error(tier.name, exc)
+                    continue
+                if taken:
                     self.index.add(meta.namespace, meta.tokens)  # again after a slower tier: a no-op, unless the
                     accepted = True  # faster tier dropped the row meanwhile and the index forgot it
             if not accepted:

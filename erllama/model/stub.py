@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from erllama._native.text import utf8
 from erllama.errors import (
     ContextOverflowError,
     DecodeAbortedError,
@@ -94,7 +95,7 @@ class StubBackend:
     # -- vocabulary -----------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        body = [3 + b for b in text.encode("utf-8")]
+        body = [3 + b for b in utf8(text, "the prompt")]
         return [BOS, *body] if add_special else body
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
@@ -163,6 +164,8 @@ class StubBackend:
 
     def set_sampler(self, seq_id: int, config: SamplerConfig) -> None:
         self._check_seq(seq_id)
+        for token in config.logit_bias:
+            self._check_token(token)
         seed = config.seed if config.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         self._samplers[seq_id] = (config, np.random.default_rng(seed))
         self._scripted.pop(seq_id, None)

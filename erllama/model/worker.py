@@ -49,7 +49,7 @@ from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import SavePolicy
 from erllama.cache.store import CacheStore
-from erllama.errors import InvalidInputError, TokenIdError, WorkerStoppedError
+from erllama.errors import ErllamaError, InvalidInputError, RequestFailedError, TokenIdError, WorkerStoppedError
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.stop import StopMatcher
@@ -390,6 +390,9 @@ class ModelWorker:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._active: dict[int, _Active] = {}  # worker thread only
+        self._admitting: _Waiting | None = None  # off the inbox, not active yet: answered too if the worker dies
+        self._seq_of: dict[int, int] = {}  # id(waiting request) -> the sequence it took while being admitted
+        self.request_failures = 0  # requests answered with an error of their own (the worker went on)
         self.link: CacheLink | None = None  # set on the worker thread once the backend is loaded
         self.info: BackendInfo | None = None
         self.phase = Phase.IDLE
@@ -523,7 +526,11 @@ class ModelWorker:
         except Exception as exc:
             log.exception("worker %s crashed", self.name)
             self.crash = exc
-            self._fail_all(active, exc)
+            # its requests learn that the worker died, not its internals (a raw OSError names paths): the cause is
+            # chained for the log and for callers in this process
+            stopped = WorkerStoppedError(f"the worker of model {self.name} crashed ({type(exc).__name__})")
+            stopped.__cause__ = exc
+            self._fail_all(active, stopped)
         finally:
             with self._wake:
                 self._stop.set()  # refuse new requests before draining the inbox
@@ -579,6 +586,9 @@ class ModelWorker:
         active.clear()
         with self._wake:
             waiting = list(self._inbox)
+            if self._admitting is not None:
+                waiting.insert(0, self._admitting)
+                self._admitting = None
             self._inbox.clear()
             calls: list[tuple[Any, Future[Any]]] = [*self._calls, *self._seq_calls]
             self._calls.clear()
@@ -626,7 +636,10 @@ class ModelWorker:
                 self._run_calls(backend, free)
                 parked = self._admit(backend, active, free)
                 for a in [a for a in active.values() if a.handle.cancelled and a.closing is None]:
-                    self._complete(backend, active, free, a, FinishReason.CANCELLED, save=False)
+                    try:
+                        self._complete(backend, active, free, a, FinishReason.CANCELLED, save=False)
+                    except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
+                        self._fail_active(backend, active, free, a, exc)
                 if active:
                     if not parked:
                         self._gather(backend, active, free)
@@ -644,64 +657,124 @@ class ModelWorker:
 
     def _admit(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> bool:
         """Admit waiting requests while sequences are free; returns True if a request is parked (waiting for its
-        parent's row or for the row of the reply it continues)."""
+        parent's row or for the row of the reply it continues). A request whose admission fails (it cannot be
+        tokenized, its sampler cannot be built, ...) is answered with the error alone: its sequence is freed and
+        the worker goes on."""
         parked: list[_Waiting] = []
         while free:
             with self._wake:
                 if not self._inbox:
                     break
-                w = self._inbox.popleft()
-            if w.handle.cancelled:
-                w.handle._emit(DoneEvent(FinishReason.CANCELLED, (), "", 0, 0.0, 0.0))
-                continue
-            tokens = self._context_of(backend, w, parked)
-            if tokens is None:
-                continue
-            if self._awaits_reply_row(backend, active, free, w, tokens):
-                parked.append(w)
-                continue
-            n_ctx, n_vocab = backend.info.n_ctx_seq, backend.info.n_vocab
-            if min(tokens) < 0 or max(tokens) >= n_vocab:
-                bad = next(t for t in tokens if not 0 <= t < n_vocab)
-                w.handle._emit(ErrorEvent(TokenIdError(bad, n_vocab)))
-                continue
-            if len(tokens) + w.max_tokens > n_ctx:
-                msg = f"prompt of {len(tokens)} tokens + max_tokens {w.max_tokens} exceeds the {n_ctx}-token context"
-                w.handle._emit(ErrorEvent(InvalidInputError(msg)))
-                continue
-            t_start = time.perf_counter()  # the restore counts towards time-to-first-token
-            seq_id = free.take()
-            backend.seq_truncate(seq_id, 0)
-            link = self.link if w.use_cache else None
-            hit = link.restore(backend, seq_id, tokens, w.parent_key) if link is not None else _NO_HIT
-            backend.set_sampler(seq_id, w.sampling)
-            a = _Active(
-                w.handle,
-                seq_id,
-                tokens,
-                len(tokens),
-                w.max_tokens,
-                Detokenizer(backend),
-                StopMatcher(w.stop) if w.stop else None,
-                hit,
-                link is not None,
-                fed=hit.prefix_len,
-                fold=backend.info.last_token_foldable,
-                last_save=hit.prefix_len,
-                t_start=t_start,
-                logprobs=w.logprobs,
-            )
-            if link is not None:
-                a.cold_point = link.cold_point(len(tokens), hit.prefix_len)
-                if a.fold and a.cold_point == len(tokens) - 1:
-                    a.cold_point = len(tokens)  # the whole prompt, saved once the first token is out
-            active[seq_id] = a
-            self.last_hit = hit
-            self.in_flight = len(active)
+                w = self._admitting = self._inbox.popleft()
+            try:
+                self._admit_one(backend, active, free, w, parked)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
+                self._reject(backend, active, free, w, exc)
+            finally:
+                self._admitting = None
         if parked:
             with self._wake:
                 self._inbox.extendleft(reversed(parked))
         return bool(parked)
+
+    def _admit_one(
+        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, w: _Waiting, parked: list[_Waiting]
+    ) -> None:
+        if w.handle.cancelled:
+            w.handle._emit(DoneEvent(FinishReason.CANCELLED, (), "", 0, 0.0, 0.0))
+            return
+        tokens = self._context_of(backend, w, parked)
+        if tokens is None:
+            return
+        if self._awaits_reply_row(backend, active, free, w, tokens):
+            parked.append(w)
+            return
+        n_ctx, n_vocab = backend.info.n_ctx_seq, backend.info.n_vocab
+        if min(tokens) < 0 or max(tokens) >= n_vocab:
+            bad = next(t for t in tokens if not 0 <= t < n_vocab)
+            w.handle._emit(ErrorEvent(TokenIdError(bad, n_vocab)))
+            return
+        if len(tokens) + w.max_tokens > n_ctx:
+            msg = f"prompt of {len(tokens)} tokens + max_tokens {w.max_tokens} exceeds the {n_ctx}-token context"
+            w.handle._emit(ErrorEvent(InvalidInputError(msg)))
+            return
+        t_start = time.perf_counter()  # the restore counts towards time-to-first-token
+        seq_id = free.take()
+        self._seq_of[id(w)] = seq_id
+        backend.seq_truncate(seq_id, 0)
+        link = self.link if w.use_cache else None
+        hit = link.restore(backend, seq_id, tokens, w.parent_key) if link is not None else _NO_HIT
+        backend.set_sampler(seq_id, w.sampling)
+        a = _Active(
+            w.handle,
+            seq_id,
+            tokens,
+            len(tokens),
+            w.max_tokens,
+            Detokenizer(backend),
+            StopMatcher(w.stop) if w.stop else None,
+            hit,
+            link is not None,
+            fed=hit.prefix_len,
+            fold=backend.info.last_token_foldable,
+            last_save=hit.prefix_len,
+            t_start=t_start,
+            logprobs=w.logprobs,
+        )
+        if link is not None:
+            a.cold_point = link.cold_point(len(tokens), hit.prefix_len)
+            if a.fold and a.cold_point == len(tokens) - 1:
+                a.cold_point = len(tokens)  # the whole prompt, saved once the first token is out
+        active[seq_id] = a
+        del self._seq_of[id(w)]
+        self.last_hit = hit
+        self.in_flight = len(active)
+
+    def _reject(
+        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, w: _Waiting, exc: Exception
+    ) -> None:
+        """A request failed while being admitted: answer it, and give back the sequence it took."""
+        seq_id = self._seq_of.pop(id(w), None)
+        if seq_id is not None:
+            a = active.get(seq_id)
+            if a is not None and a.handle is w.handle:
+                del active[seq_id]
+            self._free_seq(backend, free, seq_id)
+            self.in_flight = len(active)
+        self._report(w.handle, exc)
+
+    def _fail_active(
+        self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, a: _Active, exc: Exception
+    ) -> None:
+        """A running request failed on its own (its sampler, its stop text, its save ...): answer it alone, free its
+        sequence; the other sequences and the worker go on."""
+        if active.get(a.seq_id) is a:
+            del active[a.seq_id]
+            self._free_seq(backend, free, a.seq_id)
+        if a.reserved and self.link is not None:
+            with contextlib.suppress(Exception):
+                self.link.release(a.tokens)
+            a.reserved = False
+        self.in_flight = len(active)
+        if a.closing is None:
+            self._report(a.handle, exc)
+        else:  # its end went out already; only its finish row is lost
+            log.warning("worker %s: closing request %d failed: %r", self.name, a.handle.id, exc)
+
+    def _free_seq(self, backend: ModelBackend, free: _FreeSeqs, seq_id: int) -> None:
+        try:
+            backend.seq_truncate(seq_id, 0)
+        finally:
+            free.give(seq_id)
+
+    def _report(self, handle: RequestHandle, exc: Exception) -> None:
+        self.request_failures += 1
+        if isinstance(exc, ErllamaError):
+            error: Exception = exc
+        else:
+            log.error("worker %s: request %d failed", self.name, handle.id, exc_info=exc)
+            error = RequestFailedError(f"the request failed inside the model worker ({type(exc).__name__})")
+        handle._emit(ErrorEvent(error))
 
     def _gather(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> None:
         """Give a burst of requests a moment to share the tick that starts their prefill.
@@ -848,29 +921,57 @@ class ModelWorker:
             for a, row in zip(owners, rows, strict=True)
             if row is not None and a.closing is None and a.n_generated < a.max_tokens
         ]
-        sampled = dict(zip((s for s, _ in picks), backend.sample_rows(picks) if picks else (), strict=True))
+        sampled, failed = self._sample(backend, picks)
         closed: list[_Active] = []
         firsts = False
         for a, item, row in zip(owners, items, rows, strict=True):
             a.fed += len(item.tokens)
-            after_first = a.cold_point == a.n_prompt == a.fed  # a folded prompt is saved after its first token
-            if not after_first:
-                self._maybe_save(backend, a)
-            if a.closing is not None:
-                closed.append(a)  # its finish row is copied once the others' tokens are handled
-            elif row is not None:
-                firsts = firsts or not a.t_first
-                self._sampled(backend, active, free, a, row, token=sampled.get(a.seq_id))
-            if after_first and active.get(a.seq_id) is a:
-                _release_held()  # the first token goes out before the prompt's row is copied: off the TTFT
-                self._maybe_save(backend, a)
+            try:
+                if a.seq_id in failed:
+                    raise failed[a.seq_id]
+                after_first = a.cold_point == a.n_prompt == a.fed  # a folded prompt is saved after its first token
+                if not after_first:
+                    self._maybe_save(backend, a)
+                if a.closing is not None:
+                    closed.append(a)  # its finish row is copied once the others' tokens are handled
+                elif row is not None:
+                    firsts = firsts or not a.t_first
+                    self._sampled(backend, active, free, a, row, token=sampled.get(a.seq_id))
+                if after_first and active.get(a.seq_id) is a:
+                    _release_held()  # the first token goes out before the prompt's row is copied: off the TTFT
+                    self._maybe_save(backend, a)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
+                self._fail_active(backend, active, free, a, exc)
         if closed and (firsts or all(a.closing is not None for a in active.values())):
             # Tokens go out before finish rows are copied when they are first tokens (off their time to first token)
             # or when no sequence is left generating (the copies then hold up no one's next token).
             _release_held()
         for a in closed:
-            self._complete(backend, active, free, a, a.closing or FinishReason.STOP, save=True)
+            try:
+                self._complete(backend, active, free, a, a.closing or FinishReason.STOP, save=True)
+            except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
+                self._fail_active(backend, active, free, a, exc)
         self.pending_len = sum(a.n_prompt - a.fed for a in active.values() if a.fed < a.n_prompt)
+
+    def _sample(
+        self, backend: ModelBackend, picks: list[tuple[int, int]]
+    ) -> tuple[dict[int, int], dict[int, Exception]]:
+        """Sample every pick in one pass; when that fails, row by row, so only the rows that fail (a sampler a
+        request's parameters broke) are charged with it. Returns (seq_id -> token, seq_id -> error)."""
+        if not picks:
+            return {}, {}
+        try:
+            return dict(zip((s for s, _ in picks), backend.sample_rows(picks), strict=True)), {}
+        except Exception:  # noqa: BLE001 - found out row by row below
+            pass
+        sampled: dict[int, int] = {}
+        failed: dict[int, Exception] = {}
+        for pick in picks:
+            try:
+                sampled[pick[0]] = backend.sample_rows([pick])[0]
+            except Exception as exc:  # noqa: BLE001 - that request's failure
+                failed[pick[0]] = exc
+        return sampled, failed
 
     def _maybe_save(self, backend: ModelBackend, a: _Active) -> None:
         link = self.link

@@ -165,7 +165,7 @@ class MessagesRequest(CountRequest):
     stop_sequences: Annotated[list[str], Field(max_length=16)] | None = None
     temperature: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    top_k: Annotated[int | None, Field(ge=0)] = None
+    top_k: Annotated[int | None, Field(ge=0, lt=2**31)] = None
     stream: bool = False
     thinking: ThinkingIn | None = None
     metadata: dict[str, Any] | None = None

@@ -11,8 +11,9 @@ from typing import Any
 from starlette.requests import Request
 
 from erllama._native import SamplerConfig
+from erllama._native.text import utf8
 from erllama.chat import ChatResult, Message, PreparedChat, Tool, ToolChoice
-from erllama.errors import ErllamaError
+from erllama.errors import ErllamaError, TokenIdError
 from erllama.runtime import Completion, Failed, Finished, Stream, TextDelta, ThinkingDelta, TokenLogprob
 from erllama.server.state import ServerState
 
@@ -227,6 +228,13 @@ async def start_text(
 
 
 def _infer(state: ServerState, model_id: str, prompt: str | list[int], params: Params, grammar: str | None) -> Stream:
+    if isinstance(prompt, str):
+        utf8(prompt, "the prompt")  # a lone surrogate is refused here, before a stream starts, not in the worker
+    if params.sampling.logit_bias:
+        n_vocab = int(state.runtime.model_info(model_id).get("n_vocab") or 0)
+        for token in params.sampling.logit_bias:
+            if not 0 <= token < n_vocab:
+                raise TokenIdError(token, n_vocab)
     sampling = dataclasses.replace(params.sampling, grammar=grammar) if grammar else params.sampling
     return state.runtime.infer(
         model_id,

@@ -6,7 +6,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from erllama.errors import ErllamaError, InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
+from erllama.errors import (
+    ErllamaError,
+    InvalidInputError,
+    OverloadedError,
+    SamplerError,
+    UnknownModelError,
+    WorkerStoppedError,
+)
 
 __all__ = ["Failure", "FailureKind", "failure"]
 
@@ -24,7 +31,7 @@ def failure(exc: BaseException) -> Failure:
     """The failure ``exc`` stands for; anything outside erllama's tree is re-raised (a bug, a 500)."""
     if isinstance(exc, UnknownModelError):
         return Failure("not_found", str(exc).strip("'\""))
-    if isinstance(exc, InvalidInputError):
+    if isinstance(exc, InvalidInputError | SamplerError):  # a sampler is built from the request's parameters
         return Failure("invalid", str(exc))
     if isinstance(exc, OverloadedError):
         return Failure("busy", str(exc), {"retry-after": str(max(1, round(exc.retry_after)))})

@@ -75,12 +75,12 @@ class Options(BaseModel):
 
     num_predict: int | None = None
     temperature: Annotated[float | None, Field(ge=0.0)] = None
-    top_k: Annotated[int | None, Field(ge=0)] = None
+    top_k: Annotated[int | None, Field(ge=0, lt=2**31)] = None
     top_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     typical_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
     repeat_penalty: Annotated[float | None, Field(gt=0.0)] = None
-    repeat_last_n: Annotated[int | None, Field(ge=-1)] = None
+    repeat_last_n: Annotated[int | None, Field(ge=-1, lt=2**31)] = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None

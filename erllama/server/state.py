@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from erllama.chat import ChatEngine
-from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError
+from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
 from erllama.runtime import Runtime
 from erllama.server.metrics import Metrics
 
@@ -82,6 +82,7 @@ class _Gate:
     sem: asyncio.Semaphore
     waiting: int = 0
     active: int = 0
+    admitted: int = 0  # waiting + active, raised before the first await of acquire()
 
 
 @dataclasses.dataclass(slots=True)
@@ -232,21 +233,34 @@ class ServerState:
     async def acquire(self, model_id: str) -> Callable[[], None]:
         """Wait for one of the model's slots; the returned function gives it back (idempotent).
 
+        The queue bound is checked and the request counted in one step, before any ``await``: requests that
+        arrive together cannot all pass a check that none of them has raised the count for yet.
+
         Raises:
+            WorkerStoppedError: the model is failed or stopped (at once, not after a queue timeout).
             OverloadedError: the queue is full, or no slot came within ``queue_timeout_s``.
         """
+        status = self.runtime.status(model_id)
+        if status in ("failed", "stopped"):
+            self.metrics.rejected.labels(reason=f"model_{status}").inc()
+            raise WorkerStoppedError(f"model {model_id} is {status}")
         gate = self._gate(model_id)
-        if gate.active >= gate.limit and gate.waiting >= self.config.max_queue:
+        if gate.admitted >= gate.limit + self.config.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise OverloadedError(f"model is busy: {gate.waiting} requests already waiting", retry_after=1.0)
+        gate.admitted += 1
         gate.waiting += 1
         try:
             await asyncio.wait_for(gate.sem.acquire(), self.config.queue_timeout_s)
         except TimeoutError:
+            gate.admitted -= 1
             self.metrics.rejected.labels(reason="queue_timeout").inc()
             raise OverloadedError(
                 f"model is busy: no slot within {self.config.queue_timeout_s:g} s", retry_after=1.0
             ) from None
+        except BaseException:
+            gate.admitted -= 1
+            raise
         finally:
             gate.waiting -= 1
         gate.active += 1
@@ -257,6 +271,7 @@ class ServerState:
             if not released:
                 released = True
                 gate.active -= 1
+                gate.admitted -= 1
                 gate.sem.release()
                 for entry in self._loaded.values():
                     if entry.model_id == model_id:

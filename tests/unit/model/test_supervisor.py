@@ -38,7 +38,9 @@ def test_crash_restart_and_serve_again() -> None:
         crashed = sup.submit([5, CrashOnMarker.MARKER], max_tokens=3)
         events = list(crashed.events(timeout_s=10))
         assert isinstance(events[-1], ErrorEvent)
-        assert "injected crash" in str(events[-1].error)
+        assert isinstance(events[-1].error, WorkerStoppedError)
+        assert "crashed (RuntimeError)" in str(events[-1].error)
+        assert "injected crash" in str(events[-1].error.__cause__)
         wait_for(lambda: sup.status is ModelStatus.RUNNING and sup.worker is not first)
         assert sup.restart_count == 1
         assert sup.submit([5, 6, 7], max_tokens=4).result(timeout_s=10).finish_reason is FinishReason.LENGTH

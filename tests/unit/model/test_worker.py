@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from erllama.errors import DecodeError, InvalidInputError
+from erllama.errors import DecodeError, InvalidInputError, WorkerStoppedError
 from erllama.model import DecodeItem, SamplerConfig, StubBackend
 from erllama.model.worker import DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
 
@@ -258,7 +258,8 @@ def test_a_crashing_backend_fails_requests_instead_of_hanging() -> None:
     handle = w.submit([5, 6, 7], max_tokens=3)
     events = list(handle.events(timeout_s=10))
     assert isinstance(events[-1], ErrorEvent)
-    assert "kaboom" in str(events[-1].error)
+    assert isinstance(events[-1].error, WorkerStoppedError)
+    assert "kaboom" in str(events[-1].error.__cause__)
     late = w.submit([5], max_tokens=1)
     assert isinstance(next(late.events(timeout_s=10)), ErrorEvent)
     w.stop()
