@@ -11,7 +11,7 @@ from erllama._native.loader import CpuVariant, GpuDevice, Library, abi_mismatche
 from erllama._native.model import LoraAdapter, Model, ModelConfig, ModelInfo
 from erllama._native.sampler import DEFAULT_SEED, Sampler, SamplerConfig, sample_rows
 from erllama._native.selfcheck import SmokeSpec, Verdict, prove_build, prove_variant
-from erllama._native.text import Detokenizer
+from erllama._native.text import Detokenizer, utf8
 
 __all__ = [
     "DEFAULT_SEED",
@@ -41,4 +41,5 @@ __all__ = [
     "prove_build",
     "prove_variant",
     "sample_rows",
+    "utf8",
 ]

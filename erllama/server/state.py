@@ -21,6 +21,8 @@ __all__ = ["ManagedSource", "ModelSource", "ServerConfig", "ServerState"]
 
 log = logging.getLogger("erllama.server")
 
+_FOREVER_S = 1e9  # a keep-alive this long (about 31 years) or longer means "never unload"
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -184,14 +186,23 @@ class ServerState:
         entry = self._loaded.get(name)
         if entry is None:
             return
-        if keep_alive_s != "default":
-            entry.keep_alive_s = None if keep_alive_s is None or float(keep_alive_s) < 0 else float(keep_alive_s)
-            entry.pinned = False
+        if keep_alive_s != "default" and not entry.pinned:  # a model served from startup stays, whatever a request says
+            seconds = None if keep_alive_s is None else float(keep_alive_s)
+            # negative, or longer than anyone waits (1e13 s overflows a datetime): forever
+            entry.keep_alive_s = None if seconds is None or not 0 <= seconds < _FOREVER_S else seconds
         entry.last_used = time.monotonic()
         entry.expires_at = None if entry.pinned or entry.keep_alive_s is None else entry.last_used + entry.keep_alive_s
 
+    def pinned(self, name: str) -> bool:
+        """Whether ``name`` is served from startup (``--model``): no request unloads or deletes it."""
+        entry = self._loaded.get(self.canonical(name))
+        return entry is not None and entry.pinned
+
     async def unload(self, name: str) -> bool:
-        """Unload ``name`` now (False when it was not loaded)."""
+        """Unload ``name`` now (False when it was not loaded). A model served from startup is not unloaded:
+        InvalidInputError."""
+        if self.pinned(name):
+            raise InvalidInputError(f"model '{name}' is served from startup and stays loaded until the server stops")
         entry = self._loaded.pop(self.canonical(name), None)
         if entry is None:
             return False

@@ -12,6 +12,12 @@ sequence's local layers hold their cells in a ring that has wrapped, a restored 
 order, and sgemm's attention products sum over the cells in that order. The logits then agree within
 ``WINDOW_TOLERANCE`` of their range (measured: up to 3% on Gemma 3 270M, AMD EPYC Zen 4) and the greedy tokens are
 the same; on a batch-invariant build (``--deterministic``) and with ``swa_full`` they are bit-identical.
+
+A partial hit (a longer row cut back, then the rest of the prompt prefilled) computes that rest in other batch
+shapes than the cold run. On a batch-invariant build its greedy tokens are the cold run's; on the stock kernels its
+first logits agree within ``PARTIAL_TOLERANCE`` of their range (measured: 4.3% on AMD EPYC Zen 3, AVX2, where the
+cold run's top three logits lie within 0.07 of each other and the greedy token differs), and the token is compared
+only where the cold run's top two are further apart than the measured difference.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .helpers import Recording
 pytestmark = [pytest.mark.native, pytest.mark.gemma3]
 
 WINDOW_TOLERANCE = 5e-2
+PARTIAL_TOLERANCE = 8e-2
 DOC = "".join(f"Entry {i}: the lighthouse keeper logged the weather, the ships and the tides. " for i in range(60))
 
 
@@ -73,7 +80,9 @@ def test_sliding_window_hits_match_cold_runs(gemma3_path: Path, swa_full: bool) 
         n = len(box[0].sampled_from)
         exact = rt.complete(model, q1, max_tokens=10)
         exact_logits = box[0].sampled_from[n]
+        n_other = len(box[0].sampled_from)
         other = rt.complete(model, q2, max_tokens=10)
+        other_logits = box[0].sampled_from[n_other]
         rt.cache.drain()
         resumed = rt.complete(model, " And the tides?", parent_key=first.finish_key, max_tokens=10)
         counters = rt.counters()
@@ -90,8 +99,18 @@ def test_sliding_window_hits_match_cold_runs(gemma3_path: Path, swa_full: bool) 
     else:
         assert np.abs(exact_logits - cold_logits).max() <= WINDOW_TOLERANCE * float(np.abs(cold_logits).max())
 
-    cold_other, _ = cold_reply(gemma3_path, q2, swa_full)
-    assert other.generated == cold_other
+    cold_other, cold_other_logits = cold_reply(gemma3_path, q2, swa_full)
+    if other.cache_hit_kind == "cold" or library().batch_invariant:
+        assert other.generated == cold_other
+    else:
+        # A partial hit prefills the rest of the prompt in other batch shapes than the cold run: on kernels that
+        # depend on the batch the logits then agree within PARTIAL_TOLERANCE of their range (see the docstring),
+        # and the greedy token is the cold run's wherever the cold run's top two are further apart than that.
+        diff = float(np.abs(other_logits - cold_other_logits).max())
+        assert diff <= PARTIAL_TOLERANCE * float(np.abs(cold_other_logits).max())
+        top2 = np.sort(cold_other_logits)[-2:]
+        if float(top2[1] - top2[0]) > 2 * diff:
+            assert other.generated[0] == cold_other[0]
     if swa_full:
         assert other.cache_hit_kind == "partial", "all cells are kept: the longer row is cut back"
     else:

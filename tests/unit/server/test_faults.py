@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import httpx
 from erllama import Runtime
 from erllama.model import StubBackend
 from erllama.server import ServerConfig, create_app
+from erllama.server.models import ModelDirectory
 from erllama.server.state import ServerState
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -160,3 +162,42 @@ async def _timed(app: Any, calls: list[tuple[str, dict[str, Any]]]) -> tuple[flo
 async def _get(app: Any, path: str) -> str:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         return (await c.get(path)).text
+
+
+def test_requests_never_unload_the_model_served_from_startup(tmp_path: Path) -> None:
+    """``--model`` is pinned: ``keep_alive: 0`` and ``/api/delete`` of its name are refused (and unload nothing);
+    an absurd keep-alive is "forever", so ``/api/ps`` still renders."""
+    rt = Runtime()
+    (tmp_path / "other.gguf").write_bytes(b"GGUF-stub")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF-stub")
+
+    def load(runtime: Runtime, path: Path, name: str) -> str:
+        return runtime.load_model(backend=lambda: StubBackend(n_seq_max=2, eos_bias=-50.0), model_id=name)
+
+    source = ModelDirectory(tmp_path, load)
+    rt.load_model(backend=lambda: StubBackend(n_seq_max=2, eos_bias=-50.0), model_id="m")
+    try:
+        app = create_app(rt, {"m": "m"}, source=source)
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                r = await c.post("/api/generate", json={"model": "m", "prompt": "", "keep_alive": 0})
+                assert r.status_code == 400, r.text
+                assert "stays loaded" in r.json()["error"]
+                r = await c.request("DELETE", "/api/delete", json={"model": "m"})
+                assert r.status_code == 400
+                assert rt.models() == ["m"]
+                body = {"model": "m", "prompt": "x", "stream": False, "keep_alive": 1e13}
+                assert (await c.post("/api/generate", json=body)).status_code == 200
+                body["model"] = "other"
+                assert (await c.post("/api/generate", json=body)).status_code == 200
+                ps = await c.get("/api/ps")
+                assert ps.status_code == 200
+                assert sorted(m["name"] for m in ps.json()["models"]) == ["m", "other"]
+                r = await c.post("/api/generate", json={"model": "m", "prompt": "x", "stream": False})
+                assert r.status_code == 200
+
+        asyncio.run(scenario())
+        assert sorted(rt.models()) == ["m", "other"]
+    finally:
+        rt.close()
