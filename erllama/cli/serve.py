@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,6 +13,8 @@ from erllama.cli.local import default_kv_dir, model_file
 from erllama.cli.output import Output
 
 __all__ = ["serve"]
+
+log = logging.getLogger("erllama.server")
 
 
 def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
@@ -27,6 +32,7 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
     from erllama.server.state import ModelSource
     from erllama.store.store import ModelStore
 
+    _log_to_stderr(args.log_level)
     kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir(env)
     tiers: list[Tier] = [RamTier(args.ram_cache_mb << 20)]
     if args.disk_cache_mb > 0:
@@ -61,14 +67,52 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
         if args.model:  # a GGUF file, or a model of the store, loaded now and kept
             name, path = model_file(args.model, store, out)
             served[args.name or name] = load(rt, path, args.name or name)
-        app = create_app(rt, served, config, source=source)
+
+        def shutdown() -> None:  # every orderly stop (SIGTERM, SIGINT, erllama stop): saves written, writer drained
+            log.info("shutting down: saving live sequences and draining the cache writer")
+            rt.close()
+            if cache is not None:
+                cache.close()
+
+        app = create_app(rt, served, config, source=source, on_shutdown=shutdown)
         # What is alive now (the libraries, the app, the loaded models) lives as long as the process: out of the
         # cyclic collector's sight, collections walk only what requests allocate. Unfrozen, a full collection took
         # 9-12 ms here, holding the GIL while a model worker waited for it; frozen, an 8-stream run saw none.
         gc.collect()
         gc.freeze()
         out.note(f"erllama serving on http://{args.host}:{args.port} (models: {', '.join(served) or 'on demand'})")
+        _exit_cleanly_on(signal.SIGTERM, signal.SIGINT)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     if cache is not None:
         cache.close()
     return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    """erllama's own log lines (what the cache skipped, a request that failed, a worker that crashed) on stderr at
+    the daemon's log level; llama.cpp's (``erllama.llama``) from warnings up unless debugging."""
+    root = logging.getLogger("erllama")
+    if any(getattr(h, "_erllama_serve", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._erllama_serve = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    numeric = logging.getLevelName(level.upper())
+    root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    llama = logging.DEBUG if root.level <= logging.DEBUG else max(logging.WARNING, root.level)
+    logging.getLogger("erllama.llama").setLevel(llama)
+
+
+def _exit_cleanly_on(*signals: signal.Signals) -> None:
+    """After its graceful shutdown uvicorn restores the handlers it found and raises the signal it caught again; with
+    Python's defaults that kills the process (SIGTERM: exit -15). Found instead, these handlers end the process
+    with exit status 0 through ``SystemExit``, so the ``with`` blocks around the server close what they hold."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    for sig in signals:
+        signal.signal(sig, stop)

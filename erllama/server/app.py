@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,8 +55,14 @@ def create_app(
     config: ServerConfig | None = None,
     *,
     source: ModelSource | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """An app serving ``models`` (served name -> runtime model id) of ``runtime``, and those ``source`` can load."""
+    """An app serving ``models`` (served name -> runtime model id) of ``runtime``, and those ``source`` can load.
+
+    ``on_shutdown`` runs (off the event loop) when the server shuts down gracefully, after the last request has
+    ended: ``erllama serve`` closes the runtime there (shutdown saves, the writer drained), because uvicorn re-raises
+    a SIGTERM or SIGINT it caught once its own shutdown is done, which ends the process before code after
+    ``uvicorn.run`` could run."""
     cfg = config or ServerConfig()
     state = ServerState(runtime, models, cfg, source)
 
@@ -69,6 +75,8 @@ def create_app(
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            if on_shutdown is not None:
+                await asyncio.to_thread(on_shutdown)
 
     app = FastAPI(title="erllama", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.erllama = state
