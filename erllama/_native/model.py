@@ -158,6 +158,7 @@ class Model:
         self._vocab = lib().llama_model_get_vocab(handle)
         self.n_vocab = int(lib().llama_vocab_n_tokens(self._vocab))
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._max_piece: int | None = None
         self.info = self._read_info()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -318,6 +319,20 @@ class Model:
             piece = ffi.unpack(buf, n)
             self._pieces[key] = piece
         return piece
+
+    def max_piece_bytes(self) -> int:
+        """The longest piece any token renders to (special tokens included), in bytes: a text of ``n`` bytes
+        tokenizes to at least ``n / max_piece_bytes()`` tokens, which bounds a prompt before it is tokenized.
+        One pass over the vocabulary, computed once."""
+        if self._max_piece is None:
+            L, vocab = lib(), self.vocab
+            buf = ffi.new("char[]", 256)
+            longest = 1
+            for token in range(self.n_vocab):
+                n = L.llama_token_to_piece(vocab, token, buf, 256, 0, True)
+                longest = max(longest, n if n >= 0 else -n)
+            self._max_piece = longest
+        return self._max_piece
 
     def detokenize_bytes(
         self, tokens: Sequence[int], *, remove_special: bool = False, unparse_special: bool = False

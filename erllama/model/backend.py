@@ -47,6 +47,9 @@ class BackendInfo:
     """True when decoding the last prompt token inside the final prefill chunk gives bit for bit the logits of a
     one-token step (batch-invariant kernels, checked at load) and restored rows can be cut back: the worker then
     skips the separate last-token step on cold and partial paths (see ``worker.py``)."""
+    max_token_bytes: int = 0
+    """The longest piece a token renders to, in bytes (0: unknown). A text prompt longer than ``n_ctx_seq`` times
+    this cannot fit the context, whatever it tokenizes to: the worker refuses it without tokenizing it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

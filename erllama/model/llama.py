@@ -79,6 +79,7 @@ class LlamaBackend:
             chat_template=info.chat_template,
             bos_text=self._model.token_text(info.bos) if 0 <= info.bos < info.n_vocab else "",
             eos_text=self._model.token_text(info.eos) if 0 <= info.eos < info.n_vocab else "",
+            max_token_bytes=self._model.max_piece_bytes(),
         )
         can_cut = not info.is_recurrent and (info.n_swa == 0 or self._ctx.config.swa_full)
         if can_cut and self._batch_invariant():

@@ -86,6 +86,7 @@ class StubBackend:
             chat_template=chat_template,
             bos_text="<s>",
             eos_text="</s>",
+            max_token_bytes=1,
         )
 
     @property

@@ -846,6 +846,16 @@ class ModelWorker:
     def _context_of(self, backend: ModelBackend, w: _Waiting, parked: list[_Waiting]) -> list[int] | None:
         """The request's whole context: its prompt, after its parent's tokens for a parent_key continuation."""
         if isinstance(w.prompt, str):
+            room = backend.info.n_ctx_seq - w.max_tokens
+            if backend.info.max_token_bytes and len(w.prompt) > room * backend.info.max_token_bytes:
+                # at least that many bytes (a character is one or more), so more tokens than fit: not tokenized
+                n_ctx = backend.info.n_ctx_seq
+                msg = (
+                    f"prompt of {len(w.prompt)} characters (more tokens than fit) + max_tokens {w.max_tokens}"
+                    f" exceeds the {n_ctx}-token context"
+                )
+                w.handle._emit(ErrorEvent(InvalidInputError(msg)))
+                return None
             try:
                 w.prompt = backend.tokenize(w.prompt, add_special=w.parent_key is None, parse_special=True)
             except InvalidInputError as exc:

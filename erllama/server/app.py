@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -153,6 +153,18 @@ class _Guard:
             return
         t0 = time.perf_counter()
         status = 500
+        received = 0
+
+        async def bounded_receive() -> Message:
+            # A chunked body has no content-length: it is counted as it arrives, and refused once over the bound
+            # (the route's body read fails with the 413, before the body is held in memory, parsed or rendered).
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > cfg.max_body_bytes:
+                    raise HTTPException(413, f"Request body exceeds {cfg.max_body_bytes} bytes")
+            return message
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -161,7 +173,7 @@ class _Guard:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, bounded_receive, send_status)
         finally:
             label = getattr(scope.get("route"), "path", "unmatched")
             metrics = self.state.metrics

@@ -5,7 +5,8 @@ budget is spent every request is refused at once (no hang, no leaked slot)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -199,5 +200,34 @@ def test_requests_never_unload_the_model_served_from_startup(tmp_path: Path) -> 
 
         asyncio.run(scenario())
         assert sorted(rt.models()) == ["m", "other"]
+    finally:
+        rt.close()
+
+
+def test_chunked_bodies_are_bounded_and_huge_prompts_are_not_tokenized() -> None:
+    rt = Runtime()
+    rt.load_model(backend=lambda: StubBackend(n_seq_max=1, n_ctx_seq=256, eos_bias=-50.0), model_id="m")
+    try:
+        app = create_app(rt, {"m": "m"}, ServerConfig(max_body_bytes=4096))
+        big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 10_000}]}).encode()
+
+        async def chunks() -> AsyncIterator[bytes]:  # no content-length: sent chunked
+            for i in range(0, len(big), 1000):
+                yield big[i : i + 1000]
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                for path in ("/v1/chat/completions", "/v1/messages", "/api/chat"):
+                    r = await c.post(path, content=chunks(), headers={"content-type": "application/json"})
+                    assert r.status_code == 413, (path, r.status_code, r.text)
+                    assert "exceeds 4096 bytes" in r.text
+                # under the body bound but longer than the context can hold: refused without tokenizing
+                text = "y" * 3000
+                body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+                r = await c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 400
+                assert "more tokens than fit" in r.text
+
+        asyncio.run(scenario())
     finally:
         rt.close()
