@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-cache", action="store_true", help="serve without the KV-state cache (for comparisons)")
     srv.add_argument("--kv-dir", help="disk tier directory (default: $ERLLAMA_CACHE_DIR/kv)")
     srv.add_argument("--log-level", default="info")
+    srv.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a host name the daemon answers to without an API key, besides IP addresses and localhost (repeatable)",
+    )
 
     pull = sub.add_parser("pull", parents=[common], help="fetch a model into the store")
     pull.add_argument("source", help="catalog name (smollm2:135m), hf://owner/repo/file.gguf, https:// URL, or path")

@@ -59,6 +59,7 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
         queue_timeout_s=args.queue_timeout,
         keep_alive_s=None if args.keep_alive < 0 else args.keep_alive,
         cors_origins=tuple(args.cors_origin or ()),
+        allowed_hosts=(*(args.allowed_host or ()), args.host),
     )
     store = ModelStore(env=env)
     source: ModelSource = ModelDirectory(Path(args.models_dir), load) if args.models_dir else StoreSource(store, load)

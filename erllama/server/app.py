@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -147,6 +148,13 @@ class _Guard:
         if cfg.api_key is not None and not hmac.compare_digest(presented.encode(), cfg.api_key.encode()):
             await _error(dialect, 401, "Invalid or missing API key", "authentication_error")(scope, receive, send)
             return
+        if cfg.api_key is None and not _host_allowed(headers.get("host"), cfg.allowed_hosts):
+            message = (
+                "this daemon has no API key, so it answers only requests addressed to an IP address, localhost or a"
+                " name given with --allowed-host"
+            )
+            await _error(dialect, 403, message, "permission_error")(scope, receive, send)
+            return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
             await _error(dialect, 413, f"Request body exceeds {cfg.max_body_bytes} bytes")(scope, receive, send)
@@ -179,6 +187,27 @@ class _Guard:
             metrics = self.state.metrics
             metrics.requests.labels(dialect, label, str(status)).inc()
             metrics.latency.labels(dialect, label).observe(time.perf_counter() - t0)
+
+
+def _host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a key-less daemon answers a request with this ``Host`` header. DNS rebinding, where a web page's
+    own name is made to resolve to the daemon, always arrives under a name: IP literals, ``localhost`` and the
+    configured names are safe, any other name is not."""
+    if host is None:
+        return True  # HTTP/1.0: no browser sends a request without one
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1 : name.find("]")] if "]" in name else name[1:]
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost") or name in {a.lower() for a in allowed}:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _presented_key(headers: Headers) -> str | None:

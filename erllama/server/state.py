@@ -38,6 +38,8 @@ class ServerConfig:
         queue_timeout_s: how long a request waits for a slot before it is refused the same way.
         keep_alive_s: idle seconds after which a model loaded on demand is unloaded (None: never; 0: at once).
         cors_origins: origins allowed by CORS; empty (the default) sends no CORS headers at all.
+        allowed_hosts: host names a key-less daemon answers to besides IP addresses and ``localhost`` (the
+            ``Host`` header of any other name is refused: a web page cannot drive the daemon by DNS rebinding).
     """
 
     api_key: str | None = None
@@ -49,6 +51,7 @@ class ServerConfig:
     queue_timeout_s: float = 60.0
     keep_alive_s: float | None = 300.0
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
 
 class ModelSource(Protocol):

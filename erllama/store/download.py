@@ -10,14 +10,18 @@ next pull of the same file to continue.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
+import os
+import socket
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
 
-from erllama.errors import DownloadError
+from erllama.errors import DownloadError, RefusedSourceError
 
 __all__ = ["ProgressFn", "download"]
 
@@ -57,6 +61,66 @@ def _total(response: httpx.Response, start: int) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_target(url: str, *, allow_private: bool | None = None) -> None:
+    """Refuse a URL the daemon must not fetch, first hop or redirect alike: another scheme than https (plain http
+    only on loopback), credentials, and any host whose addresses include a link-local (cloud metadata services
+    live at 169.254.169.254), multicast, unspecified or reserved one, or a private one (10/8, 172.16/12,
+    192.168/16, fc00::/7, 100.64/10) unless ``allow_private`` (default: ``ERLLAMA_PULL_ALLOW_PRIVATE=1``).
+    Loopback stays allowed (a local mirror). Raises RefusedSourceError."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if not host:
+        raise RefusedSourceError(f"{url!r} has no host")
+    if parts.username or parts.password:
+        raise RefusedSourceError("credentials in URLs are refused (they would be stored in the manifest)")
+    if parts.scheme not in ("https", "http") or (parts.scheme == "http" and not is_loopback(host)):
+        raise RefusedSourceError(
+            f"plain http:// is refused for {host}: use https:// (http only on loopback)"
+            if parts.scheme == "http"
+            else f"{parts.scheme}:// is refused: use https://"
+        )
+    if allow_private is None:
+        allow_private = os.environ.get("ERLLAMA_PULL_ALLOW_PRIVATE", "") == "1"
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return  # does not resolve: the connection fails on its own
+        addresses = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    for found in addresses:
+        mapped = found.ipv4_mapped if isinstance(found, ipaddress.IPv6Address) else None
+        addr = mapped or found
+        if addr.is_loopback:
+            continue
+        if addr.is_link_local or addr.is_multicast or addr.is_unspecified or addr.is_reserved:
+            raise RefusedSourceError(f"{host} resolves to {addr}, an address pulls never fetch from")
+        if (addr.is_private or addr in _SHARED) and not allow_private:
+            raise RefusedSourceError(
+                f"{host} resolves to the private address {addr}: refused (ERLLAMA_PULL_ALLOW_PRIVATE=1 allows it)"
+            )
+
+
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: not is_private in every Python version
+
+
+def _check_hop(request: httpx.Request) -> None:
+    check_target(str(request.url))
+
+
 def download(
     url: str,
     partial: Path,
@@ -80,6 +144,8 @@ def download(
     meta_path = partial.with_name(partial.name + ".json")
     own = client is None
     http = client or httpx.Client(follow_redirects=True, timeout=timeout_s)
+    if _check_hop not in http.event_hooks["request"]:  # every hop, redirects included, is checked before it is sent
+        http.event_hooks["request"] = [*http.event_hooks["request"], _check_hop]
     failures = 0
     try:
         while True:

@@ -6,7 +6,9 @@ A source spec is one of:
 * ``hf://owner/repo[@revision]/path/file.gguf``: a file of a Hugging Face model repo, resolved through
   ``huggingface_hub`` (its endpoint, token and headers); the LFS sha256 the Hub reports is checked;
 * ``https://host/path/file.gguf[#sha256=HEX]``: any HTTPS URL, checked against the digest when one is given;
-  plain ``http://`` only on loopback (a local mirror, the tests);
+  plain ``http://`` only on loopback (a local mirror, the tests); never a host that resolves to a link-local,
+  multicast or reserved address, nor to a private one unless ``ERLLAMA_PULL_ALLOW_PRIVATE=1`` — checked again for
+  every redirect (:func:`~erllama.store.download.check_target`);
 * a local ``.gguf`` path (import), where the caller allows it: the CLI does, the daemon does not (an HTTP client
   must not make the server read its files).
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import ipaddress
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -27,14 +28,13 @@ from typing import Protocol
 
 from erllama.errors import ChecksumError, DownloadError, RefusedSourceError, UnknownModelError
 from erllama.store.catalog import CATALOG, PackagedModel, assemble, lookup
-from erllama.store.download import ProgressFn, download
+from erllama.store.download import ProgressFn, check_target, download
 from erllama.store.names import ModelName
 
 __all__ = ["CatalogSource", "FileSource", "Source", "UrlSource", "default_name", "resolve"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HF_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 
 class Source(Protocol):
@@ -168,24 +168,10 @@ class FileSource:
         _check_digest(sha256, self.sha256, self.spec)
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _url_source(spec: str, sha256: str | None) -> UrlSource:
     parsed = urllib.parse.urlsplit(spec)
     host = parsed.hostname or ""
-    if not host:
-        raise RefusedSourceError(f"{spec!r} has no host")
-    if parsed.username or parsed.password:
-        raise RefusedSourceError("credentials in URLs are refused (they would be stored in the manifest)")
-    if parsed.scheme == "http" and not _is_loopback(host):
-        raise RefusedSourceError(f"plain http:// is refused for {host}: use https:// (http only on loopback)")
+    check_target(spec)  # scheme, credentials, link-local and private addresses; every redirect again on download
     fragment = urllib.parse.parse_qs(parsed.fragment)
     given = fragment.get("sha256", [None])[0]
     digest = _digest_arg(sha256 or given)

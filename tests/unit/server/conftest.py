@@ -70,7 +70,7 @@ def request(rt: Runtime, method: str, path: str, config: ServerConfig | None = N
     app = create_app(rt, {"hermes": "hermes", "plain": "plain"}, config)
 
     async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
             return await client.request(method, path, **kw)
 
     return asyncio.run(go())

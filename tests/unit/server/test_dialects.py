@@ -246,7 +246,9 @@ def test_anthropic_count_tokens_and_tool_blocks(srt: Runtime) -> None:
 
 def _concurrent(app: Any, calls: list[tuple[str, dict[str, Any]]]) -> list[httpx.Response]:
     async def go() -> list[httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1", timeout=30
+        ) as c:
             first = asyncio.create_task(c.post(calls[0][0], json=calls[0][1]))
             await asyncio.sleep(0.2)  # the first one holds the only slot
             rest = await asyncio.gather(*(c.post(p, json=b) for p, b in calls[1:]))
@@ -291,7 +293,7 @@ def test_busy_model_is_refused_in_each_dialect() -> None:
 
 
 async def _get(app: Any, path: str) -> str:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
         return (await c.get(path)).text
 
 
@@ -299,7 +301,7 @@ def test_metrics_exposition(srt: Runtime) -> None:
     app = create_app(srt, {"hermes": "hermes"})
 
     async def go() -> str:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
             body = {"model": "hermes", "messages": [{"role": "user", "content": "Say hi"}]}
             for _ in range(2):
                 assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
@@ -337,7 +339,7 @@ def test_ollama_models_load_on_demand_and_unload(store: tuple[Runtime, ModelDire
     app = create_app(rt, {}, ServerConfig(keep_alive_s=300), source=source)
 
     async def go() -> None:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
             tags = (await c.get("/api/tags")).json()["models"]
             assert [m["name"] for m in tags] == ["alpha", "beta:7b"]
             assert tags[0]["digest"] == hashlib.sha256(b"GGUF-stub").hexdigest()
@@ -399,7 +401,7 @@ def test_openai_logprobs_chat_and_completion() -> None:
 
     def post(path: str, json: Any) -> httpx.Response:
         async def go() -> httpx.Response:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
                 return await c.post(path, json=json)
 
         return asyncio.run(go())
@@ -472,7 +474,9 @@ def test_anthropic_pings_while_the_prompt_is_prefilled(monkeypatch: pytest.Monke
         body = {"model": "slow", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "w " * 300}]}
 
         async def go() -> str:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1", timeout=30
+            ) as c:
                 return (await c.post("/v1/messages", json=body)).text
 
         events = [b.split("\n", 1)[0] for b in asyncio.run(go()).split("\n\n") if b]

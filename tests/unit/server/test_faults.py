@@ -33,7 +33,9 @@ def routes(body_model: str = "m") -> list[tuple[str, dict[str, Any]]]:
 async def post_all(
     app: Any, calls: list[tuple[str, dict[str, Any] | str]], timeout: float = 20
 ) -> list[httpx.Response]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=timeout) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1", timeout=timeout
+    ) as c:
 
         async def one(path: str, body: dict[str, Any] | str) -> httpx.Response:
             if isinstance(body, str):
@@ -161,7 +163,7 @@ async def _timed(app: Any, calls: list[tuple[str, dict[str, Any]]]) -> tuple[flo
 
 
 async def _get(app: Any, path: str) -> str:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
         return (await c.get(path)).text
 
 
@@ -181,7 +183,7 @@ def test_requests_never_unload_the_model_served_from_startup(tmp_path: Path) -> 
         app = create_app(rt, {"m": "m"}, source=source)
 
         async def scenario() -> None:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
                 r = await c.post("/api/generate", json={"model": "m", "prompt": "", "keep_alive": 0})
                 assert r.status_code == 400, r.text
                 assert "stays loaded" in r.json()["error"]
@@ -216,7 +218,7 @@ def test_chunked_bodies_are_bounded_and_huge_prompts_are_not_tokenized() -> None
                 yield big[i : i + 1000]
 
         async def scenario() -> None:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
                 for path in ("/v1/chat/completions", "/v1/messages", "/api/chat"):
                     r = await c.post(path, content=chunks(), headers={"content-type": "application/json"})
                     assert r.status_code == 413, (path, r.status_code, r.text)
@@ -229,5 +231,30 @@ def test_chunked_bodies_are_bounded_and_huge_prompts_are_not_tokenized() -> None
                 assert "more tokens than fit" in r.text
 
         asyncio.run(scenario())
+    finally:
+        rt.close()
+
+
+def test_a_keyless_daemon_answers_only_its_own_addresses() -> None:
+    """DNS rebinding: a web page at evil.example makes its name resolve to 127.0.0.1 and drives the daemon."""
+    rt = Runtime()
+    rt.load_model(backend=lambda: StubBackend(n_seq_max=1, eos_bias=-50.0), model_id="m")
+    try:
+        for config, host, expected in [
+            (ServerConfig(), "evil.example", 403),
+            (ServerConfig(), "evil.example:11434", 403),
+            (ServerConfig(), "127.0.0.1:11434", 200),
+            (ServerConfig(), "[::1]:11434", 200),
+            (ServerConfig(), "localhost:11434", 200),
+            (ServerConfig(allowed_hosts=("gpu-box.lan",)), "gpu-box.lan:11434", 200),
+            (ServerConfig(api_key="k"), "evil.example", 401),  # the key guards every name
+        ]:
+            app = create_app(rt, {"m": "m"}, config)
+
+            async def go(app: Any = app, host: str = host) -> int:
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+                    return (await c.get("/api/tags", headers={"host": host})).status_code
+
+            assert asyncio.run(go()) == expected, (config, host)
     finally:
         rt.close()

@@ -35,7 +35,7 @@ def call(rt: Runtime, method: str, path: str, config: ServerConfig | None = None
     app = create_app(rt, {"stub-1": "stub"}, config)
 
     async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
             return await client.request(method, path, **kw)
 
     return asyncio.run(go())
@@ -100,9 +100,9 @@ def test_the_official_client_streams_and_not(rt: Runtime) -> None:
 
     async def go() -> tuple[str, str, list[str]]:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             # this openai release types its client against its own httpx fork; an httpx client works the same
-            client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="unused", http_client=http)  # type: ignore[arg-type]
+            client = openai.AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key="unused", http_client=http)  # type: ignore[arg-type]
             messages: Any = MESSAGES
             whole = await client.chat.completions.create(model="stub-1", messages=messages, max_tokens=8)
             parts = []

@@ -26,7 +26,9 @@ def _app() -> Any:
         model_id="stub",
     )
     _RUNTIMES.append(rt)
-    return create_app(rt, {"stub": "stub"}, ServerConfig(default_max_tokens=16, max_body_bytes=1 << 16))
+    return create_app(
+        rt, {"stub": "stub"}, ServerConfig(default_max_tokens=16, max_body_bytes=1 << 16, allowed_hosts=("testserver",))
+    )
 
 
 _RUNTIMES: list[Runtime] = []

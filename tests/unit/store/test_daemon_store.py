@@ -43,7 +43,7 @@ def test_pull_tags_chat_copy_delete(fs: FileServer, tmp_path: Path) -> None:
     app = create_app(rt, {}, ServerConfig(keep_alive_s=300), source=StoreSource(store, load))
 
     async def go() -> None:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
             pull = await c.post("/api/pull", json={"model": f"{fs.url}/files/Alpha.gguf"})
             records = [json.loads(line) for line in pull.text.splitlines()]
             assert records[0] == {"status": "resolving source"}
