@@ -7,6 +7,7 @@ hands the sampler is the one llama-server would build for the same schema.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,25 @@ __all__ = ["JSON_OBJECT_SCHEMA", "json_schema_to_grammar"]
 JSON_OBJECT_SCHEMA: Mapping[str, Any] = {"type": "object"}
 
 
+def _check_patterns(schema: object) -> None:
+    """Every ``pattern`` must be a regular expression: the converter would otherwise accept any string for it."""
+    stack = [schema]
+    seen = 0
+    while stack and seen < 100_000:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, Mapping):
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except (re.error, RecursionError, OverflowError) as exc:
+                    raise SchemaError(f"invalid regular expression in pattern {pattern[:80]!r}: {exc}") from None
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+
+
 def json_schema_to_grammar(schema: Mapping[str, Any] | bool) -> str:
     """The GBNF grammar (root rule ``root``) whose sentences are the JSON documents ``schema`` accepts.
 
@@ -27,6 +47,7 @@ def json_schema_to_grammar(schema: Mapping[str, Any] | bool) -> str:
         SchemaError: the schema is not JSON, or uses something the converter does not support.
         LibraryError: erllama's shim is missing (build_llama.py builds it).
     """
+    _check_patterns(schema)
     try:
         text = json.dumps(schema)
     except (TypeError, ValueError) as exc:

@@ -218,6 +218,7 @@ class LlamaBackend:
     def embed(self, seq_id: int, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
         if not tokens:
             raise InvalidInputError("nothing to embed")
+        self._model.check_tokens(tokens)  # TokenIdError, not an int32 overflow or llama.cpp's own refusal
         ctx = self._ctx
         ctx.set_embeddings(True)
         try:

@@ -94,7 +94,7 @@ class ThinkingIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+    budget_tokens: Annotated[int | None, Field(ge=1)] = None
 
 
 class CountRequest(BaseModel):
