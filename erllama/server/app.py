@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
@@ -91,6 +92,15 @@ def create_app(
         app.add_middleware(
             CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"], allow_headers=["*"]
         )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_errors(
+                get_openapi(title=app.title, version=app.version, routes=app.routes), cfg.api_key is not None
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -187,6 +197,37 @@ class _Guard:
             metrics = self.state.metrics
             metrics.requests.labels(dialect, label, str(status)).inc()
             metrics.latency.labels(dialect, label).observe(time.perf_counter() - t0)
+
+
+_GENERATING = {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/api/chat", "/api/generate"}
+_STREAMS = {"openai": "text/event-stream", "anthropic": "text/event-stream", "ollama": "application/x-ndjson"}
+
+
+def _document_errors(schema: dict[str, Any], keyed: bool) -> dict[str, Any]:
+    """The statuses the server really sends (FastAPI documents a 422 it never sends, and none of the others), and
+    the streamed form of the generating routes' 200 (SSE or NDJSON, not JSON)."""
+    for path, ops in schema.get("paths", {}).items():
+        dialect = _dialect(path)
+        for method, op in ops.items():
+            responses: dict[str, Any] = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if method in ("post", "delete"):
+                responses["400"] = {"description": "Malformed or invalid request (the dialect's error envelope)"}
+                responses["413"] = {"description": "Request body over the configured bound"}
+            if keyed:
+                responses["401"] = {"description": "API key missing or wrong"}
+            responses["403"] = {"description": "Host header not allowed (a daemon without an API key)"}
+            if path in _GENERATING or path.startswith(("/v1/embeddings", "/api/embed", "/v1/messages/count")):
+                responses["404"] = {"description": "No such model"}
+                busy = {"openai": "429", "anthropic": "529", "ollama": "503"}.get(dialect, "503")
+                responses[busy] = {"description": "Model busy: queue full or no slot in time (retry-after)"}
+                responses["503"] = {"description": "Model failed or stopped (retry-after)"}
+            if path in _GENERATING and "200" in responses:
+                content = responses["200"].setdefault("content", {})
+                content[_STREAMS.get(dialect, "text/event-stream")] = {"schema": {"type": "string"}}
+    schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+    schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+    return schema
 
 
 def _host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -243,7 +244,11 @@ class ModelStore:
             def moved(done: int, total: int | None) -> None:
                 say(PullEvent(label, digest=digest_label, completed=done, total=total or source.size))
 
-            with tempfile.TemporaryDirectory(dir=self.incoming, prefix="work-") as work:
+            # A killed pull of this source left its work directory behind: under this source's lock no other pull
+            # of it is running, so what is there is a dead one's
+            for stale in self.incoming.glob(f"work-{key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            with tempfile.TemporaryDirectory(dir=self.incoming, prefix=f"work-{key}-") as work:
                 source.fetch(partial, Path(work), moved)
             say(PullEvent("verifying sha256 digest", digest=digest_label))
             try:

@@ -258,3 +258,19 @@ def test_a_keyless_daemon_answers_only_its_own_addresses() -> None:
             assert asyncio.run(go()) == expected, (config, host)
     finally:
         rt.close()
+
+
+def test_the_openapi_document_declares_what_the_server_sends() -> None:
+    rt = Runtime()
+    rt.load_model(backend=lambda: StubBackend(n_seq_max=1), model_id="m")
+    try:
+        doc = create_app(rt, {"m": "m"}, ServerConfig(api_key="k")).openapi()
+    finally:
+        rt.close()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in chat
+    assert {"400", "401", "404", "413", "429", "503"} <= set(chat)
+    assert "text/event-stream" in chat["200"]["content"]
+    assert "529" in doc["paths"]["/v1/messages"]["post"]["responses"]
+    assert "application/x-ndjson" in doc["paths"]["/api/chat"]["post"]["responses"]["200"]["content"]
+    assert not any("422" in op["responses"] for ops in doc["paths"].values() for op in ops.values())

@@ -263,11 +263,13 @@ def test_kill_during_download_leaves_no_model_and_the_next_pull_resumes(fs: File
     assert not list(store.blobs.glob("*")) if store.blobs.is_dir() else True
     kept = next(store.incoming.glob("*.partial")).stat().st_size
     assert 0 < kept < len(body)
+    assert list(store.incoming.glob("work-*")), "the killed pull left its work directory"
     fs.files["/slow.gguf"].delay_per_chunk_s = 0
     fs.requests.clear()
     entry = store.pull(f"{fs.url}/slow.gguf")
     assert entry.path.read_bytes() == body
     assert fs.requests[0]["headers"].get("range") == f"bytes={kept}-"
+    assert not list(store.incoming.glob("work-*")), "the next pull of the source removed it"
 
 
 def test_dedup_copy_and_remove(fs: FileServer, store: ModelStore) -> None:
