@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-dir", help="disk tier directory (default: $ERLLAMA_CACHE_DIR/kv)")
     srv.add_argument("--log-level", default="info")
     srv.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete within this time (default: 10)",
+    )
+    srv.add_argument(
         "--allowed-host",
         action="append",
         metavar="NAME",

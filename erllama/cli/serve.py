@@ -28,6 +28,7 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
     from erllama.model import LlamaBackend
     from erllama.runtime import Runtime
     from erllama.server import ServerConfig, StoreSource, create_app
+    from erllama.server.http import protocol_with_header_deadline
     from erllama.server.models import ModelDirectory
     from erllama.server.state import ModelSource
     from erllama.store.store import ModelStore
@@ -83,7 +84,13 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
         gc.freeze()
         out.note(f"erllama serving on http://{args.host}:{args.port} (models: {', '.join(served) or 'on demand'})")
         _exit_cleanly_on(signal.SIGTERM, signal.SIGINT)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            http=protocol_with_header_deadline(args.header_timeout),
+        )
     if cache is not None:
         cache.close()
     return 0

@@ -33,13 +33,13 @@ def _port() -> int:
 
 
 class Daemon:
-    def __init__(self, model: Path, kv_dir: Path, log: Path) -> None:
+    def __init__(self, model: Path, kv_dir: Path, log: Path, *extra: str) -> None:
         self.port = _port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "erllama", "serve", "--model", str(model), "--name", "tiny",
                "--port", str(self.port), "--threads", "1", "--parallel", "2", "--ctx", "512",
-               "--kv-dir", str(kv_dir), "--disk-cache-mb", "64", "--log-level", "warning"]  # fmt: skip
+               "--kv-dir", str(kv_dir), "--disk-cache-mb", "64", "--log-level", "warning", *extra]  # fmt: skip
         env = {**os.environ, "ERLLAMA_HOME": str(kv_dir.parent / "home")}
         with log.open("w") as sink:
             self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
@@ -66,8 +66,8 @@ class Daemon:
 def daemon_factory(tiny_path: Path, tmp_path: Path) -> Iterator[object]:
     started: list[Daemon] = []
 
-    def make(kv_dir: Path) -> Daemon:
-        d = Daemon(tiny_path, kv_dir, tmp_path / f"serve{len(started)}.log")
+    def make(kv_dir: Path, *extra: str) -> Daemon:
+        d = Daemon(tiny_path, kv_dir, tmp_path / f"serve{len(started)}.log", *extra)
         started.append(d)
         return d
 
@@ -167,3 +167,30 @@ def test_sigterm_during_a_reply_keeps_its_finish_row(daemon_factory, tmp_path: P
     longest = max(m.n_tokens for m in tier.metas())
     assert SaveReason.FINISH in reasons, (reasons, d.log.read_text())
     assert longest >= usage["prompt_tokens"] + 120, "the finish row holds the whole reply"
+
+
+def test_half_sent_requests_do_not_hold_connections(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A slowloris client: request lines and headers that never complete are cut after --header-timeout; a
+    request whose headers did complete is not, however long it takes."""
+    d = daemon_factory(tmp_path / "kv", "--header-timeout", "1")
+    d.wait_ready()
+    half = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", d.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: app")
+        s.settimeout(10)
+        half.append(s)
+    t0 = time.monotonic()
+    for s in half:
+        assert s.recv(1024) == b"", "the server closed the half-sent request"
+        s.close()
+    assert time.monotonic() - t0 < 8
+    body = json.dumps({"model": "tiny", "prompt": "Count: ", "max_tokens": 8}).encode()
+
+    def slowly() -> Iterator[bytes]:  # the headers are complete at once; the body takes longer than the deadline
+        for i in range(0, len(body), 16):
+            time.sleep(0.4)  # about 1.4 s in all
+            yield body[i : i + 16]
+
+    r = httpx.post(f"{d.base}/v1/completions", content=slowly(), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
