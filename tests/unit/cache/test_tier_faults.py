@@ -18,7 +18,7 @@ import xxhash
 from erllama.cache import CacheStore, kvc
 from erllama.cache.counters import Counters
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
-from erllama.cache.tier import FileTier, RamTier
+from erllama.cache.tier import FileTier, RamTier, Tier
 
 NS = Namespace("ef" * 32, "Q4_1", ctx_params_hash({"n_ctx": 2048}))
 PAYLOAD = 2000
@@ -282,7 +282,7 @@ def test_store_counts_what_its_tiers_counted_before_it_existed(tmp_path: Path) -
     victim = row_path(root, metas[0])
     victim.write_bytes(b"garbage")
     (root / "tmp" / f"{'ab' * 32}.{2**22 + 1}.deadbeef.tmp").write_bytes(b"x")
-    tiers = [RamTier(1 << 20), FileTier([root], 1 << 20)]  # no counters passed: their own
+    tiers: list[Tier] = [RamTier(1 << 20), FileTier([root], 1 << 20)]  # no counters passed: their own
     store = CacheStore(tiers)
     snap = store.counters.snapshot()
     assert snap["corrupt_files"] == 1

@@ -129,8 +129,12 @@ def test_a_dying_worker_restarts_then_the_model_is_refused_at_once() -> None:
                 (r,) = await post_all(app, [killer])
                 assert r.status_code == 503, r.text
                 assert "/" not in r.json()["error"]["message"], "no internal paths in the message"
+
                 # the request's error goes out before the dying worker hands over to its supervisor
-                assert await _wait_for(lambda n=expected: restarts(rt) == n and rt.status("m") == "running")
+                def restarted(n: int = expected) -> bool:
+                    return restarts(rt) == n and rt.status("m") == "running"
+
+                assert await _wait_for(restarted)
                 (ok,) = await post_all(app, [routes()[0]])
                 assert ok.status_code == 200, "it serves again after the restart"
             (r,) = await post_all(app, [killer])
