@@ -341,6 +341,11 @@ _CLOSE_GRACE_S = 0.02
 # more requests up to this share of the tick's estimated time (and at most ``batch_wait_s``).
 _GATHER_SHARE = 0.01
 
+class _WorkerFault(Exception):
+    """Wraps a failure of the worker's own work (a decode) that happened while one request was being handled, so
+    that it crashes the worker instead of being charged to that request."""
+
+
 _T = TypeVar("_T")
 _NO_HIT = CacheHit("cold", 0)
 
@@ -668,6 +673,8 @@ class ModelWorker:
                 w = self._admitting = self._inbox.popleft()
             try:
                 self._admit_one(backend, active, free, w, parked)
+            except _WorkerFault as fault:
+                raise fault.__cause__ or fault from None  # crash the worker: its supervisor restarts it
             except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
                 self._reject(backend, active, free, w, exc)
             finally:
@@ -1055,7 +1062,10 @@ class ModelWorker:
         if not closing:
             return
         _release_held()
-        backend.decode([DecodeItem(a.seq_id, [a.tokens[a.fed]], logits=False) for a in closing])
+        try:
+            backend.decode([DecodeItem(a.seq_id, [a.tokens[a.fed]], logits=False) for a in closing])
+        except Exception as exc:  # a failed decode is the worker's fault, even when a request's admission ran it
+            raise _WorkerFault from exc
         for a in closing:
             a.fed += 1
             self._complete(backend, active, free, a, a.closing or FinishReason.STOP, save=True)
