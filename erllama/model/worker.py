@@ -341,6 +341,7 @@ _CLOSE_GRACE_S = 0.02
 # more requests up to this share of the tick's estimated time (and at most ``batch_wait_s``).
 _GATHER_SHARE = 0.01
 
+
 class _WorkerFault(Exception):
     """Wraps a failure of the worker's own work (a decode) that happened while one request was being handled, so
     that it crashes the worker instead of being charged to that request."""

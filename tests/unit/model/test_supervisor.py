@@ -57,8 +57,16 @@ def test_restart_intensity_exceeded_reports_failed() -> None:
             wait_for(lambda: sup.status in (ModelStatus.RUNNING, ModelStatus.FAILED))
             if sup.status is ModelStatus.FAILED:
                 break
+            dying = sup.worker
             handle = sup.submit([CrashOnMarker.MARKER], max_tokens=1)
             assert isinstance(list(handle.events(timeout_s=10))[-1], ErrorEvent)
+
+            # the request's error goes out before the dying worker reports to its supervisor: wait for that, or
+            # the next request would reach the dying worker (answered "stopped", not a crash of its own)
+            def reported(w: object = dying) -> bool:
+                return sup.worker is not w or sup.status.value == "failed"
+
+            wait_for(reported)
         wait_for(lambda: sup.status is ModelStatus.FAILED)
         assert sup.restart_count == 2
         assert isinstance(sup.last_error, RuntimeError)
