@@ -667,22 +667,25 @@ class ModelWorker:
         tokenized, its sampler cannot be built, ...) is answered with the error alone: its sequence is freed and
         the worker goes on."""
         parked: list[_Waiting] = []
-        while free:
-            with self._wake:
-                if not self._inbox:
-                    break
-                w = self._admitting = self._inbox.popleft()
-            try:
-                self._admit_one(backend, active, free, w, parked)
-            except _WorkerFault as fault:
-                raise fault.__cause__ or fault from None  # crash the worker: its supervisor restarts it
-            except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
-                self._reject(backend, active, free, w, exc)
-            finally:
-                self._admitting = None
-        if parked:
-            with self._wake:
-                self._inbox.extendleft(reversed(parked))
+        try:
+            while free:
+                with self._wake:
+                    if not self._inbox:
+                        break
+                    w = self._admitting = self._inbox.popleft()
+                try:
+                    self._admit_one(backend, active, free, w, parked)
+                except _WorkerFault as fault:
+                    parked.insert(0, w)  # back in the inbox: the crash fan-out answers it
+                    raise fault.__cause__ or fault from None  # crash the worker: its supervisor restarts it
+                except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
+                    self._reject(backend, active, free, w, exc)
+                finally:
+                    self._admitting = None
+        finally:
+            if parked:  # (a crash too: what is parked must be in the inbox to be answered)
+                with self._wake:
+                    self._inbox.extendleft(reversed(parked))
         return bool(parked)
 
     def _admit_one(

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from erllama.errors import DecodeError, InvalidInputError, WorkerStoppedError
+from erllama.errors import DecodeError, InvalidInputError, RequestFailedError, WorkerStoppedError
 from erllama.model import DecodeItem, SamplerConfig, StubBackend
 from erllama.model.worker import DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
 
@@ -361,3 +361,50 @@ def test_requests_arriving_together_share_the_first_prefill_tick(
         w.stop()
     together = {seq for seq, _ in batches[0]} == {0, 1}
     assert together is (batch_wait_s > 0), batches[0]
+
+
+def test_a_worker_fault_during_admission_crashes_the_worker_and_answers_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode that fails while a request is being admitted (closing another reply) is the worker's fault: the
+    worker crashes (its supervisor restarts it) and the request being admitted is answered, not lost."""
+    from erllama.model import worker as worker_module
+
+    w = ModelWorker(StubBackend, name="fault")
+    w.start()
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            raise RuntimeError("decode failed")
+        except RuntimeError as exc:
+            raise worker_module._WorkerFault from exc
+
+    monkeypatch.setattr(w, "_admit_one", failing)
+    handle = w.submit([5, 6, 7], max_tokens=2)
+    events = list(handle.events(timeout_s=10))
+    assert isinstance(events[-1], ErrorEvent)
+    assert isinstance(events[-1].error, WorkerStoppedError)
+    assert isinstance(w.crash, RuntimeError)
+    w.stop()
+
+
+def test_a_request_whose_admission_fails_is_answered_and_frees_its_sequence() -> None:
+    class BadSampler(StubBackend):
+        def set_sampler(self, seq_id, config):  # type: ignore[no-untyped-def]
+            if config.seed == 13:
+                raise ValueError("a sampler this request's parameters broke")
+            super().set_sampler(seq_id, config)
+
+    w = ModelWorker(lambda: BadSampler(n_seq_max=1), name="bad")
+    w.start()
+    try:
+        for _ in range(5):  # more than any restart budget, and than the one sequence
+            bad = w.submit([5, 6, 7], max_tokens=2, sampling=SamplerConfig(seed=13))
+            with pytest.raises(RequestFailedError, match="ValueError"):
+                bad.result(timeout_s=10)
+        assert w.alive
+        assert w.crash is None
+        assert w.request_failures == 5
+        assert w.submit([5, 6, 7], max_tokens=2).result(timeout_s=10).finish_reason is FinishReason.LENGTH
+    finally:
+        w.stop()
