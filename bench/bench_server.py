@@ -52,7 +52,7 @@ import psutil
 from bench.bench_rotating import QUESTIONS, documents
 from bench.peers import stock_tool
 from erllama._native import Model, ModelConfig
-from erllama.testing import fetch
+from erllama.testing import fetch, wait_until_up
 
 N_STREAM_PROMPT, N_STREAM_GEN = 128, 128
 # a new connection per request on both sides: cpp-httplib closes kept-alive connections after a few requests,
@@ -115,16 +115,10 @@ def serving(
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} did not start: {' '.join(cmd)} (log: {log.name})")
-            time.sleep(0.2)
+        try:
+            wait_until_up(f"{base}/health", proc, timeout_s=180, what=kind)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {' '.join(cmd)} (log: {log.name})") from None
         yield Served(base, proc.pid)
     except BaseException:
         print(f"{kind} failed; its log: {log.name}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Test support: a tiny generated llama model, real small models shipped in PyPI packages, a real-socket server."""
 
 from erllama.testing.fetch import GEMMA3, SMOLLM2, FetchError, PackagedModel, WheelPart, fetch, models_dir
-from erllama.testing.serving import serve_app
+from erllama.testing.serving import serve_app, wait_until_up
 from erllama.testing.tiny import TinyModelSpec, spm_vocab, tiny_model, write_tiny_lora, write_tiny_model
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "serve_app",
     "spm_vocab",
     "tiny_model",
+    "wait_until_up",
     "write_tiny_lora",
     "write_tiny_model",
 ]

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["serve_app"]
+__all__ = ["serve_app", "wait_until_up"]
 
 
 @contextlib.contextmanager
@@ -34,3 +34,22 @@ def serve_app(app: Any, *, start_timeout_s: float = 30.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_until_up(url: str, proc: Any, *, timeout_s: float = 60.0, what: str = "the server") -> None:
+    """Poll ``url`` until it answers 200, while the process ``proc`` (a ``subprocess.Popen``) runs. Raises
+    RuntimeError when the process exits first or ``timeout_s`` pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before answering {url}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout_s:g} s")
+        time.sleep(0.1)

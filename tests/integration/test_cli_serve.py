@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from erllama.cli import main
+from erllama.testing import wait_until_up
 
 pytestmark = pytest.mark.native
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,16 +33,10 @@ def test_serve_run_ps_stop(tiny_path: Path, tmp_path: Path, capsys: pytest.Captu
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.1)
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/health", proc, what="erllama serve")
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n{log.read_text()}") from None
         capsys.readouterr()
         assert main(["ps", "--json"], env) == 0
         assert json.loads(capsys.readouterr().out)["models"] == []

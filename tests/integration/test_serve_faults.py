@@ -21,6 +21,7 @@ from erllama.cache import FileTier, kvc
 from erllama.cache.counters import Counters
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import SaveReason
+from erllama.testing import wait_until_up
 
 pytestmark = pytest.mark.native
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,16 +46,10 @@ class Daemon:
             self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{self.base}/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, f"serve did not come up:\n{self.log.read_text()}"
-            time.sleep(0.1)
+        try:
+            wait_until_up(f"{self.base}/health/ready", self.proc, timeout_s=timeout_s, what="erllama serve")
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n{self.log.read_text()}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
