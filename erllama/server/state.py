@@ -87,7 +87,6 @@ class _Gate:
     sem: asyncio.Semaphore
     waiting: int = 0
     active: int = 0
-    admitted: int = 0  # waiting + active, raised before the first await of acquire()
 
 
 @dataclasses.dataclass(slots=True)
@@ -259,22 +258,17 @@ class ServerState:
             self.metrics.rejected.labels(reason=f"model_{status}").inc()
             raise WorkerStoppedError(f"model {model_id} is {status}")
         gate = self._gate(model_id)
-        if gate.admitted >= gate.limit + self.config.max_queue:
+        if gate.waiting + gate.active >= gate.limit + self.config.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise OverloadedError(f"model is busy: {gate.waiting} requests already waiting", retry_after=1.0)
-        gate.admitted += 1
         gate.waiting += 1
         try:
             await asyncio.wait_for(gate.sem.acquire(), self.config.queue_timeout_s)
         except TimeoutError:
-            gate.admitted -= 1
             self.metrics.rejected.labels(reason="queue_timeout").inc()
             raise OverloadedError(
                 f"model is busy: no slot within {self.config.queue_timeout_s:g} s", retry_after=1.0
             ) from None
-        except BaseException:
-            gate.admitted -= 1
-            raise
         finally:
             gate.waiting -= 1
         gate.active += 1
@@ -285,7 +279,6 @@ class ServerState:
             if not released:
                 released = True
                 gate.active -= 1
-                gate.admitted -= 1
                 gate.sem.release()
                 for entry in self._loaded.values():
                     if entry.model_id == model_id:
