@@ -34,7 +34,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
 import time
 import uuid
@@ -378,8 +377,7 @@ class FileTier(_TierBase):
                 except CorruptCacheFileError as exc:
                     self._b.counters.incr("corrupt_files")
                     log.warning("cache tier %s: dropped %s", self.name, exc)
-                    if not _is_dir(path):
-                        _unlink_quietly(path)
+                    _unlink_quietly(path)  # (a directory named like a row stays: unlink never removes one)
                     continue
                 except FileNotFoundError:
                     continue
@@ -538,8 +536,7 @@ class FileTier(_TierBase):
         path = self._forget(key)
         if path is None:
             return False
-        if not _is_dir(path):
-            _unlink_quietly(path)
+        _unlink_quietly(path)
         _notify(self.on_drop, [key])
         return True
 
@@ -622,13 +619,6 @@ def _unlink_quietly(path: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _fsync_dir(path: Path) -> None:
