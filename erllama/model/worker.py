@@ -283,6 +283,7 @@ class _Waiting:
     use_cache: bool
     deadline: float  # a parent_key request waits for its parent's in-flight save until then
     logprobs: int | None = None
+    seq_id: int | None = None  # the sequence it took while being admitted (given back if admission fails)
 
 
 @dataclasses.dataclass(slots=True)
@@ -397,7 +398,6 @@ class ModelWorker:
         self._startup_error: BaseException | None = None
         self._active: dict[int, _Active] = {}  # worker thread only
         self._admitting: _Waiting | None = None  # off the inbox, not active yet: answered too if the worker dies
-        self._seq_of: dict[int, int] = {}  # id(waiting request) -> the sequence it took while being admitted
         self.request_failures = 0  # requests answered with an error of their own (the worker went on)
         self.link: CacheLink | None = None  # set on the worker thread once the backend is loaded
         self.info: BackendInfo | None = None
@@ -710,8 +710,7 @@ class ModelWorker:
             w.handle._emit(ErrorEvent(InvalidInputError(msg)))
             return
         t_start = time.perf_counter()  # the restore counts towards time-to-first-token
-        seq_id = free.take()
-        self._seq_of[id(w)] = seq_id
+        seq_id = w.seq_id = free.take()
         backend.seq_truncate(seq_id, 0)
         link = self.link if w.use_cache else None
         hit = link.restore(backend, seq_id, tokens, w.parent_key) if link is not None else _NO_HIT
@@ -737,7 +736,7 @@ class ModelWorker:
             if a.fold and a.cold_point == len(tokens) - 1:
                 a.cold_point = len(tokens)  # the whole prompt, saved once the first token is out
         active[seq_id] = a
-        del self._seq_of[id(w)]
+        w.seq_id = None
         self.last_hit = hit
         self.in_flight = len(active)
 
@@ -745,7 +744,7 @@ class ModelWorker:
         self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, w: _Waiting, exc: Exception
     ) -> None:
         """A request failed while being admitted: answer it, and give back the sequence it took."""
-        seq_id = self._seq_of.pop(id(w), None)
+        seq_id, w.seq_id = w.seq_id, None
         if seq_id is not None:
             a = active.get(seq_id)
             if a is not None and a.handle is w.handle:
