@@ -8,6 +8,7 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     │   ├── TokenIdError                     a token id outside [0, n_vocab)
     │   ├── SeqIdError                       a sequence id outside [0, n_seq_max)
     │   ├── ContextOverflowError             the tokens would not fit the sequence's room in the KV cache
+    │   ├── PromptTooLongError               a request's prompt (and reply length) exceeds the model's context
     │   ├── ModelExistsError                 a model id that is already loaded
     │   ├── SchemaError                      a JSON schema that cannot be turned into a grammar
     │   ├── RefusedSourceError               a pull source erllama will not fetch from (scheme, host, path)
@@ -60,6 +61,7 @@ __all__ = [
     "NativeError",
     "NoGpuError",
     "OverloadedError",
+    "PromptTooLongError",
     "RefusedSourceError",
     "RequestFailedError",
     "ResourceBusyError",
@@ -111,6 +113,24 @@ class ContextOverflowError(InvalidInputError):
         self.n_ctx_seq = n_ctx_seq
 
 
+class PromptTooLongError(InvalidInputError):
+    """A request that does not fit the model's context: its prompt alone, or its prompt with the reply length it
+    asked for. ``prompt_tokens`` is the prompt's length (a lower bound when ``at_least``: a text so long it was
+    refused before tokenizing), ``max_tokens`` the reply length asked (None: not given), ``n_ctx`` the context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, n_ctx: int, *, at_least: bool = False) -> None:
+        size = f"{'at least ' if at_least else ''}{prompt_tokens} tokens"
+        if max_tokens:
+            msg = f"prompt of {size} + max_tokens {max_tokens} exceeds the {n_ctx}-token context"
+        else:
+            msg = f"prompt of {size} leaves no room for a reply in the {n_ctx}-token context"
+        super().__init__(msg)
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.n_ctx = n_ctx
+        self.at_least = at_least
+
+
 class ModelExistsError(InvalidInputError):
     """A model id that is already loaded."""
 
@@ -125,6 +145,9 @@ class RefusedSourceError(InvalidInputError):
 
 class UnknownModelError(InvalidInputError, KeyError):
     """A model id that is not loaded."""
+
+    def __str__(self) -> str:  # KeyError's own quotes its message ("'no such model'")
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 class ClosedError(ErllamaError, ValueError):

@@ -31,12 +31,12 @@ from erllama.cache import CacheStore, FingerprintMode, RamTier, SavePolicy, fing
 from erllama.cache.counters import Counters
 from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
-from erllama.errors import InvalidInputError, NoGpuError, UnknownModelError
-from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob
+from erllama.errors import InvalidInputError, NoGpuError, PromptTooLongError, UnknownModelError
+from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.registry import Registry
 from erllama.model.supervisor import ModelStatus, Supervisor
 from erllama.model.think import ThinkSplitter
-from erllama.model.worker import DoneEvent, ErrorEvent, ModelWorker, RequestHandle, TokenEvent
+from erllama.model.worker import AdmittedEvent, DoneEvent, ErrorEvent, Event, ModelWorker, RequestHandle, TokenEvent
 from erllama.pressure import PressureScheduler
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Finished",
     "ModelSummary",
     "Runtime",
+    "Started",
     "Stats",
     "Stream",
     "StreamEvent",
@@ -95,6 +96,17 @@ class Completion:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Started:
+    """The request passed the model's checks and runs (the first event; a request refused gets Failed instead):
+    its context length, what the cache restored of it, and the reply length it may reach."""
+
+    prompt_tokens: int
+    restored_tokens: int
+    max_tokens: int
+    cache_hit_kind: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TextDelta:
     """Reply text. With ``logprobs`` requested, ``logprobs`` covers the tokens this text completes (a token whose
     text was held back, e.g. half of a multi-byte character, is reported with the next delta)."""
@@ -119,7 +131,7 @@ class Failed:
     error: BaseException
 
 
-StreamEvent = TextDelta | ThinkingDelta | Finished | Failed
+StreamEvent = Started | TextDelta | ThinkingDelta | Finished | Failed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -147,9 +159,9 @@ class VramInfo:
 class Stream:
     """A streaming request: iterate it (``for`` or ``async for``) for events; :meth:`cancel` from anywhere.
 
-    Events: :class:`TextDelta` per reply token (text is UTF-8-safe and has stop sequences trimmed),
-    :class:`ThinkingDelta` for text inside ``<think>`` ... ``</think>`` when thinking is split out, then exactly one
-    :class:`Finished` or :class:`Failed`.
+    Events: :class:`Started` once the request passed its checks (or :class:`Failed` at once), :class:`TextDelta` per
+    reply token (text is UTF-8-safe and has stop sequences trimmed), :class:`ThinkingDelta` for text inside
+    ``<think>`` ... ``</think>`` when thinking is split out, then exactly one :class:`Finished` or :class:`Failed`.
     """
 
     def __init__(self, handle: RequestHandle, thinking: bool) -> None:
@@ -169,7 +181,9 @@ class Stream:
         """Stop the request (idempotent); the final event is Finished with finish_reason ``cancelled``."""
         self._handle.cancel()
 
-    def _convert(self, event: TokenEvent | DoneEvent | ErrorEvent) -> list[StreamEvent]:
+    def _convert(self, event: Event) -> list[StreamEvent]:
+        if isinstance(event, AdmittedEvent):
+            return [Started(event.prompt_tokens, event.restored_tokens, event.max_tokens, event.cache_hit)]
         if isinstance(event, TokenEvent):
             if event.logprob is not None:
                 self._logprobs.append(event.logprob)
@@ -428,7 +442,7 @@ class Runtime:
         model_id: str,
         prompt: Prompt,
         *,
-        max_tokens: int = 128,
+        max_tokens: int | None = 128,
         parent_key: CacheKey | None = None,
         stop: Sequence[str] = (),
         sampling: SamplerConfig | None = None,
@@ -442,10 +456,13 @@ class Runtime:
         thinking: bool = False,
         use_cache: bool = True,
         logprobs: int | None = None,
+        fit_context: bool = False,
     ) -> Stream:
         """Start a request and stream it (see :class:`Stream`). A text prompt is tokenized with special tokens
         parsed; with ``parent_key`` the prompt continues that finish key's context. ``logprobs=n`` reports each
-        reply token's log-probability and its ``n`` most likely alternatives (:class:`TokenLogprob`)."""
+        reply token's log-probability and its ``n`` most likely alternatives (:class:`TokenLogprob`).
+        ``max_tokens=None`` lets the reply run until the context is full; with ``fit_context`` a ``max_tokens``
+        beyond what the context leaves is lowered to that instead of refused (PromptTooLongError)."""
         config = _sampling(
             sampling,
             {
@@ -466,6 +483,7 @@ class Runtime:
             parent_key=parent_key,
             use_cache=use_cache,
             logprobs=logprobs,
+            fit_context=fit_context,
         )
         return Stream(handle, thinking)
 
@@ -524,6 +542,34 @@ class Runtime:
             return [float(x) for x in b.embed(seq_id, tokens)]
 
         return self._worker(model_id).call_with_seq(run)
+
+    def prompt_logprobs(
+        self, model_id: str, prompt: Prompt, top_n: int = 0
+    ) -> list[tuple[int, bytes, TokenLogprob | None]]:
+        """Score a prompt: for each of its tokens (a text is tokenized as :meth:`infer` does), the token, its piece
+        and its :class:`TokenLogprob` given the tokens before it with the ``top_n`` most likely alternatives; None
+        for the first token, which has no context. One forward pass over the prompt with an output at every
+        position (no cache: restored rows carry no logits)."""
+        if top_n < 0:
+            raise InvalidInputError("top_n must be >= 0")
+
+        def run(b: ModelBackend, seq_id: int) -> list[tuple[int, bytes, TokenLogprob | None]]:
+            tokens = b.tokenize(prompt, parse_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if not tokens:
+                raise InvalidInputError("the prompt tokenizes to nothing")
+            if len(tokens) > b.info.n_ctx_seq:
+                raise PromptTooLongError(len(tokens), None, b.info.n_ctx_seq)
+
+            def piece(t: int) -> bytes:
+                return b.token_to_piece(t, special=True)
+
+            out: list[tuple[int, bytes, TokenLogprob | None]] = [(tokens[0], piece(tokens[0]), None)]
+            for i, row in enumerate(b.logits_rows(seq_id, tokens[:-1])):
+                lp = token_logprob(row, tokens[i + 1], top_n, piece)
+                out.append((lp.token, lp.piece, lp))
+            return out
+
+        return self._worker(model_id).call_with_seq(run, timeout_s=None)
 
     # -- speculative decoding primitives -----------------------------------------------------------------------
 

@@ -59,6 +59,19 @@ def _grammar(schema: Mapping[str, Any] | bool) -> str:
     return json_schema_to_grammar(schema)
 
 
+def _cut_after(prompt: str, content: str) -> str:
+    """``prompt`` (a conversation rendered with its last, assistant, message closed) cut right after that message's
+    text, so that the reply continues it. Templates may trim a message, so the trimmed text is looked for."""
+    text = content.strip()
+    at = prompt.rfind(text)
+    if at < 0:
+        raise InvalidInputError(
+            "the model's chat template does not render the final assistant message's text as"
+            " given, so the reply cannot continue it"
+        )
+    return prompt[: at + len(text)]
+
+
 class ChatEngine:
     """Chat templates, tools and structured output over one :class:`~erllama.runtime.Runtime`. Thread-safe;
     :meth:`prepare` may block (template rendering on the model's worker), so call it off the event loop."""
@@ -94,12 +107,16 @@ class ChatEngine:
         response_schema: Mapping[str, Any] | bool | None = None,
         add_generation_prompt: bool = True,
         template_kwargs: Mapping[str, Any] | None = None,
+        continue_final: bool = False,
     ) -> PreparedChat:
         """Render ``messages`` for ``model_id``.
 
         Args:
             tools: functions the model may call; ``tool_choice`` as in :data:`~erllama.chat.types.ToolChoice`.
             response_schema: a JSON schema the reply must satisfy (``{"type": "object"}`` for any JSON object).
+            continue_final: when the last message is the assistant's (text, no tool calls), the reply continues
+                it (Anthropic's prefill, ``continue_final_message``): the prompt ends inside that message instead
+                of closing it and opening a new turn.
 
         Raises:
             InvalidInputError: an empty conversation, a tool_choice naming an unknown tool, or a template that
@@ -112,6 +129,10 @@ class ChatEngine:
         if tool_choice == "required" and not tools:
             raise InvalidInputError("tool_choice is 'required' but the request has no tools")
         active = tuple(tools) if tool_choice != "none" else ()
+        last = messages[-1]
+        prefill = continue_final and last.role == "assistant" and not last.tool_calls and bool(last.content.strip())
+        if prefill:
+            add_generation_prompt = False
         template = self.template(model_id)
         native = template is not None and template.supports_tools and template.supports_tool_calls
         tool_role = template is not None and template.supports_tool_role
@@ -130,6 +151,8 @@ class ChatEngine:
             prompt = self._runtime.apply_chat_template(
                 model_id, [(m.role, m.content) for m in msgs], add_generation_prompt=add_generation_prompt
             )
+        if prefill:
+            prompt = _cut_after(prompt, last.content)
         grammar = None
         if active and tool_choice != "auto":
             one = call_schema(active, tool_choice)

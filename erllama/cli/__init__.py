@@ -82,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
         help="a host name the daemon answers to without an API key, besides IP addresses and localhost (repeatable)",
     )
 
+    srv.add_argument(
+        "--strict-max-tokens",
+        action="store_true",
+        help="refuse a max_tokens beyond what the context leaves after the prompt (default: lower it to that)",
+    )
+    srv.add_argument(
+        "--model-fallback",
+        choices=["missing", "any", "none"],
+        default="missing",
+        help="which requests the default model (--model, else the only one) answers: those naming no model"
+        " (default), also those naming an unknown one (llama-server's clients), or none",
+    )
+
     pull = sub.add_parser("pull", parents=[common], help="fetch a model into the store")
     pull.add_argument("source", help="catalog name (smollm2:135m), hf://owner/repo/file.gguf, https:// URL, or path")
     pull.add_argument("--name", help="install under this name:tag (default: the source's name)")

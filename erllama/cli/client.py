@@ -69,6 +69,11 @@ class Daemon:
             self._call("POST", "/api/generate", {"model": name, "prompt": "", "keep_alive": 0, "stream": False})
         return bool(hit)
 
+    def knows(self, model: str) -> bool:
+        """Whether the daemon serves or can load ``model`` (its /api/tags, a bare name meaning its ``:latest``)."""
+        names = {m["name"] for m in self._call("GET", "/api/tags").get("models", [])}
+        return bool({model, f"{model}:latest"} & names) or any(n.split(":")[0] == model for n in names)
+
     def pull(self, model: str) -> Iterator[dict[str, Any]]:
         """Have the daemon pull ``model`` into its store; its progress records."""
         return self._stream("/api/pull", {"model": model})

@@ -8,6 +8,7 @@ from typing import Any
 
 from erllama.cli.client import Daemon
 from erllama.cli.output import Output, human_bytes
+from erllama.errors import UnknownModelError
 from erllama.store.info import describe
 from erllama.store.store import ModelStore
 
@@ -93,13 +94,18 @@ def _build_metrics(text: str) -> dict[str, str]:
     return {}
 
 
+def _until(expires_at: str) -> str:
+    """An /api/ps expiry as a person reads it: "never" for the far-future time Ollama's API uses for that."""
+    return "never" if expires_at[:4].isdigit() and int(expires_at[:4]) >= 2200 else expires_at
+
+
 def cmd_ps(args: argparse.Namespace, env: Mapping[str, str], out: Output, daemon: Daemon) -> int:
     models = daemon.ps()
     metrics = daemon.metrics()
     tiers = _tier_metrics(metrics)
     build = _build_metrics(metrics)
-    rows = [[m["name"], human_bytes(int(m.get("size", 0))), str(m.get("context_length", "")), m.get("expires_at", "")]
-            for m in models]  # fmt: skip
+    rows = [[m["name"], human_bytes(int(m.get("size", 0))), str(m.get("context_length", "")),
+             _until(str(m.get("expires_at", "")))] for m in models]  # fmt: skip
     text = out.table(["NAME", "SIZE", "CONTEXT", "UNTIL"], rows)
     if tiers:
         tier_rows = [[t, str(int(v.get("rows", 0))), human_bytes(int(v.get("bytes", 0))),
@@ -114,6 +120,8 @@ def cmd_ps(args: argparse.Namespace, env: Mapping[str, str], out: Output, daemon
 
 def cmd_stop(args: argparse.Namespace, env: Mapping[str, str], out: Output, daemon: Daemon) -> int:
     stopped = daemon.stop(args.model)
+    if not stopped and not daemon.knows(args.model):
+        raise UnknownModelError(f"the daemon at {daemon.host} has no model '{args.model}'")
     out.result({"model": args.model, "stopped": stopped}, None if stopped else f"{args.model} was not loaded")
     return 0
 

@@ -117,9 +117,11 @@ class _Remote:
                 final = record
         n_eval = int(final.get("eval_count", 0))
         eval_s = float(final.get("eval_duration", 0)) / 1e9
+        cache = final.get("cache") or {}  # erllama's daemon says how its cache served the prompt
         return "".join(reply), {
-            "cache": "daemon",
-            "prompt_tokens": int(final.get("prompt_eval_count", 0)),
+            "cache": str(cache.get("hit", "daemon")),
+            "prompt_tokens": int(cache.get("prompt_tokens", final.get("prompt_eval_count", 0))),
+            **({"cached_tokens": int(cache["cached_tokens"])} if "cached_tokens" in cache else {}),
             "completion_tokens": n_eval,
             "ttft_ms": round(((first or time.monotonic()) - start) * 1e3, 1),
             "tokens_per_s": round((n_eval - 1) / eval_s, 1) if n_eval > 1 and eval_s else 0.0,

@@ -61,6 +61,8 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
         keep_alive_s=None if args.keep_alive < 0 else args.keep_alive,
         cors_origins=tuple(args.cors_origin or ()),
         allowed_hosts=(*(args.allowed_host or ()), args.host),
+        strict_max_tokens=args.strict_max_tokens,
+        model_fallback=args.model_fallback,
     )
     store = ModelStore(env=env)
     source: ModelSource = ModelDirectory(Path(args.models_dir), load) if args.models_dir else StoreSource(store, load)

@@ -14,6 +14,7 @@ from erllama.model.stub import StubBackend
 from erllama.model.supervisor import ModelStatus, Supervisor
 from erllama.model.think import ThinkSplitter
 from erllama.model.worker import (
+    AdmittedEvent,
     DoneEvent,
     ErrorEvent,
     Event,
@@ -25,6 +26,7 @@ from erllama.model.worker import (
 )
 
 __all__ = [
+    "AdmittedEvent",
     "BackendInfo",
     "CacheHit",
     "CacheLink",

@@ -13,7 +13,7 @@ the end of one sequence and may ask for logits of its last token, which the call
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,6 +50,8 @@ class BackendInfo:
     max_token_bytes: int = 0
     """The longest piece a token renders to, in bytes (0: unknown). A text prompt longer than ``n_ctx_seq`` times
     this cannot fit the context, whatever it tokenizes to: the worker refuses it without tokenizing it."""
+    gguf_path: str | None = None
+    """The GGUF file the model was loaded from, when it has one (the server reads its header for metadata)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -139,6 +141,10 @@ class ModelBackend(Protocol):
 
     def argmax_rows(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
         """Append ``tokens`` to a sequence with an output at every position; the argmax token of each (verify)."""
+        ...
+
+    def logits_rows(self, seq_id: int, tokens: Sequence[int]) -> Iterator[npt.NDArray[np.float32]]:
+        """Decode ``tokens`` onto a sequence; yields the logits after each of them (prompt scoring)."""
         ...
 
     def embed(self, seq_id: int, tokens: Sequence[int]) -> npt.NDArray[np.float32]:

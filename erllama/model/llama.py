@@ -80,6 +80,7 @@ class LlamaBackend:
             bos_text=self._model.token_text(info.bos) if 0 <= info.bos < info.n_vocab else "",
             eos_text=self._model.token_text(info.eos) if 0 <= info.eos < info.n_vocab else "",
             max_token_bytes=self._model.max_piece_bytes(),
+            gguf_path=str(info.path),
         )
         can_cut = not info.is_recurrent and (info.n_swa == 0 or self._ctx.config.swa_full)
         if can_cut and self._batch_invariant():
@@ -211,6 +212,11 @@ class LlamaBackend:
                 batch.add(token, pos0 + i, seq_id, logits=True)
             ctx.decode(batch)
             yield from range(len(chunk))
+
+    def logits_rows(self, seq_id: int, tokens: Sequence[int]) -> Iterator[npt.NDArray[np.float32]]:
+        self._model.check_tokens(tokens)
+        for row in self._decode_all(seq_id, tokens):
+            yield self._ctx.logits(row)
 
     def argmax_rows(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
         return [int(np.argmax(self._ctx.logits(row))) for row in self._decode_all(seq_id, tokens)]

@@ -14,7 +14,7 @@ import hashlib
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -237,6 +237,13 @@ class StubBackend:
         if len(tokens) > self._info.n_ctx_seq:
             raise ContextOverflowError(seq_id, len(tokens), self._info.n_ctx_seq)
         self._seqs[seq_id] = tokens
+
+    def logits_rows(self, seq_id: int, tokens: Sequence[int]) -> Iterator[npt.NDArray[np.float32]]:
+        for token in tokens:
+            self._check_token(token)
+        for token in tokens:
+            self.decode([DecodeItem(seq_id, [token], logits=False)])
+            yield self._logits(self._seqs[seq_id]).astype(np.float32)
 
     def argmax_rows(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
         out: list[int] = []

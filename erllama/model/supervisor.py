@@ -107,12 +107,13 @@ class Supervisor:
         self,
         prompt: Sequence[int] | str,
         *,
-        max_tokens: int = 128,
+        max_tokens: int | None = 128,
         sampling: SamplerConfig | None = None,
         stop: Sequence[str] = (),
         parent_key: CacheKey | None = None,
         use_cache: bool = True,
         logprobs: int | None = None,
+        fit_context: bool = False,
     ) -> RequestHandle:
         """Forward to the running worker; an immediate error event when the model is failed or stopped."""
         with self._lock:
@@ -130,6 +131,7 @@ class Supervisor:
             parent_key=parent_key,
             use_cache=use_cache,
             logprobs=logprobs,
+            fit_context=fit_context,
         )
 
     def running_worker(self) -> ModelWorker:

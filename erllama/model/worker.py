@@ -49,12 +49,20 @@ from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import SavePolicy
 from erllama.cache.store import CacheStore
-from erllama.errors import ErllamaError, InvalidInputError, RequestFailedError, TokenIdError, WorkerStoppedError
+from erllama.errors import (
+    ErllamaError,
+    InvalidInputError,
+    PromptTooLongError,
+    RequestFailedError,
+    TokenIdError,
+    WorkerStoppedError,
+)
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.stop import StopMatcher
 
 __all__ = [
+    "AdmittedEvent",
     "DoneEvent",
     "ErrorEvent",
     "Event",
@@ -115,11 +123,23 @@ class DoneEvent:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AdmittedEvent:
+    """The request passed every check and holds a sequence: the first event of a request that runs (a request that
+    fails its checks gets an ErrorEvent instead). ``prompt_tokens`` is its whole context, ``restored_tokens`` what
+    the cache restored of it, ``max_tokens`` the reply length it may reach (after ``fit_context``)."""
+
+    prompt_tokens: int
+    restored_tokens: int
+    max_tokens: int
+    cache_hit: str = "cold"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ErrorEvent:
     error: BaseException
 
 
-Event = TokenEvent | DoneEvent | ErrorEvent
+Event = AdmittedEvent | TokenEvent | DoneEvent | ErrorEvent
 
 
 class _Mailbox:
@@ -136,6 +156,11 @@ class _Mailbox:
         """Raises RuntimeError when the loop is closed."""
         with self._lock:
             if self._closed:
+                raise RuntimeError("the consumer's event loop is closed")
+            if len(self._items) and self._loop.is_closed():
+                # the loop closed after a drain was scheduled (that drain never runs): nobody is listening
+                self._items.clear()
+                self._closed = True
                 raise RuntimeError("the consumer's event loop is closed")
             self._items.append((aq, event))
             if len(self._items) > 1:
@@ -276,13 +301,14 @@ class RequestHandle:
 class _Waiting:
     handle: RequestHandle
     prompt: list[int] | str
-    max_tokens: int
+    max_tokens: int | None  # None: what the context leaves
     sampling: SamplerConfig
     stop: tuple[str, ...]
     parent_key: CacheKey | None
     use_cache: bool
     deadline: float  # a parent_key request waits for its parent's in-flight save until then
     logprobs: int | None = None
+    fit_context: bool = False  # a max_tokens beyond what the context leaves is lowered to it, not refused
     seq_id: int | None = None  # the sequence it took while being admitted (given back if admission fails)
 
 
@@ -341,6 +367,19 @@ _CLOSE_GRACE_S = 0.02
 # Dynamic batching: before a tick that only prefills newly admitted prompts and has room left, the worker waits for
 # more requests up to this share of the tick's estimated time (and at most ``batch_wait_s``).
 _GATHER_SHARE = 0.01
+
+
+def _reply_room(n_prompt: int, max_tokens: int | None, n_ctx: int, fit: bool) -> int | None:
+    """The reply length a request of ``n_prompt`` context tokens may reach, or None when it does not fit: the
+    context's room after the prompt when ``max_tokens`` is None, ``max_tokens`` lowered to that room with ``fit``,
+    else ``max_tokens`` itself when prompt and reply fit together. A prompt-only request (``max_tokens=0``) needs
+    no room for a reply; any other needs room for one token at least."""
+    room = n_ctx - n_prompt
+    if max_tokens is None:
+        return room if room >= 1 else None
+    if fit:
+        return min(max_tokens, room) if room >= min(max_tokens, 1) else None
+    return max_tokens if n_prompt + max_tokens <= n_ctx else None
 
 
 class _WorkerFault(Exception):
@@ -429,23 +468,27 @@ class ModelWorker:
         self,
         prompt: Sequence[int] | str,
         *,
-        max_tokens: int = 128,
+        max_tokens: int | None = 128,
         sampling: SamplerConfig | None = None,
         stop: Sequence[str] = (),
         parent_key: CacheKey | None = None,
         use_cache: bool = True,
         logprobs: int | None = None,
+        fit_context: bool = False,
     ) -> RequestHandle:
-        """Queue a request; events arrive on the returned handle.
+        """Queue a request; events arrive on the returned handle: an AdmittedEvent once it passed its checks and
+        holds a sequence (or an ErrorEvent), then TokenEvents and the final DoneEvent or ErrorEvent.
 
         A text prompt is tokenized on the worker (special tokens parsed; BOS added unless it continues a parent).
         ``stop`` ends the reply at a stop sequence. With ``parent_key`` (a previous request's ``finish_key``) the
         prompt continues that request's context. ``max_tokens=0`` only prefills (and saves) the prompt. With
         ``logprobs`` (0 or more alternatives) every reply token's event carries its :class:`TokenLogprob`.
+        ``max_tokens=None`` lets the reply use what the context leaves; with ``fit_context`` a larger ``max_tokens``
+        is lowered to that instead of refused. A prompt that leaves no room is refused (PromptTooLongError).
         """
         if not prompt:
             raise InvalidInputError("a request needs at least one prompt token")
-        if max_tokens < 0:
+        if max_tokens is not None and max_tokens < 0:
             raise InvalidInputError("max_tokens must be >= 0")
         if any(not s for s in stop):
             raise InvalidInputError("stop sequences must not be empty")
@@ -461,6 +504,7 @@ class ModelWorker:
             use_cache,
             time.monotonic() + wait_s,
             logprobs,
+            fit_context,
         )
         with self._wake:
             # checked under the lock the worker drains the inbox with, so no request can slip in after the drain
@@ -705,9 +749,9 @@ class ModelWorker:
             bad = next(t for t in tokens if not 0 <= t < n_vocab)
             w.handle._emit(ErrorEvent(TokenIdError(bad, n_vocab)))
             return
-        if len(tokens) + w.max_tokens > n_ctx:
-            msg = f"prompt of {len(tokens)} tokens + max_tokens {w.max_tokens} exceeds the {n_ctx}-token context"
-            w.handle._emit(ErrorEvent(InvalidInputError(msg)))
+        max_tokens = _reply_room(len(tokens), w.max_tokens, n_ctx, w.fit_context)
+        if max_tokens is None:
+            w.handle._emit(ErrorEvent(PromptTooLongError(len(tokens), None if w.fit_context else w.max_tokens, n_ctx)))
             return
         t_start = time.perf_counter()  # the restore counts towards time-to-first-token
         seq_id = w.seq_id = free.take()
@@ -720,7 +764,7 @@ class ModelWorker:
             seq_id,
             tokens,
             len(tokens),
-            w.max_tokens,
+            max_tokens,
             Detokenizer(backend),
             StopMatcher(w.stop) if w.stop else None,
             hit,
@@ -739,6 +783,7 @@ class ModelWorker:
         w.seq_id = None
         self.last_hit = hit
         self.in_flight = len(active)
+        w.handle._emit(AdmittedEvent(len(tokens), hit.prefix_len, max_tokens, hit.kind))
 
     def _reject(
         self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs, w: _Waiting, exc: Exception
@@ -856,15 +901,13 @@ class ModelWorker:
     def _context_of(self, backend: ModelBackend, w: _Waiting, parked: list[_Waiting]) -> list[int] | None:
         """The request's whole context: its prompt, after its parent's tokens for a parent_key continuation."""
         if isinstance(w.prompt, str):
-            room = backend.info.n_ctx_seq - w.max_tokens
+            n_ctx = backend.info.n_ctx_seq
+            reserved = w.max_tokens if w.max_tokens is not None and not w.fit_context else 0
+            room = n_ctx - reserved
             if backend.info.max_token_bytes and len(w.prompt) > room * backend.info.max_token_bytes:
                 # at least that many bytes (a character is one or more), so more tokens than fit: not tokenized
-                n_ctx = backend.info.n_ctx_seq
-                msg = (
-                    f"prompt of {len(w.prompt)} characters (more tokens than fit) + max_tokens {w.max_tokens}"
-                    f" exceeds the {n_ctx}-token context"
-                )
-                w.handle._emit(ErrorEvent(InvalidInputError(msg)))
+                at_least = len(w.prompt) // backend.info.max_token_bytes
+                w.handle._emit(ErrorEvent(PromptTooLongError(at_least, reserved or None, n_ctx, at_least=True)))
                 return None
             try:
                 w.prompt = backend.tokenize(w.prompt, add_special=w.parent_key is None, parse_special=True)

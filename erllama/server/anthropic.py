@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from erllama._native import SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
-from erllama.errors import ErllamaError, InvalidInputError
+from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion
 from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, heartbeat, start_chat
 from erllama.server.errors import failure
@@ -56,7 +56,13 @@ _STATUS = {"not_found": 404, "invalid": 400, "busy": 529, "stopped": 529, "inter
 
 def map_error(exc: BaseException) -> JSONResponse:
     f = failure(exc)
-    return error_response(_STATUS[f.kind], f.message, headers=f.headers)
+    message = f.message
+    if isinstance(f.exc, PromptTooLongError):
+        # the words Anthropic's API uses: clients match "prompt is too long" to compact their context
+        e = f.exc
+        room = e.n_ctx - (e.max_tokens or 0) if e.max_tokens and e.prompt_tokens < e.n_ctx else e.n_ctx
+        message = f"prompt is too long: {e.prompt_tokens} tokens > {room} maximum ({e})"
+    return error_response(_STATUS[f.kind], message, headers=f.headers)
 
 
 class Block(BaseModel):
@@ -157,7 +163,26 @@ class CountRequest(BaseModel):
 
 
 def _block_text(blocks: list[dict[str, Any]]) -> str:
-    return "".join(str(b.get("text", "")) for b in blocks if b.get("type") == "text")
+    """The text of a tool_result's blocks; any other block (an image, a document) is refused, not dropped."""
+    for b in blocks:
+        if b.get("type") != "text":
+            raise InvalidInputError(
+                f"tool_result content blocks of type {b.get('type')!r} are not supported: the model reads text only"
+            )
+    return "".join(str(b.get("text", "")) for b in blocks)
+
+
+class OutputFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: OutputFormat | None = None
 
 
 class MessagesRequest(CountRequest):
@@ -169,6 +194,15 @@ class MessagesRequest(CountRequest):
     stream: bool = False
     thinking: ThinkingIn | None = None
     metadata: dict[str, Any] | None = None
+    output_config: OutputConfig | None = None
+    output_format: OutputFormat | None = None  # the structured-outputs beta's name for output_config.format
+
+    def response_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the reply must satisfy (structured outputs), enforced by a grammar; None: free text."""
+        fmt = self.output_format or (self.output_config.format if self.output_config is not None else None)
+        if fmt is None:
+            return None
+        return fmt.schema_ or {"type": "object"}
 
     def params(self) -> Params:
         sampling = SamplerConfig(
@@ -206,7 +240,12 @@ async def count_tokens(body: CountRequest, request: Request) -> Any:
     try:
         model_id = await state.ensure_loaded(body.model)
         prepared = await asyncio.to_thread(
-            state.chat.prepare, model_id, body.neutral(), tools=body.tool_list(), tool_choice=body.choice()
+            state.chat.prepare,
+            model_id,
+            body.neutral(),
+            tools=body.tool_list(),
+            tool_choice=body.choice(),
+            continue_final=True,
         )
         tokens = await asyncio.to_thread(state.runtime.tokenize, model_id, prepared.prompt, parse_special=True)
     except ErllamaError as exc:
@@ -221,7 +260,14 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
         return error_response(400, f"more than {state.config.max_messages} messages")
     try:
         run = await start_chat(
-            state, body.model, body.neutral(), body.params(), tools=body.tool_list(), tool_choice=body.choice()
+            state,
+            body.model,
+            body.neutral(),
+            body.params(),
+            tools=body.tool_list(),
+            tool_choice=body.choice(),
+            response_schema=body.response_schema(),
+            continue_final=True,  # a final assistant turn is a prefill: the reply continues it
         )
     except ErllamaError as exc:
         return map_error(exc)
@@ -277,7 +323,12 @@ async def _sse(run: ChatRun, ident: str, model: str) -> AsyncIterator[bytes]:
         "model": model,
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": 0, "output_tokens": 0},
+        "usage": {
+            "input_tokens": run.started.prompt_tokens - run.started.restored_tokens,
+            "output_tokens": 0,
+            "cache_read_input_tokens": run.started.restored_tokens,
+            "cache_creation_input_tokens": 0,
+        },
     }
     yield _event("message_start", {"message": start})
     yield _event("ping", {})

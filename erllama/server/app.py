@@ -169,6 +169,8 @@ class _Guard:
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
             await _error(dialect, 413, f"Request body exceeds {cfg.max_body_bytes} bytes")(scope, receive, send)
             return
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            scope = _as_json(scope)
         t0 = time.perf_counter()
         status = 500
         received = 0
@@ -228,6 +230,19 @@ def _document_errors(schema: dict[str, Any], keyed: bool) -> dict[str, Any]:
     schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
     schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
     return schema
+
+
+def _as_json(scope: Scope) -> Scope:
+    """Every body the API takes is JSON, whatever its ``Content-Type`` says: ``curl -d`` sends form encoding (as the
+    Ollama docs' examples do) and other clients send none; Ollama and llama-server parse such bodies as JSON, and so
+    does erllama (a body that is not JSON is still a 400)."""
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+    kinds = [v for k, v in headers if k == b"content-type"]
+    if len(kinds) == 1 and kinds[0].split(b";")[0].strip().lower().endswith((b"/json", b"+json")):
+        return scope
+    fixed = [(k, v) for k, v in headers if k != b"content-type"]
+    fixed.append((b"content-type", b"application/json"))
+    return {**scope, "headers": fixed}
 
 
 def _host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:

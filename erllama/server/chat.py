@@ -8,26 +8,41 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request
 
 from erllama._native import SamplerConfig
 from erllama._native.text import utf8
 from erllama.chat import ChatResult, Message, PreparedChat, Tool, ToolChoice
-from erllama.errors import ErllamaError, TokenIdError
-from erllama.runtime import Completion, Failed, Finished, Stream, TextDelta, ThinkingDelta, TokenLogprob
+from erllama.errors import ErllamaError, InvalidInputError, TokenIdError
+from erllama.runtime import (
+    Completion,
+    Failed,
+    Finished,
+    Started,
+    Stream,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    TokenLogprob,
+)
 from erllama.server.state import ServerState
 
 __all__ = [
     "ChatRun",
     "End",
     "Error",
+    "Event",
     "Params",
     "Text",
     "Thinking",
     "collect",
+    "fim_prompt",
     "heartbeat",
     "start_chat",
+    "start_chat_choices",
     "start_text",
+    "truncate_embedding",
 ]
 
 
@@ -35,7 +50,7 @@ __all__ = [
 class Params:
     """Generation parameters every dialect can express."""
 
-    max_tokens: int
+    max_tokens: int | None  # None: what the context leaves after the prompt
     stop: Sequence[str] = ()
     sampling: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     thinking: bool = False
@@ -69,7 +84,8 @@ Event = Text | Thinking | End | Error
 
 @dataclasses.dataclass(slots=True)
 class ChatRun:
-    """A started request: the model it runs on, the rendered chat (None for raw prompts), the runtime stream."""
+    """A started request: the model it runs on, the rendered chat (None for raw prompts), the runtime stream, and
+    what the model said when it admitted the request (its prompt length, the cached part)."""
 
     state: ServerState
     name: str
@@ -77,6 +93,8 @@ class ChatRun:
     prepared: PreparedChat | None
     stream: Stream
     release: Callable[[], None]  # gives the queue slot back; called when the run ends
+    started: Started
+    rest: AsyncIterator[StreamEvent]  # the stream's events after Started
 
     async def events(self) -> AsyncIterator[Event]:
         """The run as neutral events; leaving early (a disconnected client) cancels the request."""
@@ -84,7 +102,7 @@ class ChatRun:
         ended = False
         pending: list[TokenLogprob] = []
         try:
-            async for event in self.stream:
+            async for event in self.rest:
                 if isinstance(event, TextDelta):
                     pending.extend(event.logprobs)
                     out = filt.feed(event.text) if filt is not None else event.text
@@ -111,8 +129,12 @@ class ChatRun:
         finally:
             if not ended:  # the client left: the request is cancelled (within one tick)
                 self.state.metrics.finished.labels(self.name, "cancelled").inc()
-            self.stream.cancel()
-            self.release()
+            self.close()
+
+    def close(self) -> None:
+        """End the run (idempotent): cancel the request, give its queue slot back."""
+        self.stream.cancel()
+        self.release()
 
     def _parse(self, c: Completion) -> ChatResult:
         return self.prepared.parse(c.reply) if self.prepared is not None else ChatResult(content=c.reply)
@@ -181,25 +203,60 @@ async def start_chat(
     tool_choice: ToolChoice = "auto",
     response_schema: Mapping[str, Any] | bool | None = None,
     keep_alive_s: float | str | None = "default",
+    continue_final: bool = False,
 ) -> ChatRun:
-    """Resolve ``model`` (loading it if needed; ``keep_alive_s`` as in :meth:`ServerState.touch`), take a queue
-    slot, render and start the conversation."""
+    """Resolve ``model`` (loading it if needed; ``keep_alive_s`` as in :meth:`ServerState.touch`), render the
+    conversation (continuing a final assistant message with ``continue_final``), take a queue slot and start it.
+    Returns once the model admitted it; raises its error (a prompt over the context, ...) otherwise."""
+    (run,) = await start_chat_choices(
+        state,
+        model,
+        messages,
+        params,
+        1,
+        tools=tools,
+        tool_choice=tool_choice,
+        response_schema=response_schema,
+        keep_alive_s=keep_alive_s,
+        continue_final=continue_final,
+    )
+    return run
+
+
+async def start_chat_choices(
+    state: ServerState,
+    model: str,
+    messages: Sequence[Message],
+    params: Params,
+    n: int,
+    *,
+    tools: Sequence[Tool] = (),
+    tool_choice: ToolChoice = "auto",
+    response_schema: Mapping[str, Any] | bool | None = None,
+    keep_alive_s: float | str | None = "default",
+    continue_final: bool = False,
+) -> list[ChatRun]:
+    """:func:`start_chat` for ``n`` independent replies to one conversation (OpenAI's ``n``)."""
     model_id = await state.ensure_loaded(model, keep_alive_s)
-    release = await state.acquire(model_id)
-    try:
-        prepared = await asyncio.to_thread(
-            state.chat.prepare,
-            model_id,
-            messages,
-            tools=tools,
-            tool_choice=tool_choice,
-            response_schema=response_schema,
-        )
-        stream = _infer(state, model_id, prepared.prompt, params, prepared.grammar)
-    except BaseException:
-        release()
-        raise
-    return ChatRun(state, model, model_id, prepared, stream, release)
+    prepared = await asyncio.to_thread(
+        state.chat.prepare,
+        model_id,
+        messages,
+        tools=tools,
+        tool_choice=tool_choice,
+        response_schema=response_schema,
+        continue_final=continue_final,
+    )
+    return await _start_choices(
+        state,
+        name=model,
+        model_id=model_id,
+        prompt=prepared.prompt,
+        params=params,
+        n=n,
+        grammar=prepared.grammar,
+        prepared=prepared,
+    )
 
 
 async def start_text(
@@ -210,21 +267,104 @@ async def start_text(
     *,
     response_schema: Mapping[str, Any] | bool | None = None,
     keep_alive_s: float | str | None = "default",
-) -> ChatRun:
-    """Like :func:`start_chat` for a raw prompt (no template)."""
+    n: int = 1,
+) -> list[ChatRun]:
+    """Like :func:`start_chat_choices` for a raw prompt (no template)."""
     model_id = await state.ensure_loaded(model, keep_alive_s)
+    grammar = None
+    if response_schema is not None:
+        from erllama._native import json_schema_to_grammar
+
+        grammar = await asyncio.to_thread(json_schema_to_grammar, response_schema)
+    return await _start_choices(
+        state, name=model, model_id=model_id, prompt=prompt, params=params, n=n, grammar=grammar, prepared=None
+    )
+
+
+async def _start_choices(
+    state: ServerState,
+    *,
+    name: str,
+    model_id: str,
+    prompt: str | list[int],
+    params: Params,
+    n: int,
+    grammar: str | None,
+    prepared: PreparedChat | None,
+) -> list[ChatRun]:
+    """Start ``n`` runs of one prompt, each in its own queue slot. With ``n > 1`` the prompt is prefilled once
+    first and saved, so that every choice restores it from the cache instead of computing it again; a seeded
+    request gives choice ``i`` the seed ``seed + i`` (else all would sample the same reply)."""
+    if n > 1:
+        limit = state.slots(model_id)
+        if n > limit:
+            raise InvalidInputError(f"n={n} exceeds the {limit} replies this model runs at once")
+        await _prefill(state, model_id, prompt)
+    runs: list[ChatRun] = []
+    try:
+        async with state.fanout(model_id, n):
+            for i in range(n):
+                p = params
+                if i and params.sampling.seed is not None:
+                    p = dataclasses.replace(
+                        params, sampling=dataclasses.replace(params.sampling, seed=params.sampling.seed + i)
+                    )
+                release = await state.acquire(model_id)
+                try:
+                    stream = _infer(state, model_id, prompt, p, grammar)
+                except BaseException:
+                    release()
+                    raise
+                runs.append(
+                    await _admitted(
+                        state, name=name, model_id=model_id, prepared=prepared, stream=stream, release=release
+                    )
+                )
+    except BaseException:
+        for run in runs:
+            run.close()
+        raise
+    return runs
+
+
+async def _prefill(state: ServerState, model_id: str, prompt: str | list[int]) -> None:
+    """Prefill ``prompt`` into the cache (a prompt-only request, whose finish save is the whole prompt)."""
     release = await state.acquire(model_id)
     try:
-        grammar = None
-        if response_schema is not None:
-            from erllama._native import json_schema_to_grammar
+        stream = state.runtime.infer(model_id, prompt, max_tokens=0)
+        async for event in stream:
+            if isinstance(event, Failed):
+                raise event.error
+    finally:
+        release()
 
-            grammar = await asyncio.to_thread(json_schema_to_grammar, response_schema)
-        stream = _infer(state, model_id, prompt, params, grammar)
+
+async def _admitted(
+    state: ServerState,
+    *,
+    name: str,
+    model_id: str,
+    prepared: PreparedChat | None,
+    stream: Stream,
+    release: Callable[[], None],
+) -> ChatRun:
+    """Wait until the model admits the request (it passed every check: context room, token ids, its sampler) and
+    return the run; raise the request's error otherwise. So a request refused by the model is refused before the
+    first byte of a streamed reply goes out, with the status an unstreamed request gets."""
+    rest = aiter(stream)
+    try:
+        first = await anext(rest)
     except BaseException:
+        stream.cancel()
         release()
         raise
-    return ChatRun(state, model, model_id, None, stream, release)
+    if isinstance(first, Started):
+        return ChatRun(state, name, model_id, prepared, stream, release, first, rest)
+    stream.cancel()
+    release()
+    if isinstance(first, Failed):
+        raise first.error
+    raise ErllamaError(f"the request began with {type(first).__name__}, not its admission")
 
 
 def _infer(state: ServerState, model_id: str, prompt: str | list[int], params: Params, grammar: str | None) -> Stream:
@@ -240,8 +380,59 @@ def _infer(state: ServerState, model_id: str, prompt: str | list[int], params: P
         model_id,
         prompt,
         max_tokens=params.max_tokens,
+        fit_context=not state.config.strict_max_tokens,
         stop=params.stop,
         sampling=sampling,
         thinking=params.thinking,
         logprobs=params.logprobs,
     )
+
+
+def truncate_embedding(vector: list[float], dimensions: int) -> list[float]:
+    """The first ``dimensions`` components, L2-normalised again (OpenAI's and Ollama's ``dimensions``: models trained
+    for it keep their meaning in a prefix). A vector no longer than that is returned as it is."""
+    if dimensions >= len(vector):
+        return vector
+    head = np.asarray(vector[:dimensions], dtype=np.float64)
+    norm = float(np.linalg.norm(head))
+    return [float(x) for x in (head / norm if norm > 0 else head)]
+
+
+# fill-in-the-middle markers of the model families that have them: (prefix, suffix, middle)
+_FIM_MARKERS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+    ("<PRE>", "<SUF>", "<MID>"),
+    ("<|fim\u2581begin|>", "<|fim\u2581hole|>", "<|fim\u2581end|>"),
+)
+
+
+def fim_markers(state: ServerState, model_id: str) -> tuple[int, int, int] | None:
+    """The model's fill-in-the-middle tokens (prefix, suffix, middle), or None when it has none: each marker must
+    be one special token of its vocabulary."""
+    rt = state.runtime
+    for trio in _FIM_MARKERS:
+        ids = []
+        for marker in trio:
+            toks = rt.tokenize(model_id, marker, add_special=False, parse_special=True)
+            if len(toks) != 1 or rt.tokenize(model_id, marker, add_special=False, parse_special=False) == toks:
+                break  # not one token, or one that plain text also gives (not a special marker)
+            ids.append(toks[0])
+        else:
+            return ids[0], ids[1], ids[2]
+    return None
+
+
+def fim_prompt(state: ServerState, model_id: str, prefix: str, suffix: str) -> list[int]:
+    """The tokens of an infill request (prefix-suffix-middle order, as llama-server builds them): the reply is
+    the text between ``prefix`` and ``suffix``. Raises InvalidInputError for a model without FIM tokens."""
+    markers = fim_markers(state, model_id)
+    if markers is None:
+        raise InvalidInputError("this model has no fill-in-the-middle tokens, so it cannot infill (suffix)")
+    pre, suf, mid = markers
+    rt = state.runtime
+    bos = rt.tokenize(model_id, "", add_special=True)
+    body = rt.tokenize(model_id, prefix, add_special=False) if prefix else []
+    tail = rt.tokenize(model_id, suffix, add_special=False) if suffix else []
+    return [*bos, pre, *body, suf, *tail, mid]

@@ -10,6 +10,7 @@ from erllama.errors import (
     ErllamaError,
     InvalidInputError,
     OverloadedError,
+    PromptTooLongError,
     SamplerError,
     UnknownModelError,
     WorkerStoppedError,
@@ -25,12 +26,16 @@ class Failure:
     kind: FailureKind
     message: str
     headers: dict[str, str] | None = None
+    code: str | None = None  # a finer reason the dialects name (OpenAI's ``context_length_exceeded``)
+    exc: BaseException | None = None
 
 
 def failure(exc: BaseException) -> Failure:
     """The failure ``exc`` stands for; anything outside erllama's tree is re-raised (a bug, a 500)."""
     if isinstance(exc, UnknownModelError):
-        return Failure("not_found", str(exc).strip("'\""))
+        return Failure("not_found", str(exc))
+    if isinstance(exc, PromptTooLongError):
+        return Failure("invalid", str(exc), code="context_length_exceeded", exc=exc)
     if isinstance(exc, InvalidInputError | SamplerError):  # a sampler is built from the request's parameters
         return Failure("invalid", str(exc))
     if isinstance(exc, OverloadedError):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
+import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,16 +28,30 @@ import erllama
 from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
 from erllama.chat.tools import new_call_id
-from erllama.errors import ErllamaError, InvalidInputError
-from erllama.runtime import Completion
-from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, start_chat, start_text
+from erllama.errors import ErllamaError, InvalidInputError, UnknownModelError
+from erllama.runtime import Completion, TokenLogprob
+from erllama.server.chat import (
+    ChatRun,
+    End,
+    Error,
+    Params,
+    Text,
+    Thinking,
+    collect,
+    fim_prompt,
+    start_chat,
+    start_text,
+    truncate_embedding,
+)
 from erllama.server.errors import failure
 from erllama.server.models import file_digest
 from erllama.server.state import ManagedSource, ServerState
+from erllama.store.info import read_header, summarize
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect
 
 router = APIRouter()
+log = logging.getLogger("erllama.server")
 
 _NDJSON = "application/x-ndjson"
 
@@ -96,8 +112,10 @@ class _Base(BaseModel):
     keep_alive: str | float | None = None
     format: Literal["json", ""] | dict[str, Any] | None = None
     think: bool | Literal["low", "medium", "high"] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] = 0
 
-    def params(self, default_max: int) -> Params:
+    def params(self, default_max: int | None) -> Params:
         o = self.options or Options()
         sampling = SamplerConfig(
             temperature=0.8 if o.temperature is None else o.temperature,
@@ -112,7 +130,7 @@ class _Base(BaseModel):
             seed=o.seed,
         )
         n = o.num_predict if o.num_predict is not None and o.num_predict >= 0 else default_max
-        return Params(n, list(o.stop or ()), sampling, bool(self.think))
+        return Params(n, list(o.stop or ()), sampling, bool(self.think), self.top_logprobs if self.logprobs else None)
 
     def response_schema(self) -> dict[str, Any] | None:
         if self.format == "json":
@@ -183,6 +201,7 @@ class EmbedRequest(BaseModel):
     input: str | list[str] = ""
     truncate: bool = True
     keep_alive: str | float | None = None
+    dimensions: Annotated[int | None, Field(ge=1)] = None
 
 
 class EmbeddingsRequest(BaseModel):
@@ -225,6 +244,8 @@ def _final(c: Completion, started: float) -> dict[str, Any]:
         "prompt_eval_duration": _ns(s.ttft_s),
         "eval_count": s.generated_tokens,
         "eval_duration": _ns(s.generate_s),
+        # erllama's own (Ollama clients ignore it): how the prompt cache served this request
+        "cache": {"hit": c.cache_hit_kind, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.restored_tokens},
     }
 
 
@@ -246,13 +267,27 @@ def _line(body: dict[str, Any]) -> bytes:
 Chunk = Callable[[str], dict[str, Any]]
 
 
-def _ndjson(run: ChatRun, text: Chunk, thinking: Chunk, end: Callable[[End], dict[str, Any]]) -> StreamingResponse:
+def _logprobs(lps: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """Ollama's ``logprobs`` entries: each token with its log-probability, bytes and its top alternatives."""
+
+    def one(piece: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
+
+    return [{**one(lp.piece, lp.logprob), "top_logprobs": [one(p, v) for _, p, v in lp.top]} for lp in lps]
+
+
+def _ndjson(
+    run: ChatRun, text: Chunk, thinking: Chunk, end: Callable[[End], dict[str, Any]], logprobs: bool = False
+) -> StreamingResponse:
     """A run streamed as NDJSON: one line per text / thinking piece, the final line, or an error line."""
 
     async def lines() -> AsyncIterator[bytes]:
         async for event in run.events():
             if isinstance(event, Text):
-                yield _line(text(event.text))
+                line = text(event.text)
+                if logprobs:
+                    line["logprobs"] = _logprobs(event.logprobs)
+                yield _line(line)
             elif isinstance(event, Thinking):
                 yield _line(thinking(event.text))
             elif isinstance(event, End):
@@ -272,7 +307,7 @@ async def _load_or_unload(state: ServerState, model: str, keep_alive: Any) -> di
     return {"done_reason": "load"}
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # the ollama CLI's heartbeat is HEAD /
 async def root() -> PlainTextResponse:
     return PlainTextResponse("Ollama is running")
 
@@ -297,7 +332,12 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         msgs = [Message("system", body.system)] if body.system else []
         msgs.append(Message("user", body.prompt))
         schema = body.response_schema()
-        if body.context:
+        if body.suffix:
+            # fill in the middle: the reply is the text between the prompt and the suffix (as Ollama's insert)
+            model_id = await state.ensure_loaded(body.model, ka)
+            tokens = await asyncio.to_thread(fim_prompt, state, model_id, body.prompt, body.suffix)
+            (run,) = await start_text(state, body.model, tokens, params, response_schema=schema, keep_alive_s=ka)
+        elif body.context:
             # continue a previous reply's context (its final chunk's "context"): the new turn is appended as tokens
             model_id = await state.ensure_loaded(body.model, ka)
             text = body.prompt
@@ -306,9 +346,9 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
             more = await asyncio.to_thread(
                 state.runtime.tokenize, model_id, text, add_special=False, parse_special=True
             )
-            run = await start_text(state, body.model, [*body.context, *more], params, response_schema=schema)
+            (run,) = await start_text(state, body.model, [*body.context, *more], params, response_schema=schema)
         elif body.raw:
-            run = await start_text(state, body.model, body.prompt, params, response_schema=schema, keep_alive_s=ka)
+            (run,) = await start_text(state, body.model, body.prompt, params, response_schema=schema, keep_alive_s=ka)
         else:
             run = await start_chat(state, body.model, msgs, params, response_schema=schema, keep_alive_s=ka)
     except ErllamaError as exc:
@@ -325,10 +365,12 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
         body_["context"] = list(end.completion.context_tokens)
         if not body.stream and end.result.thinking:
             body_["thinking"] = end.result.thinking
+        if not body.stream and body.logprobs:
+            body_["logprobs"] = _logprobs(end.completion.logprobs)
         return body_
 
     if body.stream:
-        return _ndjson(run, piece, lambda text: piece("", text), final)
+        return _ndjson(run, piece, lambda text: piece("", text), final, body.logprobs)
     try:
         return final(await collect(run, request))
     except ErllamaError as exc:
@@ -368,7 +410,10 @@ async def chat(body: ChatRequest, request: Request) -> Any:
             message["thinking"] = end.result.thinking
         if end.result.tool_calls:
             message["tool_calls"] = _calls(end.result)
-        return {**piece(message), **_final(end.completion, started)}
+        out = {**piece(message), **_final(end.completion, started)}
+        if not streamed and body.logprobs:
+            out["logprobs"] = _logprobs(end.completion.logprobs)
+        return out
 
     if body.stream:
         return _ndjson(
@@ -376,6 +421,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
             lambda text: piece({"content": text}),
             lambda text: piece({"content": "", "thinking": text}),
             lambda end: final(end, streamed=True),
+            body.logprobs,
         )
     try:
         return final(await collect(run, request), streamed=False)
@@ -392,7 +438,8 @@ async def embed(body: EmbedRequest, request: Request) -> Any:
         model_id = await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
         vectors, count = [], 0
         for text in inputs:
-            vectors.append(await asyncio.to_thread(state.runtime.embed, model_id, text))
+            vector = await asyncio.to_thread(state.runtime.embed, model_id, text)
+            vectors.append(truncate_embedding(vector, body.dimensions) if body.dimensions else vector)
             count += len(await asyncio.to_thread(state.runtime.tokenize, model_id, text, parse_special=True))
     except ErllamaError as exc:
         return map_error(exc)
@@ -416,15 +463,29 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
     return {"embedding": vector}
 
 
-def _details(info: dict[str, Any] | None) -> dict[str, Any]:
-    info = info or {}
+@functools.lru_cache(maxsize=64)
+def _header(path: str, _size: int, _mtime_ns: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary, scalar metadata) of a GGUF file, read from its header once per file version (~0.1 s, no load)."""
+    meta, tensors = read_header(Path(path))
+    return summarize(meta, tensors), {k: None if isinstance(v, list) else v for k, v in meta.items()}
+
+
+def _gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    st = path.stat()
+    return _header(str(path), st.st_size, st.st_mtime_ns)
+
+
+def _details(summary: dict[str, Any] | None) -> dict[str, Any]:
+    summary = summary or {}
+    arch = str(summary.get("architecture", ""))
+    params = int(summary.get("parameters", 0) or 0)
     return {
         "parent_model": "",
         "format": "gguf",
-        "family": str(info.get("architecture", "")),
-        "families": [str(info.get("architecture", ""))] if info.get("architecture") else None,
-        "parameter_size": _human(int(info.get("n_params", 0) or 0)),
-        "quantization_level": str(info.get("quantization", "")),
+        "family": arch,
+        "families": [arch] if arch else None,
+        "parameter_size": _human(params) if params else str(summary.get("size_label", "")),
+        "quantization_level": str(summary.get("quantization", "")),
     }
 
 
@@ -444,43 +505,77 @@ def _file_info(path: Path) -> dict[str, Any]:
     }
 
 
+def _path_of(state: ServerState, name: str) -> Path:
+    """The GGUF file of a served or loadable model, without loading it. Raises UnknownModelError."""
+    served = state.canonical(name)
+    loaded = state.loaded().get(served)
+    if loaded is not None:
+        info = state.runtime.model_info(loaded[0])
+        path = info.get("path") or info.get("gguf_path")
+        if path:
+            return Path(path)
+    found = state.available().get(served)
+    if found is None:
+        raise UnknownModelError(f"The model '{name}' does not exist")
+    return found
+
+
+def _describe(state: ServerState, name: str) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The model's file, and what its header says (empty when the file is not a readable GGUF)."""
+    path = _path_of(state, name)
+    try:
+        summary, meta = _gguf(path)
+    except OSError as exc:  # ChecksumError (not a GGUF, a corrupt header) too
+        log.warning("model %s: cannot read the GGUF header of %s (%s)", name, path, exc)
+        return path, {}, {}
+    return path, summary, meta
+
+
 @router.get("/api/tags")
 async def tags(request: Request) -> dict[str, Any]:
     state: ServerState = request.app.state.erllama
     out = []
-    for name, path in sorted(state.available().items()):
-        if path is not None:
+    for name in sorted(state.available()):
+        try:
+            path, summary, _ = await asyncio.to_thread(_describe, state, name)
             info = await asyncio.to_thread(_file_info, path)  # hashes a new file once; off the event loop
-        else:
-            info = {"modified_at": _now(), "size": 0, "digest": ""}
-        loaded = state.loaded().get(name)
-        details = _details(state.runtime.model_info(loaded[0]) if loaded else None)
-        out.append({"name": name, "model": name, **info, "details": details})
+        except (ErllamaError, OSError):
+            continue  # removed or unreadable since it was listed
+        out.append({"name": name, "model": name, **info, "details": _details(summary)})
     return {"models": out}
 
 
 @router.post("/api/show")
 async def show(body: ModelRef, request: Request) -> Any:
+    """What a model is, from its GGUF header: the model is not loaded (a UI shows every listed model)."""
     state: ServerState = request.app.state.erllama
     try:
-        model_id = await state.ensure_loaded(body.model)
-        info = state.runtime.model_info(model_id)
+        path, summary, meta = await asyncio.to_thread(_describe, state, body.model)
     except ErllamaError as exc:
         return map_error(exc)
-    template = state.chat.template(model_id)
-    capabilities = ["completion", "tools"] + (["thinking"] if template and "<think>" in template.source else [])
+    template = str(summary.get("chat_template", ""))
+    capabilities = ["completion"]
+    if "tools" in template:
+        capabilities.append("tools")
+    if "<think>" in template:
+        capabilities.append("thinking")
+    arch = str(summary.get("architecture", ""))
+    model_info = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
+    model_info["general.parameter_count"] = int(summary.get("parameters", 0) or 0)
     return {
-        "modelfile": f"FROM {info.get('path') or body.model}\n",
+        "modelfile": f"FROM {path}\n",
         "parameters": "",
-        "template": info.get("chat_template") or "",
-        "details": _details(info),
-        "model_info": {
-            "general.architecture": info.get("architecture", ""),
-            "general.parameter_count": info.get("n_params", 0),
-            "context_length": info.get("n_ctx_seq", 0),
-        },
+        "template": template,
+        "details": _details(summary),
+        "model_info": model_info,
         "capabilities": capabilities,
+        "modified_at": datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC).isoformat(),
+        "license": str(summary.get("license", "")),
+        **({"context_length": int(meta.get(f"{arch}.context_length") or 0)} if arch else {}),
     }
+
+
+_NEVER = "2318-01-01T00:00:00Z"  # as Ollama's API reports a model that never expires (now + Go's longest duration)
 
 
 @router.get("/api/ps")
@@ -489,19 +584,23 @@ async def ps(request: Request) -> dict[str, Any]:
     out = []
     for name, (model_id, expires) in sorted(state.loaded().items()):
         info = state.runtime.model_info(model_id)
-        size = int(info.get("size_bytes", 0) or 0)
+        try:
+            path, summary, _ = await asyncio.to_thread(_describe, state, name)
+            size, digest = path.stat().st_size, await asyncio.to_thread(file_digest, path)
+        except (ErllamaError, OSError):
+            summary, size, digest = {}, int(info.get("file_size_bytes", 0) or 0), ""
         expires_at = (
-            datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat()
+            datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat().replace("+00:00", "Z")
             if expires is not None
-            else "2318-01-01T00:00:00Z"
+            else _NEVER
         )
         out.append(
             {
                 "name": name,
                 "model": name,
                 "size": size,
-                "digest": "",
-                "details": _details(info),
+                "digest": digest,
+                "details": _details(summary),
                 "expires_at": expires_at,
                 "size_vram": 0,
                 "context_length": int(info.get("n_ctx_seq", 0) or 0),

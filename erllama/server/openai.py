@@ -11,7 +11,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -23,7 +23,18 @@ from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
 from erllama.errors import ErllamaError, InvalidInputError
 from erllama.runtime import Completion, TokenLogprob
-from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, start_chat, start_text
+from erllama.server.chat import (
+    ChatRun,
+    End,
+    Error,
+    Event,
+    Params,
+    Text,
+    collect,
+    start_chat_choices,
+    start_text,
+    truncate_embedding,
+)
 from erllama.server.errors import failure
 from erllama.server.state import ServerState
 
@@ -59,7 +70,15 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        texts = []
+        for part in self.content:
+            kind = part.get("type")
+            if kind not in ("text", "input_text"):
+                raise InvalidInputError(
+                    f"content parts of type {kind!r} are not supported: the model reads text only ({self.role} message)"
+                )
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
 
     def neutral(self) -> Message:
         calls = tuple(
@@ -112,7 +131,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Annotated[str, Field(min_length=1)]
+    model: str = ""  # none: the default model answers (ServerConfig.model_fallback)
     max_tokens: Annotated[int | None, Field(ge=0)] = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
@@ -122,7 +141,7 @@ class _Sampling(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1, le=64)] = 1
     logit_bias: (
         dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None
     ) = None
@@ -133,7 +152,7 @@ class _Sampling(BaseModel):
     def n_logprobs(self) -> int | None:
         return None
 
-    def params(self, max_tokens: int) -> Params:
+    def params(self, max_tokens: int | None) -> Params:
         sampling = SamplerConfig(
             temperature=0.0 if self.temperature is None else self.temperature,  # greedy unless asked
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -146,20 +165,52 @@ class _Sampling(BaseModel):
         return Params(max_tokens=max_tokens, stop=self.stops(), sampling=sampling, logprobs=self.n_logprobs())
 
 
+def _items(value: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """A prompt or input field as a list of items: a text, a token array, or a list of either."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(x, int) for x in value):
+        return [[int(x) for x in value if isinstance(x, int)]]
+    return [x if isinstance(x, str) else [int(t) for t in x] for x in value if not isinstance(x, int)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[int], Field(min_length=1)]
+    prompt: (
+        str
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=64)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=64)]
+    )
     logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
+    echo: bool = False
+    suffix: str | None = None
 
     def n_logprobs(self) -> int | None:
         return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request (a list of prompts is a batch: ``n`` choices for each, in order)."""
+        if self.suffix:
+            raise InvalidInputError("suffix (insertion) is not supported by /v1/completions; use /infill")
+        return _items(self.prompt)
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Annotated[str, Field(min_length=1)]
-    input: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    model: str = ""  # none: the default model answers (ServerConfig.model_fallback)
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    )
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int | None, Field(ge=1)] = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """The texts or token arrays to embed, one vector each."""
+        return _items(self.input)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -171,6 +222,15 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
+
+    def continues(self) -> bool:
+        """Whether the reply continues a final assistant message: when asked (``continue_final_message``, vLLM's
+        name), or, as llama-server does, when the conversation ends with one and a new turn is not asked for."""
+        if self.continue_final_message is not None:
+            return self.continue_final_message
+        return self.messages[-1].role == "assistant" and self.add_generation_prompt is not True
 
     def n_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -221,16 +281,31 @@ def map_error(exc: BaseException) -> JSONResponse:
     """An exception of the one tree, as OpenAI reports it."""
     f = failure(exc)
     status, kind, param, code = _FAILURES[f.kind]
-    return error_response(status, f.message, kind, param, code, headers=f.headers)
+    if f.code == "context_length_exceeded":
+        param = "messages"
+    return error_response(status, f.message, kind, param, f.code or code, headers=f.headers)
 
 
-def _usage(c: Completion) -> dict[str, Any]:
+def _usage(done: Sequence[Completion], per_prompt: int | None = None) -> dict[str, Any]:
+    """Usage of a request's choices: a prompt counts once however many choices it has (``per_prompt`` choices
+    each, in order; all of them by default), completions add up."""
+    step = per_prompt or len(done) or 1
+    prompt = sum(c.stats.prompt_tokens for c in done[::step])
+    cached = sum(c.stats.restored_tokens for c in done[::step])
+    generated = sum(c.stats.generated_tokens for c in done)
     return {
-        "prompt_tokens": c.stats.prompt_tokens,
-        "completion_tokens": c.stats.generated_tokens,
-        "total_tokens": c.stats.prompt_tokens + c.stats.generated_tokens,
-        "prompt_tokens_details": {"cached_tokens": c.stats.restored_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
+
+
+def _stream_error(exc: BaseException) -> dict[str, Any]:
+    """An error after a stream's 200 went out (the model failed mid-reply), in OpenAI's error shape."""
+    f = failure(exc)
+    _, kind, _, code = _FAILURES[f.kind]
+    return {"error": {"message": f.message, "type": kind, "param": None, "code": f.code or code}}
 
 
 def _finish_reason(c: Completion, result: ChatResult | None = None) -> str:
@@ -258,17 +333,28 @@ def _chat_logprobs(lps: tuple[TokenLogprob, ...]) -> dict[str, Any]:
     }
 
 
-def _legacy_logprobs(lps: tuple[TokenLogprob, ...], offset: int = 0) -> dict[str, Any]:
-    """``choices[].logprobs`` of a text completion (the legacy shape)."""
-    tokens = [lp.piece.decode("utf-8", "replace") for lp in lps]
-    offsets = []
-    for t in tokens:
+Scored = tuple[int, bytes, TokenLogprob | None]  # a token, its piece, its log-probability (None: the first)
+
+
+def _scored(lps: Sequence[TokenLogprob]) -> list[Scored]:
+    return [(lp.token, lp.piece, lp) for lp in lps]
+
+
+def _legacy_logprobs(entries: Sequence[Scored], offset: int = 0) -> dict[str, Any]:
+    """``choices[].logprobs`` of a text completion (the legacy shape). An echoed prompt's first token has no
+    log-probability: null, as OpenAI reports it."""
+    tokens, offsets = [], []
+    for _, piece, _ in entries:
+        text = piece.decode("utf-8", "replace")
+        tokens.append(text)
         offsets.append(offset)
-        offset += len(t)
+        offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{p.decode("utf-8", "replace"): v for _, p, v in lp.top} for lp in lps],
+        "token_logprobs": [lp.logprob if lp is not None else None for _, _, lp in entries],
+        "top_logprobs": [
+            {p.decode("utf-8", "replace"): v for _, p, v in lp.top} if lp is not None else None for _, _, lp in entries
+        ],
         "text_offset": offsets,
     }
 
@@ -289,7 +375,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    if model_id not in state.available():
+    if state.canonical(model_id) not in state.available():  # any name a request may use: "smollm2" too
         return error_response(
             404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found"
         )
@@ -308,14 +394,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     try:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
-        run = await start_chat(
+        runs = await start_chat_choices(
             state,
             body.model,
             [m.neutral() for m in body.messages],
             body.params(max_tokens if max_tokens is not None else state.default_max_tokens),
+            body.n,
             tools=tools,
             tool_choice=body.choice(),
             response_schema=body.response_schema(),
+            continue_final=body.continues(),
         )
     except ErllamaError as exc:
         return map_error(exc)
@@ -324,87 +412,158 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _chat_sse(run, ident, created, body.model, include_usage=usage, logprobs=body.logprobs),
+            _chat_sse(runs, ident, created, body.model, include_usage=usage, logprobs=body.logprobs),
             media_type="text/event-stream",
             headers=_NO_BUFFER,
         )
     try:
-        end = await collect(run, request)
+        ends = await _collect_all(runs, request)
     except ErllamaError as exc:
         return map_error(exc)
-    message: dict[str, Any] = {"role": "assistant", "content": end.result.content or None}
-    if end.result.tool_calls:
-        message["tool_calls"] = _tool_calls(end.result)
-    elif message["content"] is None:
-        message["content"] = ""
+    choices = []
+    for index, end in enumerate(ends):
+        message: dict[str, Any] = {"role": "assistant", "content": end.result.content or None}
+        if end.result.tool_calls:
+            message["tool_calls"] = _tool_calls(end.result)
+        elif message["content"] is None:
+            message["content"] = ""
+        choices.append(
+            {
+                "index": index,
+                "message": message,
+                "logprobs": _chat_logprobs(end.completion.logprobs) if body.logprobs else None,
+                "finish_reason": _finish_reason(end.completion, end.result),
+            }
+        )
     return {
         "id": ident,
         "object": "chat.completion",
         "created": created,
         "model": body.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": _chat_logprobs(end.completion.logprobs) if body.logprobs else None,
-                "finish_reason": _finish_reason(end.completion, end.result),
-            }
-        ],
-        "usage": _usage(end.completion),
+        "choices": choices,
+        "usage": _usage([e.completion for e in ends]),
     }
+
+
+async def _collect_all(runs: list[ChatRun], request: Request) -> list[End]:
+    """Every run to its end, together; the first error ends the others too."""
+    try:
+        return list(await asyncio.gather(*(collect(run, request) for run in runs)))
+    finally:
+        for run in runs:
+            run.close()
+
+
+async def _merged(runs: list[ChatRun]) -> AsyncIterator[tuple[int, Event]]:
+    """The events of several runs as they come, each with its run's index; leaving early ends them all."""
+    if len(runs) == 1:
+        async for event in runs[0].events():
+            yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+    async def pump(index: int, run: ChatRun) -> None:
+        try:
+            async for event in run.events():
+                await queue.put((index, event))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        left = len(runs)
+        while left:
+            index, item = await queue.get()
+            if item is None:
+                left -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for run in runs:
+            run.close()
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
+    prompts = body.prompts()
+    n_scored = body.logprobs if body.echo and body.logprobs is not None else None
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's documented default
+    runs: list[ChatRun] = []
+    echoes: list[tuple[str, list[Scored]]] = []
     try:
-        run = await start_text(
-            state, body.model, body.prompt, body.params(body.max_tokens if body.max_tokens is not None else 16)
-        )
+        for prompt in prompts:
+            model_id = await state.ensure_loaded(body.model)
+            echoes.append(await _echo(state, model_id, prompt, n_scored) if body.echo else ("", []))
+            runs.extend(await start_text(state, body.model, prompt, body.params(max_tokens), n=body.n))
     except ErllamaError as exc:
+        for run in runs:
+            run.close()
         return map_error(exc)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(text: str, finish: str | None, lps: tuple[TokenLogprob, ...] | None = None) -> dict[str, Any]:
+    def chunk(index: int, text: str, finish: str | None, lps: Sequence[Scored] | None = None) -> dict[str, Any]:
         logprobs = _legacy_logprobs(lps) if lps is not None and body.logprobs is not None else None
-        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
         return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]}
+
+    def echo_of(index: int) -> tuple[str, list[Scored]]:
+        return echoes[index // body.n]
 
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def sse() -> AsyncIterator[bytes]:
-            async for event in run.events():
+            done: list[Completion] = []
+            if body.echo:
+                for index in range(len(runs)):
+                    text, lps = echo_of(index)
+                    yield _data(chunk(index, text, None, lps if n_scored is not None else None))
+            async for index, event in _merged(runs):
                 if isinstance(event, Text):
-                    yield _data(chunk(event.text, None, event.logprobs))
+                    yield _data(chunk(index, event.text, None, _scored(event.logprobs)))
                 elif isinstance(event, End):
-                    yield _data(chunk("", _finish_reason(event.completion)))
-                    if usage:
-                        yield _data({**chunk("", None), "choices": [], "usage": _usage(event.completion)})
+                    done.append(event.completion)
+                    yield _data(chunk(index, "", _finish_reason(event.completion)))
                 elif isinstance(event, Error):
-                    yield _data({"error": {"message": str(event.error), "type": "server_error"}})
+                    yield _data(_stream_error(event.error))
+            if usage and done:
+                yield _data({**chunk(0, "", None), "choices": [], "usage": _usage(done, per_prompt=body.n)})
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_NO_BUFFER)
     try:
-        end = await collect(run, request)
+        ends = await _collect_all(runs, request)
     except ErllamaError as exc:
         return map_error(exc)
-    c = end.completion
-    return {**chunk(c.reply, _finish_reason(c), c.logprobs), "usage": _usage(c)}
+    choices = []
+    for index, end in enumerate(ends):
+        c = end.completion
+        text, lps = echo_of(index)
+        scored = [*lps, *_scored(c.logprobs)] if n_scored is not None else _scored(c.logprobs)
+        choices.append(chunk(index, text + c.reply, _finish_reason(c), scored)["choices"][0])
+    return {**chunk(0, "", None), "choices": choices, "usage": _usage([e.completion for e in ends], per_prompt=body.n)}
+
+
+async def _echo(
+    state: ServerState, model_id: str, prompt: str | list[int], top_n: int | None
+) -> tuple[str, list[Scored]]:
+    """The prompt as ``echo`` returns it: its text, and with logprobs its tokens scored (the first one null)."""
+    rt = state.runtime
+    text = prompt if isinstance(prompt, str) else await asyncio.to_thread(rt.detokenize, model_id, prompt)
+    if top_n is None:
+        return text, []
+    return text, await asyncio.to_thread(rt.prompt_logprobs, model_id, prompt, top_n)
 
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     rt = state.runtime
-    inputs: list[str | list[int]]
-    if isinstance(body.input, str):
-        inputs = [body.input]
-    elif all(isinstance(x, int) for x in body.input):
-        inputs = [[int(x) for x in body.input]]
-    else:
-        inputs = [str(x) for x in body.input]
+    inputs = body.inputs()
     try:
         model_id = await state.ensure_loaded(body.model)
         data, n_tokens = [], 0
@@ -414,6 +573,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
                 n_tokens += len(await asyncio.to_thread(rt.tokenize, model_id, item, parse_special=True))
             else:
                 n_tokens += len(item)
+            if body.dimensions is not None:
+                vector = truncate_embedding(vector, body.dimensions)
             encoded: Any = vector
             if body.encoding_format == "base64":
                 encoded = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
@@ -436,28 +597,33 @@ _NO_BUFFER = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _chat_sse(
-    run: ChatRun, ident: str, created: int, model: str, *, include_usage: bool, logprobs: bool
+    runs: list[ChatRun], ident: str, created: int, model: str, *, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         return {**body, "usage": None} if include_usage else body
 
-    def delta(content: dict[str, Any], finish: str | None, lps: tuple[TokenLogprob, ...] | None = None) -> bytes:
-        choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
+    def delta(
+        index: int, content: dict[str, Any], finish: str | None, lps: tuple[TokenLogprob, ...] | None = None
+    ) -> bytes:
+        choice = {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
         if lps is not None:
             choice["logprobs"] = _chat_logprobs(lps)
         return _data(chunk([choice]))
 
-    yield delta({"role": "assistant", "content": ""}, None)
-    async for event in run.events():
+    for index in range(len(runs)):
+        yield delta(index, {"role": "assistant", "content": ""}, None)
+    done: list[Completion] = []
+    async for index, event in _merged(runs):
         if isinstance(event, Text):
-            yield delta({"content": event.text}, None, event.logprobs if logprobs else None)
+            yield delta(index, {"content": event.text}, None, event.logprobs if logprobs else None)
         elif isinstance(event, End):
             for i, call in enumerate(_tool_calls(event.result)):
-                yield delta({"tool_calls": [{"index": i, **call}]}, None)
-            yield delta({}, _finish_reason(event.completion, event.result))
-            if include_usage:
-                yield _data({**chunk([]), "usage": _usage(event.completion)})
+                yield delta(index, {"tool_calls": [{"index": i, **call}]}, None)
+            yield delta(index, {}, _finish_reason(event.completion, event.result))
+            done.append(event.completion)
         elif isinstance(event, Error):  # an error after the 200 went out
-            yield _data({"error": {"message": str(event.error), "type": "server_error"}})
+            yield _data(_stream_error(event.error))
+    if include_usage and done:
+        yield _data({**chunk([]), "usage": _usage(done)})
     yield b"data: [DONE]\n\n"

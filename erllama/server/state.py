@@ -4,13 +4,14 @@ keep-alive), the per-model queue limits, the chat engine and the metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from erllama.chat import ChatEngine
 from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
@@ -32,7 +33,10 @@ class ServerConfig:
         api_key: when set, every request must carry it (``Authorization: Bearer`` or ``x-api-key``).
         max_body_bytes: larger request bodies are refused with 413.
         max_messages: conversations with more messages are refused with 400.
-        default_max_tokens: reply length when a request does not say.
+        default_max_tokens: reply length when a request does not say (None: what the context leaves).
+        strict_max_tokens: refuse a request whose prompt + max_tokens exceeds the context (400, as hosted APIs do);
+            by default such a max_tokens is lowered to what the context leaves, and the reply ends with the
+            dialect's "length" reason when the context is full. A prompt that leaves no room is refused either way.
         max_concurrency: requests a model runs at once (None: as many as it has sequences).
         max_queue: requests that may wait for a model beyond those; more are refused (429 / 503 / 529).
         queue_timeout_s: how long a request waits for a slot before it is refused the same way.
@@ -40,18 +44,24 @@ class ServerConfig:
         cors_origins: origins allowed by CORS; empty (the default) sends no CORS headers at all.
         allowed_hosts: host names a key-less daemon answers to besides IP addresses and ``localhost`` (the
             ``Host`` header of any other name is refused: a web page cannot drive the daemon by DNS rebinding).
+        model_fallback: which requests the default model answers (the one served from startup, else the only
+            model there is; with several and none pinned there is no default): ``missing`` (the default), a
+            request that names no model, as llama-server answers; ``any``, also one naming a model that does not
+            exist (llama-server's clients send any name); ``none``, every request must name a model.
     """
 
     api_key: str | None = None
     max_body_bytes: int = 8 << 20
     max_messages: int = 1024
-    default_max_tokens: int = 512
+    default_max_tokens: int | None = None
+    strict_max_tokens: bool = False
     max_concurrency: int | None = None
     max_queue: int = 64
     queue_timeout_s: float = 60.0
     keep_alive_s: float | None = 300.0
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    model_fallback: Literal["missing", "any", "none"] = "missing"
 
 
 class ModelSource(Protocol):
@@ -118,6 +128,7 @@ class ServerState:
         self.metrics = Metrics(self)
         self._loaded = {name: _Loaded(mid, pinned=True, keep_alive_s=None) for name, mid in models.items()}
         self._gates: dict[str, _Gate] = {}
+        self._fanouts: dict[str, asyncio.Lock] = {}
         self._load_lock = threading.Lock()
 
     # -- names ---------------------------------------------------------------------------------------------
@@ -160,15 +171,39 @@ class ServerState:
             for n, e in self._loaded.items()
         }
 
-    async def ensure_loaded(self, name: str, keep_alive_s: float | str | None = "default") -> str:
-        """The model id of ``name``, loading it from the source when needed (off the event loop)."""
+    def default_model(self) -> str | None:
+        """The model a request that names none (or, with ``model_fallback="any"``, an unknown one) gets: the one
+        served from startup, else the only model there is."""
+        pinned = [n for n, e in self._loaded.items() if e.pinned]
+        if len(pinned) == 1:
+            return pinned[0]
+        if pinned:
+            return None
+        names = list(self._loaded) if self.source is None else list(self.available())
+        return names[0] if len(names) == 1 else None
+
+    def served_name(self, name: str | None) -> str:
+        """The served name a request's ``model`` means, the fallback applied (see ``ServerConfig.model_fallback``).
+        Raises InvalidInputError (no name and no default) or UnknownModelError."""
+        policy = self.config.model_fallback
         if not name or not isinstance(name, str):
-            raise InvalidInputError("a model name is required")
-        name = self.canonical(name)
+            fallback = self.default_model() if policy != "none" else None
+            if fallback is None:
+                raise InvalidInputError("a model name is required")
+            return fallback
+        served = self.canonical(name)
+        if served in self._loaded or (self.source is not None and served in self.source.available()):
+            return served
+        fallback = self.default_model() if policy == "any" else None
+        if fallback is None:
+            raise UnknownModelError(f"The model '{name}' does not exist")
+        return fallback
+
+    async def ensure_loaded(self, name: str | None, keep_alive_s: float | str | None = "default") -> str:
+        """The model id of ``name``, loading it from the source when needed (off the event loop)."""
+        name = self.served_name(name)
         entry = self._loaded.get(name)
         if entry is None:
-            if self.source is None or name not in self.source.available():
-                raise UnknownModelError(f"The model '{name}' does not exist")
             entry = await asyncio.to_thread(self._load, name)
         self.touch(name, keep_alive_s)
         return entry.model_id
@@ -287,6 +322,21 @@ class ServerState:
                             entry.expires_at = entry.last_used + entry.keep_alive_s
 
         return release
+
+    def slots(self, model_id: str) -> int:
+        """Requests the model runs at once."""
+        return self._gate(model_id).limit
+
+    @contextlib.asynccontextmanager
+    async def fanout(self, model_id: str, n: int) -> AsyncIterator[None]:
+        """Held while a request takes ``n`` slots one by one (OpenAI's ``n``): two such requests cannot each hold
+        part of the slots the other waits for. Single-slot requests never wait on it."""
+        if n <= 1:
+            yield
+            return
+        lock = self._fanouts.setdefault(model_id, asyncio.Lock())
+        async with lock:
+            yield
 
     def queue_depth(self, model_id: str) -> tuple[int, int]:
         """(waiting, running) requests of a model."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from erllama.errors import ChecksumError
 
-__all__ = ["describe", "read_header"]
+__all__ = ["describe", "read_header", "summarize"]
 
 # llama.cpp's LLAMA_FTYPE values (llama.h) -> the names its tools print
 _FTYPES = {
@@ -68,6 +68,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, 
     Raises:
         ChecksumError: not a GGUF file, or a header that runs past the end of the file.
     """
+    if path.stat().st_size < 24:  # magic, version, tensor and key counts
+        raise ChecksumError(f"{path} is not a GGUF file")
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         cur = _Cursor(buf)
         try:
@@ -88,14 +90,18 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, 
                 dims = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
                 cur.pos += 4 + 8  # type, offset
                 tensors.append((name, dims))
-        except (struct.error, ValueError, IndexError) as exc:
+        except (struct.error, ValueError, IndexError, OverflowError) as exc:
             raise ChecksumError(f"{path}: corrupt GGUF header ({exc})") from exc
     return meta, tensors
 
 
 def describe(path: Path) -> dict[str, Any]:
     """Architecture, parameters, quantisation, context length, chat template and license of a GGUF file."""
-    meta, tensors = read_header(path)
+    return summarize(*read_header(path))
+
+
+def summarize(meta: dict[str, Any], tensors: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+    """:func:`describe` of a header :func:`read_header` has read."""
     arch = str(meta.get("general.architecture", ""))
     ftype = meta.get("general.file_type")
     params = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,8 +43,15 @@ def test_serve_run_ps_stop(tiny_path: Path, tmp_path: Path, capsys: pytest.Captu
         assert json.loads(capsys.readouterr().out)["models"] == []
         assert main(["run", "tiny", "--max-tokens", "5", "--json", "hello there"], env) == 0
         turn = json.loads(capsys.readouterr().out)["turns"][0]
-        assert turn["stats"]["cache"] == "daemon"
+        assert turn["stats"]["cache"] == "cold"  # the daemon says how its cache served the prompt
+        assert turn["stats"]["prompt_tokens"] > 1
+        assert turn["stats"]["cached_tokens"] == 0
         assert turn["stats"]["completion_tokens"] == 5
+        assert main(["run", "tiny", "--max-tokens", "2", "-v", "hello there"], env) == 0
+        line = re.search(r"\[cache (cold|partial|exact): prompt (\d+) tokens, (\d+) cached", capsys.readouterr().err)
+        assert line is not None, "run -v prints the daemon's cache line"
+        assert int(line[2]) == turn["stats"]["prompt_tokens"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models/tiny").status_code == 200  # the name requests use
         assert main(["ps", "--json"], env) == 0
         ps = json.loads(capsys.readouterr().out)
         assert [m["name"] for m in ps["models"]] == ["tiny:1"]
@@ -55,6 +63,11 @@ def test_serve_run_ps_stop(tiny_path: Path, tmp_path: Path, capsys: pytest.Captu
         assert f'cpu_variant="{library().cpu_variant}"' in metrics, "so does /metrics (erllama_build_info)"
         assert main(["stop", "tiny", "--json"], env) == 0
         assert json.loads(capsys.readouterr().out)["stopped"] is True
+        assert main(["stop", "nope"], env) == 3  # no such model (docs/cli.md)
+        err = capsys.readouterr().err
+        assert "erllama: error: the daemon" in err
+        assert "'nope'" in err
+        assert "error: '" not in err, "messages are not wrapped in stray quotes"
         tags = httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"]
         assert [m["name"] for m in tags] == ["tiny:1"]
     finally:

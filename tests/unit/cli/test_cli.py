@@ -172,3 +172,10 @@ def test_run_through_a_daemon_streams_as_records_arrive() -> None:
     assert reply == "Hello"
     assert written == ["Hel", "lo"]
     assert stats["completion_tokens"] == 2
+
+
+def test_ps_shows_never_for_a_model_that_never_expires() -> None:
+    from erllama.cli.commands import _until
+
+    assert _until("2318-01-01T00:00:00Z") == "never"  # what the API sends, as Ollama's does
+    assert _until("2026-12-02T10:00:00Z") == "2026-12-02T10:00:00Z"

@@ -11,7 +11,7 @@ import pytest
 
 from erllama.errors import DecodeError, InvalidInputError, RequestFailedError, WorkerStoppedError
 from erllama.model import DecodeItem, SamplerConfig, StubBackend
-from erllama.model.worker import DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
+from erllama.model.worker import AdmittedEvent, DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
 
 
 def reference(prompt: list[int], n: int, **stub_kw: object) -> list[int]:
@@ -189,7 +189,7 @@ def test_a_decode_that_fails_still_wakes_the_loop_for_the_step_before_it() -> No
         events = _consume(w, "hello", 50)
     finally:
         w.stop()
-    assert [type(e) for e in events] == [TokenEvent] * 5 + [ErrorEvent]
+    assert [type(e) for e in events] == [AdmittedEvent] + [TokenEvent] * 5 + [ErrorEvent]
 
 
 def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
@@ -212,7 +212,7 @@ def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
                 seen += 1
                 if seen == 3:
                     gen.cancel()
-            else:
+            elif not isinstance(event, AdmittedEvent):
                 assert isinstance(event, DoneEvent)
                 assert event.finish_reason is FinishReason.CANCELLED
                 assert seen <= 4, "observed within one token"
