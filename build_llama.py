@@ -871,6 +871,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-prove", action="store_true", help="skip the self-check (the loader then runs it)")
     parser.add_argument("--print-lib-dir", action="store_true", help="print only the library directory")
     parser.add_argument("--ffi-only", action="store_true", help="only regenerate the cffi module")
+    parser.add_argument(
+        "--print-source-dir", action="store_true", help="fetch (if needed) and print the pristine pinned source tree"
+    )
     args = parser.parse_args(argv)
     if args.ffi_only:
         generate_ffi_module()
@@ -891,6 +894,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stock=args.stock,
         prove=not args.no_prove,
     )
+    if args.print_source_dir:
+        try:
+            print(resolve_source(options).path)
+        except BuildError as exc:
+            print(f"build_llama: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         result = ensure_built(options)
     except BuildError as exc:

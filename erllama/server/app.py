@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from erllama.runtime import Runtime
-from erllama.server import anthropic, ollama, openai
+from erllama.server import anthropic, llamacpp, ollama, openai
 from erllama.server.state import ModelSource, ServerConfig, ServerState
 
 __all__ = ["create_app"]
@@ -85,6 +85,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(anthropic.router)
     app.include_router(ollama.router)
+    app.include_router(llamacpp.router)
 
     app.add_middleware(_Guard, state=state)
 

@@ -1,0 +1,440 @@
+"""llama-server's own API, the subset that fits erllama: ``/completion`` (and ``/completions``), ``/infill``,
+``/tokenize``, ``/detokenize``, ``/apply-template``, ``/props``, a read-only ``/slots``, and the OpenAI routes
+without their ``/v1`` prefix (``/chat/completions``, ``/embeddings``, ``/models``), which llama-server's clients
+post to. Editors' infill plugins, chat front ends and llama.cpp's own server test suite talk to it unchanged
+(``scripts/llama-server-suite``).
+
+Requests may name no model (the default model answers, see ``ServerConfig.model_fallback``). Sampling defaults
+are llama-server's (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05); ``n_predict: -1`` (the default) lets the
+reply use what the context leaves. ``cache_prompt`` is accepted and always on: erllama's cache is what serves
+prompts. Errors use llama-server's envelope ``{"error": {"code", "message", "type"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from erllama._native import SamplerConfig
+from erllama.chat import Message
+from erllama.errors import ErllamaError, InvalidInputError
+from erllama.runtime import Completion, TokenLogprob
+from erllama.server import openai
+from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, fim_markers, fim_prompt, start_text
+from erllama.server.errors import failure
+from erllama.server.state import ServerState
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+_STATUS = {"not_found": 404, "invalid": 400, "busy": 503, "stopped": 503, "internal": 500}
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "unavailable_error", 500: "server_error"}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """llama-server's error envelope."""
+    body = {"error": {"code": status, "message": message, "type": _TYPES.get(status, "server_error")}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def map_error(exc: BaseException) -> JSONResponse:
+    f = failure(exc)
+    return error_response(_STATUS[f.kind], f.message, f.headers)
+
+
+Prompt = str | list[int] | list[str | int]
+
+
+class CompletionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    prompt: Prompt | list[Prompt] = ""
+    n_predict: int = -1
+    temperature: Annotated[float, Field(ge=0.0)] = 0.8
+    top_k: Annotated[int, Field(ge=0, lt=2**31)] = 40
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    typical_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    repeat_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    repeat_last_n: Annotated[int, Field(ge=-1, lt=2**31)] = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stream: bool = False
+    n_probs: Annotated[int, Field(ge=0, le=20)] = 0
+    cache_prompt: bool = True
+    return_tokens: bool = False
+    ignore_eos: bool = False
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    logit_bias: list[list[Any]] | dict[str, float] | None = None
+    id_slot: int = -1
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one text or token array, or a list of them (a list of ints is one prompt)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [[int(x) for x in p if isinstance(x, int)]]
+        out: list[str | list[int]] = []
+        for item in p:
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, list) and all(isinstance(x, int) for x in item):
+                out.append([int(x) for x in item if isinstance(x, int)])
+            else:
+                raise InvalidInputError("a prompt is a string, a token array, or a list of those (no mixed arrays)")
+        return out
+
+    def params(self, eog: Sequence[int]) -> Params:
+        bias: dict[int, float] = {}
+        if isinstance(self.logit_bias, dict):
+            bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        elif self.logit_bias:
+            for pair in self.logit_bias:
+                if len(pair) != 2 or not isinstance(pair[0], int):
+                    raise InvalidInputError("logit_bias entries are [token_id, bias] pairs")
+                bias[pair[0]] = -1e30 if pair[1] is False else float(pair[1])
+        if self.ignore_eos:
+            bias.update(dict.fromkeys(eog, -1e30))
+        sampling = SamplerConfig(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            repeat_penalty=self.repeat_penalty,
+            penalty_last_n=self.repeat_last_n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=None if self.seed is None or self.seed < 0 else self.seed,
+            logit_bias=bias,
+        )
+        n = None if self.n_predict < 0 else self.n_predict
+        return Params(n, list(self.stop or ()), sampling, logprobs=self.n_probs or None)
+
+
+class InfillIn(CompletionIn):
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[dict[str, str]] | None = None
+
+
+class TokenizeIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+    model: str = ""
+
+
+class DetokenizeIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
+    model: str = ""
+
+
+class TemplateIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    messages: Annotated[list[openai.ChatMessage], Field(min_length=1)]
+    model: str = ""
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.erllama
+    return state
+
+
+def _probs(lps: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    def one(token: int, piece: bytes, logprob: float) -> dict[str, Any]:
+        return {"id": token, "token": piece.decode("utf-8", "replace"), "bytes": list(piece), "logprob": logprob}
+
+    return [{**one(lp.token, lp.piece, lp.logprob), "top_logprobs": [one(*t) for t in lp.top]} for lp in lps]
+
+
+def _timings(c: Completion) -> dict[str, Any]:
+    s = c.stats
+    prompt_ms, predicted_ms = s.ttft_s * 1e3, s.generate_s * 1e3
+    prompt_n = s.prompt_tokens - s.restored_tokens
+    return {
+        "cache_n": s.restored_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": prompt_n / s.ttft_s if s.ttft_s else 0.0,
+        "predicted_n": s.generated_tokens,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / s.generated_tokens if s.generated_tokens else 0.0,
+        "predicted_per_second": s.tokens_per_s,
+    }
+
+
+def _settings(body: CompletionIn, n_ctx: int, max_tokens: int) -> dict[str, Any]:
+    return {
+        "n_predict": body.n_predict,
+        "max_tokens": max_tokens,
+        "n_ctx": n_ctx,
+        "seed": body.seed if body.seed is not None else -1,
+        "temperature": body.temperature,
+        "top_k": body.top_k,
+        "top_p": body.top_p,
+        "min_p": body.min_p,
+        "typical_p": body.typical_p,
+        "repeat_penalty": body.repeat_penalty,
+        "repeat_last_n": body.repeat_last_n,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "n_probs": body.n_probs,
+        "stop": body.stop or [],
+        "ignore_eos": body.ignore_eos,
+        "stream": body.stream,
+        "grammar": body.grammar or "",
+        "cache_prompt": True,
+    }
+
+
+def _stop_type(c: Completion) -> str:
+    if c.stop_sequence is not None:
+        return "word"
+    return "limit" if c.finish_reason == "length" else "eos"
+
+
+def _final(run: ChatRun, body: CompletionIn, end: End, index: int, streamed: bool) -> dict[str, Any]:
+    c = end.completion
+    n_ctx = int(run.state.runtime.model_info(run.model_id).get("n_ctx_seq") or 0)
+    out: dict[str, Any] = {
+        "index": index,
+        "content": "" if streamed else c.reply,
+        "tokens": [] if streamed or not body.return_tokens else list(c.generated),
+        "id_slot": index,
+        "stop": True,
+        "model": run.name,
+        "tokens_predicted": c.stats.generated_tokens,
+        "tokens_evaluated": c.stats.prompt_tokens,
+        "generation_settings": _settings(body, n_ctx, run.started.max_tokens),
+        "prompt": "",
+        "has_new_line": "\n" in c.reply,
+        "truncated": False,
+        "stop_type": _stop_type(c),
+        "stopping_word": c.stop_sequence or "",
+        "tokens_cached": c.stats.prompt_tokens + c.stats.generated_tokens,
+        "timings": _timings(c),
+    }
+    if body.n_probs and not streamed:
+        out["completion_probabilities"] = _probs(c.logprobs)
+    return out
+
+
+async def _start(state: ServerState, body: CompletionIn, prompts: list[str | list[int]]) -> list[ChatRun]:
+    model_id = await state.ensure_loaded(body.model or None)
+    eog = state.runtime.model_info(model_id).get("eog_tokens") or []
+    params = body.params(eog)
+    schema: Any = body.json_schema
+    if body.grammar is not None and schema is not None:
+        raise InvalidInputError("give either grammar or json_schema, not both")
+    if body.grammar is not None:
+        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=body.grammar))
+    runs: list[ChatRun] = []
+    try:
+        for prompt in prompts:
+            runs.extend(await start_text(state, body.model or "", prompt, params, response_schema=schema))
+    except BaseException:
+        for run in runs:
+            run.close()
+        raise
+    return runs
+
+
+async def _complete(request: Request, body: CompletionIn, prompts: list[str | list[int]]) -> Any:
+    state = _state(request)
+    if not prompts or any(not p for p in prompts):
+        return error_response(400, "the prompt is empty")
+    try:
+        runs = await _start(state, body, prompts)
+    except ErllamaError as exc:
+        return map_error(exc)
+    if body.stream:
+        return StreamingResponse(_sse(runs, body), media_type="text/event-stream", headers=_NO_BUFFER)
+    try:
+        ends = [await collect(run, request) for run in runs]
+    except ErllamaError as exc:
+        for run in runs:
+            run.close()
+        return map_error(exc)
+    results = [_final(run, body, end, i, streamed=False) for i, (run, end) in enumerate(zip(runs, ends, strict=True))]
+    return results[0] if len(results) == 1 else results
+
+
+_NO_BUFFER = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _data(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _sse(runs: list[ChatRun], body: CompletionIn) -> AsyncIterator[bytes]:
+    for index, run in enumerate(runs):  # prompts of one request are streamed one after the other
+        async for event in run.events():
+            if isinstance(event, Text):
+                chunk: dict[str, Any] = {
+                    "index": index,
+                    "content": event.text,
+                    "tokens": [lp.token for lp in event.logprobs] or [-1],
+                    "stop": False,
+                    "id_slot": index,
+                }
+                if body.n_probs:
+                    chunk["completion_probabilities"] = _probs(event.logprobs)
+                yield _data(chunk)
+            elif isinstance(event, End):
+                yield _data(_final(run, body, event, index, streamed=True))
+            elif isinstance(event, Error):
+                f = failure(event.error)
+                code = _STATUS[f.kind]
+                yield _data({"error": {"code": code, "message": f.message, "type": _TYPES.get(code, "server_error")}})
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def completion(body: CompletionIn, request: Request) -> Any:
+    try:
+        prompts = body.prompts()
+    except ErllamaError as exc:
+        return map_error(exc)
+    return await _complete(request, body, prompts)
+
+
+@router.post("/infill")
+async def infill(body: InfillIn, request: Request) -> Any:
+    state = _state(request)
+    try:
+        model_id = await state.ensure_loaded(body.model or None)
+        prefix = "".join(f"{x.get('filename', '')}\n{x.get('text', '')}" for x in body.input_extra or ())
+        prefix += body.input_prefix
+        tokens = await asyncio.to_thread(fim_prompt, state, model_id, prefix, body.input_suffix)
+        if isinstance(body.prompt, str) and body.prompt:
+            tokens += await asyncio.to_thread(state.runtime.tokenize, model_id, body.prompt, add_special=False)
+    except ErllamaError as exc:
+        return map_error(exc)
+    return await _complete(request, body, [tokens])
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeIn, request: Request) -> Any:
+    state = _state(request)
+    rt = state.runtime
+    try:
+        model_id = await state.ensure_loaded(body.model or None)
+        tokens = await asyncio.to_thread(
+            rt.tokenize, model_id, body.content, add_special=body.add_special, parse_special=body.parse_special
+        )
+        if not body.with_pieces:
+            return {"tokens": tokens}
+        pieces = []
+        for token in tokens:
+            raw = await asyncio.to_thread(_piece, state, model_id, token)
+            try:
+                pieces.append({"id": token, "piece": raw.decode("utf-8")})
+            except UnicodeDecodeError:  # part of a multi-byte character: its bytes, as llama-server gives them
+                pieces.append({"id": token, "piece": list(raw)})
+    except ErllamaError as exc:
+        return map_error(exc)
+    return {"tokens": pieces}
+
+
+def _piece(state: ServerState, model_id: str, token: int) -> bytes:
+    worker = state.runtime._worker(model_id)
+    return worker.call(lambda b: b.token_to_piece(token, special=True))
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeIn, request: Request) -> Any:
+    state = _state(request)
+    try:
+        model_id = await state.ensure_loaded(body.model or None)
+        text = await asyncio.to_thread(state.runtime.detokenize, model_id, body.tokens)
+    except ErllamaError as exc:
+        return map_error(exc)
+    return {"content": text}
+
+
+@router.post("/apply-template")
+async def apply_template(body: TemplateIn, request: Request) -> Any:
+    state = _state(request)
+    try:
+        model_id = await state.ensure_loaded(body.model or None)
+        messages: list[Message] = [m.neutral() for m in body.messages]
+        prepared = await asyncio.to_thread(state.chat.prepare, model_id, messages)
+    except ErllamaError as exc:
+        return map_error(exc)
+    return {"prompt": prepared.prompt}
+
+
+@router.get("/props")
+async def props(request: Request) -> Any:
+    state = _state(request)
+    try:
+        model_id = await state.ensure_loaded(request.query_params.get("model") or None)
+    except ErllamaError as exc:
+        return map_error(exc)
+    info = state.runtime.model_info(model_id)
+    n_ctx = int(info.get("n_ctx_seq") or 0)
+    template = state.chat.template(model_id)
+    return {
+        "default_generation_settings": {"n_ctx": n_ctx, "params": _settings(CompletionIn(), n_ctx, n_ctx)},
+        "total_slots": state.slots(model_id),
+        "model_alias": state.served_name(None) if state.default_model() else "",
+        "model_path": str(info.get("path") or info.get("gguf_path") or ""),
+        "chat_template": template.source if template is not None else str(info.get("chat_template") or ""),
+        "bos_token": str(info.get("bos_text", "")),
+        "eos_token": str(info.get("eos_text", "")),
+        "modalities": {"vision": False, "audio": False},
+        "infill": fim_markers(state, model_id) is not None,
+        "build_info": "erllama",
+    }
+
+
+@router.get("/slots")
+async def slots(request: Request) -> Any:
+    """Read-only: the model's sequences and how many run now (erllama schedules sequences itself; there is no
+    slot to pin, save or restore: the KV cache does that for every prompt)."""
+    state = _state(request)
+    try:
+        model_id = await state.ensure_loaded(request.query_params.get("model") or None)
+    except ErllamaError as exc:
+        return map_error(exc)
+    info = state.runtime.model_info(model_id)
+    _, running = state.queue_depth(model_id)
+    n_ctx = int(info.get("n_ctx_seq") or 0)
+    return [
+        {"id": i, "n_ctx": n_ctx, "is_processing": i < running, "speculative": False}
+        for i in range(state.slots(model_id))
+    ]
+
+
+@router.post("/slots/{slot_id}")
+async def slot_action(slot_id: int) -> JSONResponse:
+    return error_response(
+        501, "slot save / restore / erase is not supported: erllama's KV cache saves and restores every prompt"
+    )
+
+
+# the OpenAI routes without their /v1 prefix, as llama-server serves them
+router.add_api_route("/chat/completions", openai.chat_completions, methods=["POST"])
+router.add_api_route("/embeddings", openai.embeddings, methods=["POST"])
+router.add_api_route("/models", openai.list_models, methods=["GET"])

@@ -1,0 +1,102 @@
+"""llama-server's own API over the stub: /completion (JSON and SSE, n_probs, timings, stop types), /tokenize with
+pieces, /detokenize, /apply-template, /props, /slots, the OpenAI routes without /v1, and requests naming no model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from erllama import Runtime
+from tests.unit.server.conftest import GREETING, request
+
+
+def _sse(text: str) -> list[dict[str, Any]]:
+    return [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: ")]
+
+
+def test_completion_reports_llama_server_fields(srt: Runtime) -> None:
+    body = {"model": "plain", "prompt": "user: say hi", "n_predict": 12, "n_probs": 2, "return_tokens": True}
+    r = request(srt, "POST", "/completion", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["content"] == GREETING.encode()[:12].decode("utf-8", "ignore") or out["content"]
+    assert out["stop"] is True
+    assert out["stop_type"] in ("limit", "eos")
+    assert out["timings"]["predicted_n"] == len(out["tokens"]) == out["tokens_predicted"]
+    assert out["timings"]["prompt_n"] + out["timings"]["cache_n"] == out["tokens_evaluated"]
+    assert len(out["completion_probabilities"]) == out["tokens_predicted"]
+    assert all(len(p["top_logprobs"]) == 2 for p in out["completion_probabilities"])
+    chunks = _sse(request(srt, "POST", "/completion", json={**body, "stream": True}).text)
+    assert all(c["stop"] is False for c in chunks[:-1])
+    assert chunks[-1]["stop"] is True
+    assert "".join(c["content"] for c in chunks[:-1]) == out["content"]
+
+
+def test_a_stop_word_is_reported(srt: Runtime) -> None:
+    r = request(srt, "POST", "/completion", json={"model": "plain", "prompt": "user: hi", "stop": ["世界"]})
+    out = r.json()
+    assert out["stop_type"] == "word"
+    assert out["stopping_word"] == "世界"
+    assert out["content"] == GREETING[: GREETING.index("世界")]
+
+
+def test_tokenize_detokenize_and_templates(srt: Runtime) -> None:
+    toks = request(srt, "POST", "/tokenize", json={"model": "plain", "content": "héllo"}).json()["tokens"]
+    assert toks == srt.tokenize("plain", "héllo", add_special=False, parse_special=True)
+    pieces = request(srt, "POST", "/tokenize", json={"model": "plain", "content": "é", "with_pieces": True}).json()
+    assert all(isinstance(p["piece"], (str, list)) for p in pieces["tokens"])  # a split character: its bytes
+    text = request(srt, "POST", "/detokenize", json={"model": "plain", "tokens": toks}).json()["content"]
+    assert text == "héllo"
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = request(srt, "POST", "/apply-template", json={"model": "hermes", "messages": messages}).json()["prompt"]
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_props_slots_and_routes_without_v1(srt: Runtime) -> None:
+    props = request(srt, "GET", "/props?model=plain").json()
+    assert props["total_slots"] == 2
+    assert props["default_generation_settings"]["n_ctx"] == srt.model_info("plain")["n_ctx_seq"]
+    assert props["infill"] is False
+    slots = request(srt, "GET", "/slots?model=plain").json()
+    assert [s["id"] for s in slots] == [0, 1]
+    assert request(srt, "POST", "/slots/0?action=save", json={}).status_code == 501
+    chat = request(
+        srt, "POST", "/chat/completions", json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert chat.json()["choices"][0]["message"]["content"] == GREETING
+    assert [m["id"] for m in request(srt, "GET", "/models").json()["data"]] == ["hermes", "plain"]
+    infill = request(srt, "POST", "/infill", json={"model": "plain", "input_prefix": "a", "input_suffix": "b"})
+    assert infill.status_code == 400
+    assert "fill-in-the-middle" in infill.json()["error"]["message"]
+
+
+def test_a_request_without_a_model_needs_a_default(srt: Runtime) -> None:
+    from erllama.server import ServerConfig
+
+    # two models and none pinned alone: there is no default, so the name is required
+    r = request(srt, "POST", "/completion", json={"prompt": "user: hi", "n_predict": 2})
+    assert r.status_code == 400
+    assert "model name is required" in r.json()["error"]["message"]
+    unknown = request(srt, "POST", "/v1/chat/completions", ServerConfig(model_fallback="any"),
+                      json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert unknown.status_code == 404  # still no default to fall back on
+
+
+def test_the_only_model_answers_requests_that_name_none(srt: Runtime) -> None:
+    import asyncio
+
+    import httpx
+
+    from erllama.server import ServerConfig, create_app
+
+    async def go(config: ServerConfig) -> list[int]:
+        app = create_app(srt, {"plain": "plain"}, config)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            missing = await c.post("/completion", json={"prompt": "user: hi", "n_predict": 2})
+            msgs = [{"role": "user", "content": "hi"}]
+            unknown = await c.post("/chat/completions", json={"model": "gpt-4o", "messages": msgs, "max_tokens": 2})
+            return [missing.status_code, unknown.status_code]
+
+    assert asyncio.run(go(ServerConfig())) == [200, 404]  # default: a missing name only
+    assert asyncio.run(go(ServerConfig(model_fallback="any"))) == [200, 200]
+    assert asyncio.run(go(ServerConfig(model_fallback="none"))) == [400, 404]
