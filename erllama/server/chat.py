@@ -235,9 +235,12 @@ async def start_chat_choices(
     response_schema: Mapping[str, Any] | bool | None = None,
     keep_alive_s: float | str | None = "default",
     continue_final: bool = False,
+    grammar: str | None = None,
 ) -> list[ChatRun]:
-    """:func:`start_chat` for ``n`` independent replies to one conversation (OpenAI's ``n``)."""
+    """:func:`start_chat` for ``n`` independent replies to one conversation (OpenAI's ``n``); ``grammar`` (GBNF,
+    llama-server's extension) constrains the reply instead of a schema's."""
     model_id = await state.ensure_loaded(model, keep_alive_s)
+    model = model or state.served_name(None)  # a request that named none is answered in the default's name
     prepared = await asyncio.to_thread(
         state.chat.prepare,
         model_id,
@@ -254,7 +257,7 @@ async def start_chat_choices(
         prompt=prepared.prompt,
         params=params,
         n=n,
-        grammar=prepared.grammar,
+        grammar=grammar or prepared.grammar,
         prepared=prepared,
     )
 
@@ -271,6 +274,7 @@ async def start_text(
 ) -> list[ChatRun]:
     """Like :func:`start_chat_choices` for a raw prompt (no template)."""
     model_id = await state.ensure_loaded(model, keep_alive_s)
+    model = model or state.served_name(None)
     grammar = None
     if response_schema is not None:
         from erllama._native import json_schema_to_grammar

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -145,6 +147,8 @@ class _Sampling(BaseModel):
     logit_bias: (
         dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None
     ) = None
+    grammar: str | None = None  # llama-server's extensions: a GBNF grammar, or a JSON schema, for the reply
+    json_schema: dict[str, Any] | None = None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -244,6 +248,11 @@ class ChatCompletionRequest(_Sampling):
 
     def response_schema(self) -> dict[str, Any] | None:
         rf = self.response_format
+        given = [x for x in (rf is not None and rf.type != "text", self.json_schema is not None, self.grammar) if x]
+        if len(given) > 1:
+            raise InvalidInputError("give one of response_format, json_schema and grammar")
+        if self.json_schema is not None:
+            return self.json_schema
         if rf is None or rf.type == "text":
             return None
         if rf.type == "json_object":
@@ -404,15 +413,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             tool_choice=body.choice(),
             response_schema=body.response_schema(),
             continue_final=body.continues(),
+            grammar=body.grammar,
         )
     except ErllamaError as exc:
         return map_error(exc)
     ident = f"chatcmpl-{uuid.uuid4().hex}"
+    model = runs[0].name
     created = int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _chat_sse(runs, ident, created, body.model, include_usage=usage, logprobs=body.logprobs),
+            _chat_sse(runs, ident, created, model, include_usage=usage, logprobs=body.logprobs),
             media_type="text/event-stream",
             headers=_NO_BUFFER,
         )
@@ -439,7 +450,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "id": ident,
         "object": "chat.completion",
         "created": created,
-        "model": body.model,
+        "system_fingerprint": _fingerprint(),
+        "model": model,
         "choices": choices,
         "usage": _usage([e.completion for e in ends]),
     }
@@ -494,11 +506,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's documented default
     runs: list[ChatRun] = []
     echoes: list[tuple[str, list[Scored]]] = []
+    params = body.params(max_tokens)
+    if body.grammar:
+        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=body.grammar))
     try:
+        if body.grammar and body.json_schema is not None:
+            raise InvalidInputError("give either grammar or json_schema, not both")
         for prompt in prompts:
             model_id = await state.ensure_loaded(body.model)
             echoes.append(await _echo(state, model_id, prompt, n_scored) if body.echo else ("", []))
-            runs.extend(await start_text(state, body.model, prompt, body.params(max_tokens), n=body.n))
+            runs.extend(await start_text(state, body.model, prompt, params, response_schema=body.json_schema, n=body.n))
     except ErllamaError as exc:
         for run in runs:
             run.close()
@@ -508,7 +525,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     def chunk(index: int, text: str, finish: str | None, lps: Sequence[Scored] | None = None) -> dict[str, Any]:
         logprobs = _legacy_logprobs(lps) if lps is not None and body.logprobs is not None else None
         choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
-        return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": [choice]}
+        model = runs[0].name if runs else body.model
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": _fingerprint(),
+            "choices": [choice],
+        }
 
     def echo_of(index: int) -> tuple[str, list[Scored]]:
         return echoes[index // body.n]
@@ -589,6 +614,20 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     }
 
 
+@functools.cache
+def _fingerprint() -> str:
+    """OpenAI's ``system_fingerprint``: what served the reply (erllama's version and the llama.cpp build)."""
+    import erllama
+
+    try:
+        from erllama._native import library
+
+        source = str(library().manifest.get("source_id", "")).removeprefix("git-")[:12]
+    except ImportError:
+        source = "unknown"
+    return f"erllama-{erllama.__version__}-llama.cpp-{source}"
+
+
 def _data(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
@@ -600,7 +639,14 @@ async def _chat_sse(
     runs: list[ChatRun], ident: str, created: int, model: str, *, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        body = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": _fingerprint(),
+            "choices": choices,
+        }
         return {**body, "usage": None} if include_usage else body
 
     def delta(

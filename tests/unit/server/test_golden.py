@@ -89,6 +89,7 @@ _VOLATILE = [
     (re.compile(r"call_[0-9a-f]+"), "call_ID"),
     (re.compile(r'"created": \d+'), '"created": 0'),
     (re.compile(r'"created_at": "[^"]+"'), '"created_at": "T"'),
+    (re.compile(r'"system_fingerprint": "[^"]+"'), '"system_fingerprint": "erllama-BUILD"'),  # version and build
     (re.compile(r'"(total|load|prompt_eval|eval)_duration": \d+'), r'"\1_duration": 0'),
     (re.compile(r'"context": \[[\d, ]*\]'), '"context": [...]'),
 ]
