@@ -300,9 +300,7 @@ async def _start_choices(
     first and saved, so that every choice restores it from the cache instead of computing it again; a seeded
     request gives choice ``i`` the seed ``seed + i`` (else all would sample the same reply)."""
     if n > 1:
-        limit = state.slots(model_id)
-        if n > limit:
-            raise InvalidInputError(f"n={n} exceeds the {limit} replies this model runs at once")
+        state.check_choices(model_id, n)
         await _prefill(state, model_id, prompt)
     runs: list[ChatRun] = []
     try:

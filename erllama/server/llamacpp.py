@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
@@ -97,15 +97,23 @@ class CompletionIn(BaseModel):
                 raise InvalidInputError("a prompt is a string, a token array, or a list of those (no mixed arrays)")
         return out
 
-    def params(self, eog: Sequence[int]) -> Params:
+    def params(self, eog: Sequence[int], tokenize: Callable[[str], list[int]]) -> Params:
+        """The generation parameters. ``logit_bias`` as llama-server takes it: ``[[token, bias], ...]`` or
+        ``{token: bias}``, where a token is an id or a text (every token of it gets the bias) and a bias of
+        ``false`` bans the token."""
         bias: dict[int, float] = {}
         if isinstance(self.logit_bias, dict):
-            bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-        elif self.logit_bias:
-            for pair in self.logit_bias:
-                if len(pair) != 2 or not isinstance(pair[0], int):
-                    raise InvalidInputError("logit_bias entries are [token_id, bias] pairs")
-                bias[pair[0]] = -1e30 if pair[1] is False else float(pair[1])
+            pairs: list[list[Any]] = [[k, v] for k, v in self.logit_bias.items()]
+        else:
+            pairs = list(self.logit_bias or ())
+        for pair in pairs:
+            ok_value = pair[1] is False or (isinstance(pair[1], int | float) and not isinstance(pair[1], bool))
+            if len(pair) != 2 or not ok_value or isinstance(pair[0], bool) or not isinstance(pair[0], int | str):
+                raise InvalidInputError("logit_bias entries are [token id or text, bias or false] pairs")
+            token, value = pair
+            ids = [token] if isinstance(token, int) else [int(token)] if token.isdigit() else tokenize(token)
+            for t in ids:
+                bias[t] = -1e30 if value is False else float(value)
         if self.ignore_eos:
             bias.update(dict.fromkeys(eog, -1e30))
         sampling = SamplerConfig(
@@ -243,16 +251,22 @@ def _final(run: ChatRun, body: CompletionIn, end: End, index: int, streamed: boo
 async def _start(state: ServerState, body: CompletionIn, prompts: list[str | list[int]]) -> list[ChatRun]:
     model_id = await state.ensure_loaded(body.model or None)
     eog = state.runtime.model_info(model_id).get("eog_tokens") or []
-    params = body.params(eog)
+
+    def tokenize(text: str) -> list[int]:
+        return state.runtime.tokenize(model_id, text, add_special=False, parse_special=False)
+
+    params = await asyncio.to_thread(body.params, eog, tokenize)
     schema: Any = body.json_schema
     if body.grammar is not None and schema is not None:
         raise InvalidInputError("give either grammar or json_schema, not both")
     if body.grammar is not None:
         params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=body.grammar))
     runs: list[ChatRun] = []
+    state.check_choices(model_id, len(prompts))
     try:
-        for prompt in prompts:
-            runs.extend(await start_text(state, body.model or "", prompt, params, response_schema=schema))
+        async with state.fanout(model_id, len(prompts)):
+            for prompt in prompts:
+                runs.extend(await start_text(state, body.model or "", prompt, params, response_schema=schema))
     except BaseException:
         for run in runs:
             run.close()
@@ -430,7 +444,7 @@ async def slots(request: Request) -> Any:
 @router.post("/slots/{slot_id}")
 async def slot_action(slot_id: int) -> JSONResponse:
     return error_response(
-        501, "slot save / restore / erase is not supported: erllama's KV cache saves and restores every prompt"
+        400, "slot save / restore / erase is not supported: erllama's KV cache saves and restores every prompt"
     )
 
 

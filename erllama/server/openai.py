@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
-from erllama.errors import ErllamaError, InvalidInputError
+from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion, TokenLogprob
 from erllama.server.chat import (
     ChatRun,
@@ -232,6 +232,8 @@ class ChatCompletionRequest(_Sampling):
     def continues(self) -> bool:
         """Whether the reply continues a final assistant message: when asked (``continue_final_message``, vLLM's
         name), or, as llama-server does, when the conversation ends with one and a new turn is not asked for."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidInputError("continue_final_message and add_generation_prompt cannot both be true")
         if self.continue_final_message is not None:
             return self.continue_final_message
         return self.messages[-1].role == "assistant" and self.add_generation_prompt is not True
@@ -290,8 +292,12 @@ def map_error(exc: BaseException) -> JSONResponse:
     """An exception of the one tree, as OpenAI reports it."""
     f = failure(exc)
     status, kind, param, code = _FAILURES[f.kind]
-    if f.code == "context_length_exceeded":
+    if isinstance(f.exc, PromptTooLongError):
         param = "messages"
+        # llama-server's fields too (its clients read them to trim the conversation)
+        body = {"error": {"message": f.message, "type": kind, "param": param, "code": f.code,
+                          "n_prompt_tokens": f.exc.prompt_tokens, "n_ctx": f.exc.n_ctx}}  # fmt: skip
+        return JSONResponse(body, status_code=status, headers=f.headers)
     return error_response(status, f.message, kind, param, f.code or code, headers=f.headers)
 
 
@@ -501,21 +507,25 @@ async def _merged(runs: list[ChatRun]) -> AsyncIterator[tuple[int, Event]]:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    prompts = body.prompts()
     n_scored = body.logprobs if body.echo and body.logprobs is not None else None
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's documented default
     runs: list[ChatRun] = []
     echoes: list[tuple[str, list[Scored]]] = []
-    params = body.params(max_tokens)
-    if body.grammar:
-        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=body.grammar))
     try:
+        prompts = body.prompts()
+        params = body.params(max_tokens)
+        if body.grammar:
+            params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=body.grammar))
         if body.grammar and body.json_schema is not None:
             raise InvalidInputError("give either grammar or json_schema, not both")
-        for prompt in prompts:
-            model_id = await state.ensure_loaded(body.model)
-            echoes.append(await _echo(state, model_id, prompt, n_scored) if body.echo else ("", []))
-            runs.extend(await start_text(state, body.model, prompt, params, response_schema=body.json_schema, n=body.n))
+        model_id = await state.ensure_loaded(body.model)
+        state.check_choices(model_id, len(prompts) * body.n)
+        async with state.fanout(model_id, len(prompts) * body.n):
+            for prompt in prompts:
+                echoes.append(await _echo(state, model_id, prompt, n_scored) if body.echo else ("", []))
+                runs.extend(
+                    await start_text(state, body.model, prompt, params, response_schema=body.json_schema, n=body.n)
+                )
     except ErllamaError as exc:
         for run in runs:
             run.close()
@@ -658,7 +668,7 @@ async def _chat_sse(
         return _data(chunk([choice]))
 
     for index in range(len(runs)):
-        yield delta(index, {"role": "assistant", "content": ""}, None)
+        yield delta(index, {"role": "assistant", "content": None}, None)  # null, as llama-server sends it
     done: list[Completion] = []
     async for index, event in _merged(runs):
         if isinstance(event, Text):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -22,6 +23,7 @@ __all__ = ["ManagedSource", "ModelSource", "ServerConfig", "ServerState"]
 
 log = logging.getLogger("erllama.server")
 
+_FANOUT_HELD: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("fanout", default=frozenset())
 _FOREVER_S = 1e9  # a keep-alive this long (about 31 years) or longer means "never unload"
 
 
@@ -327,16 +329,30 @@ class ServerState:
         """Requests the model runs at once."""
         return self._gate(model_id).limit
 
+    def check_choices(self, model_id: str, n: int) -> None:
+        """A request's replies (prompts x ``n``) all run at once, each in a slot: no more than the model has.
+        Raises InvalidInputError (more would wait for slots that only their own request frees)."""
+        limit = self.slots(model_id)
+        if n > limit:
+            raise InvalidInputError(
+                f"the request asks for {n} replies (prompts x n); this model runs {limit} at once: send fewer"
+            )
+
     @contextlib.asynccontextmanager
     async def fanout(self, model_id: str, n: int) -> AsyncIterator[None]:
         """Held while a request takes ``n`` slots one by one (OpenAI's ``n``): two such requests cannot each hold
         part of the slots the other waits for. Single-slot requests never wait on it."""
-        if n <= 1:
+        held = _FANOUT_HELD.get()
+        if n <= 1 or model_id in held:  # one slot, or already held by this request (a list of prompts)
             yield
             return
         lock = self._fanouts.setdefault(model_id, asyncio.Lock())
         async with lock:
-            yield
+            token = _FANOUT_HELD.set(held | {model_id})
+            try:
+                yield
+            finally:
+                _FANOUT_HELD.reset(token)
 
     def queue_depth(self, model_id: str) -> tuple[int, int]:
         """(waiting, running) requests of a model."""

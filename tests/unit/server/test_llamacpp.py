@@ -59,7 +59,7 @@ def test_props_slots_and_routes_without_v1(srt: Runtime) -> None:
     assert props["infill"] is False
     slots = request(srt, "GET", "/slots?model=plain").json()
     assert [s["id"] for s in slots] == [0, 1]
-    assert request(srt, "POST", "/slots/0?action=save", json={}).status_code == 501
+    assert request(srt, "POST", "/slots/0?action=save", json={}).status_code == 400
     chat = request(
         srt, "POST", "/chat/completions", json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]}
     )
@@ -100,3 +100,28 @@ def test_the_only_model_answers_requests_that_name_none(srt: Runtime) -> None:
     assert asyncio.run(go(ServerConfig())) == [200, 404]  # default: a missing name only
     assert asyncio.run(go(ServerConfig(model_fallback="any"))) == [200, 200]
     assert asyncio.run(go(ServerConfig(model_fallback="none"))) == [400, 404]
+
+
+def test_more_replies_than_slots_are_refused_not_deadlocked(srt: Runtime) -> None:
+    # every reply of a request runs at once, each in a slot: a request asking for more than the model has would
+    # wait for slots only its own replies free (it hung until the queue timeout)
+    three = ["user: a", "user: b", "user: c"]  # the stub models have 2 sequences
+    r = request(srt, "POST", "/v1/completions", json={"model": "plain", "prompt": three, "max_tokens": 2})
+    assert r.status_code == 400
+    assert "runs 2 at once" in r.json()["error"]["message"]
+    r = request(srt, "POST", "/completion", json={"model": "plain", "prompt": three, "n_predict": 2})
+    assert r.status_code == 400
+    two = request(srt, "POST", "/v1/completions", json={"model": "plain", "prompt": three[:2], "max_tokens": 2})
+    assert [c["index"] for c in two.json()["choices"]] == [0, 1]
+
+
+def test_logit_bias_takes_ids_texts_and_bans(srt: Runtime) -> None:
+    base = {"model": "plain", "prompt": "user: long", "n_predict": 6, "temperature": 0.0}  # unscripted: logits
+    free = request(srt, "POST", "/completion", json=base).json()["content"]
+    first = srt.tokenize("plain", free, add_special=False)[0]
+    for bias in ([[first, False]], {str(first): -100}, [[free[:1], False]]):
+        out = request(srt, "POST", "/completion", json={**base, "logit_bias": bias})
+        assert out.status_code == 200, out.text
+        assert out.json()["content"] != free, bias
+    for bad in ([[" i ", "x"]], [[1, [2]]], {"a": None}):
+        assert request(srt, "POST", "/completion", json={**base, "logit_bias": bad}).status_code == 400, bad

@@ -90,7 +90,7 @@ def test_chat_completion_stream_with_usage(rt: Runtime) -> None:
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == 10
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
     plain = call(rt, "POST", "/v1/chat/completions", json={**body, "stream": False}).json()
     assert text == plain["choices"][0]["message"]["content"]
 
@@ -127,7 +127,7 @@ def test_stop_sequences_end_the_reply(rt: Runtime) -> None:
     assert cut["finish_reason"] == "stop"
     assert cut["message"]["content"] == free[: free.index(stop)]
     streamed = sse_events(call(rt, "POST", "/v1/chat/completions", json={**body, "stop": [stop], "stream": True}))
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in streamed[:-1] if c["choices"])
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed[:-1] if c["choices"])
     assert text == cut["message"]["content"], "text held back for a possible stop is streamed at the end"
 
 
