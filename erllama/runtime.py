@@ -539,6 +539,10 @@ class Runtime:
 
         def run(b: ModelBackend, seq_id: int) -> list[float]:
             tokens = b.tokenize(prompt, parse_special=True) if isinstance(prompt, str) else list(prompt)
+            if len(tokens) > b.info.n_ctx_seq:
+                raise InvalidInputError(
+                    f"input of {len(tokens)} tokens is too large for the {b.info.n_ctx_seq}-token context"
+                )
             return [float(x) for x in b.embed(seq_id, tokens)]
 
         return self._worker(model_id).call_with_seq(run)

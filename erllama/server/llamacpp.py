@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from erllama._native import SamplerConfig
 from erllama.chat import Message
-from erllama.errors import ErllamaError, InvalidInputError
+from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion, TokenLogprob
 from erllama.server import openai
 from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, fim_markers, fim_prompt, start_text
@@ -47,6 +47,11 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 def map_error(exc: BaseException) -> JSONResponse:
     f = failure(exc)
+    if isinstance(f.exc, PromptTooLongError):
+        e = f.exc
+        error = {"code": 400, "message": f.message, "type": "exceed_context_size_error",
+                 "n_prompt_tokens": e.prompt_tokens, "n_ctx": e.n_ctx}  # fmt: skip
+        return JSONResponse({"error": error}, status_code=400)
     return error_response(_STATUS[f.kind], f.message, f.headers)
 
 
@@ -448,7 +453,23 @@ async def slot_action(slot_id: int) -> JSONResponse:
     )
 
 
-# the OpenAI routes without their /v1 prefix, as llama-server serves them
-router.add_api_route("/chat/completions", openai.chat_completions, methods=["POST"])
+def _as_llama_server(response: Any) -> Any:
+    """An OpenAI route's answer as llama-server gives it on its un-prefixed routes: a prompt over the context is
+    ``exceed_context_size_error`` (with ``n_prompt_tokens`` and ``n_ctx``, which the OpenAI route sends too)."""
+    if isinstance(response, JSONResponse) and response.status_code == 400:
+        body = json.loads(bytes(response.body))
+        if body.get("error", {}).get("code") == "context_length_exceeded":
+            body["error"]["type"] = "exceed_context_size_error"
+            return JSONResponse(body, status_code=400)
+    return response
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Any:
+    """OpenAI's chat completions without the /v1 prefix, as llama-server serves them."""
+    return _as_llama_server(await openai.chat_completions(body, request))
+
+
+# the other OpenAI routes without their /v1 prefix
 router.add_api_route("/embeddings", openai.embeddings, methods=["POST"])
 router.add_api_route("/models", openai.list_models, methods=["GET"])

@@ -133,7 +133,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = ""  # none: the default model answers (ServerConfig.model_fallback)
+    model: str | None = None  # none: the default model answers (ServerConfig.model_fallback)
     max_tokens: Annotated[int | None, Field(ge=0)] = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
@@ -202,7 +202,7 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = ""  # none: the default model answers (ServerConfig.model_fallback)
+    model: str | None = None  # none: the default model answers (ServerConfig.model_fallback)
     input: (
         str
         | Annotated[list[str], Field(min_length=1)]
@@ -411,7 +411,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
         runs = await start_chat_choices(
             state,
-            body.model,
+            body.model or "",
             [m.neutral() for m in body.messages],
             body.params(max_tokens if max_tokens is not None else state.default_max_tokens),
             body.n,
@@ -524,7 +524,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             for prompt in prompts:
                 echoes.append(await _echo(state, model_id, prompt, n_scored) if body.echo else ("", []))
                 runs.extend(
-                    await start_text(state, body.model, prompt, params, response_schema=body.json_schema, n=body.n)
+                    await start_text(
+                        state, body.model or "", prompt, params, response_schema=body.json_schema, n=body.n
+                    )
                 )
     except ErllamaError as exc:
         for run in runs:
@@ -619,7 +621,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     return {
         "object": "list",
         "data": data,
-        "model": body.model,
+        "model": body.model or state.served_name(None),
         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
     }
 

@@ -125,3 +125,43 @@ def test_logit_bias_takes_ids_texts_and_bans(srt: Runtime) -> None:
         assert out.json()["content"] != free, bias
     for bad in ([[" i ", "x"]], [[1, [2]]], {"a": None}):
         assert request(srt, "POST", "/completion", json={**base, "logit_bias": bad}).status_code == 400, bad
+
+
+def test_null_model_names_and_embeddings_over_the_context(srt: Runtime) -> None:
+    import asyncio
+
+    import httpx
+
+    from erllama.server import create_app
+
+    n_ctx = int(srt.model_info("plain")["n_ctx_seq"])
+
+    async def go() -> list[httpx.Response]:
+        app = create_app(srt, {"plain": "plain"})
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            msgs = [{"role": "user", "content": "hi"}]
+            chat = await c.post("/chat/completions", json={"model": None, "messages": msgs, "max_tokens": 2})
+            long = await c.post("/v1/embeddings", json={"model": None, "input": "x" * (n_ctx + 10)})
+            return [chat, long]
+
+    chat, long = asyncio.run(go())
+    assert chat.status_code == 200, chat.text  # llama-server's clients send "model": null
+    assert chat.json()["model"] == "plain"
+    assert long.status_code == 400
+    assert "too large" in long.json()["error"]["message"]
+
+
+def test_a_prompt_over_the_context_is_llama_servers_error_on_its_routes(srt: Runtime) -> None:
+    n_ctx = int(srt.model_info("plain")["n_ctx_seq"])
+    text = "y" * (n_ctx + 50)  # the stub: a token per byte
+    native = request(srt, "POST", "/completion", json={"model": "plain", "prompt": text})
+    msgs = [{"role": "user", "content": text}]
+    bare = request(srt, "POST", "/chat/completions", json={"model": "plain", "messages": msgs, "stream": True})
+    v1 = request(srt, "POST", "/v1/chat/completions", json={"model": "plain", "messages": msgs})
+    for r in (native, bare):
+        assert r.status_code == 400
+        assert r.json()["error"]["type"] == "exceed_context_size_error"
+        assert r.json()["error"]["n_prompt_tokens"] > n_ctx
+        assert r.json()["error"]["n_ctx"] == n_ctx
+    assert v1.json()["error"]["type"] == "invalid_request_error"  # OpenAI's own words on /v1
+    assert v1.json()["error"]["code"] == "context_length_exceeded"
