@@ -112,8 +112,10 @@ class CompletionIn(BaseModel):
         else:
             pairs = list(self.logit_bias or ())
         for pair in pairs:
-            ok_value = pair[1] is False or (isinstance(pair[1], int | float) and not isinstance(pair[1], bool))
-            if len(pair) != 2 or not ok_value or isinstance(pair[0], bool) or not isinstance(pair[0], int | str):
+            ok = len(pair) == 2 and not isinstance(pair[0], bool) and isinstance(pair[0], int | str)
+            if ok:
+                ok = pair[1] is False or (isinstance(pair[1], int | float) and not isinstance(pair[1], bool))
+            if not ok:
                 raise InvalidInputError("logit_bias entries are [token id or text, bias or false] pairs")
             token, value = pair
             ids = [token] if isinstance(token, int) else [int(token)] if token.isdigit() else tokenize(token)
