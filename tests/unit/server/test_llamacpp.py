@@ -123,7 +123,8 @@ def test_logit_bias_takes_ids_texts_and_bans(srt: Runtime) -> None:
         out = request(srt, "POST", "/completion", json={**base, "logit_bias": bias})
         assert out.status_code == 200, out.text
         assert out.json()["content"] != free, bias
-    for bad in ([[" i ", "x"]], [[1, [2]]], {"a": None}, [[]], [[1, 2, 3]], [[True, 1]]):
+    bad_biases: list[Any] = [[[" i ", "x"]], [[1, [2]]], {"a": None}, [[]], [[1, 2, 3]], [[True, 1]]]
+    for bad in bad_biases:
         assert request(srt, "POST", "/completion", json={**base, "logit_bias": bad}).status_code == 400, bad
 
 
