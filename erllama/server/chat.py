@@ -410,9 +410,23 @@ _FIM_MARKERS = (
 )
 
 
+_FIM_FOUND: dict[str, tuple[int, int, int] | None] = {}  # model fingerprint -> its markers
+
+
 def fim_markers(state: ServerState, model_id: str) -> tuple[int, int, int] | None:
     """The model's fill-in-the-middle tokens (prefix, suffix, middle), or None when it has none: each marker must
-    be one special token of its vocabulary."""
+    be one special token of its vocabulary. Looked up once per model file (an editor's infill plugin calls /infill
+    on every keystroke; each lookup is a few tokenize calls on the model's worker)."""
+    fingerprint = str(state.runtime.model_info(model_id).get("fingerprint") or "")
+    if fingerprint and fingerprint in _FIM_FOUND:
+        return _FIM_FOUND[fingerprint]
+    found = _find_fim_markers(state, model_id)
+    if fingerprint:
+        _FIM_FOUND[fingerprint] = found
+    return found
+
+
+def _find_fim_markers(state: ServerState, model_id: str) -> tuple[int, int, int] | None:
     rt = state.runtime
     for trio in _FIM_MARKERS:
         ids = []

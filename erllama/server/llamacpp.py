@@ -406,11 +406,16 @@ async def apply_template(body: TemplateIn, request: Request) -> Any:
     return {"prompt": prepared.prompt}
 
 
+async def _queried_model(state: ServerState, request: Request) -> str:
+    """The model id a GET asks about (``?model=``, else the default model)."""
+    return await state.ensure_loaded(request.query_params.get("model") or None)
+
+
 @router.get("/props")
 async def props(request: Request) -> Any:
     state = _state(request)
     try:
-        model_id = await state.ensure_loaded(request.query_params.get("model") or None)
+        model_id = await _queried_model(state, request)
     except ErllamaError as exc:
         return map_error(exc)
     info = state.runtime.model_info(model_id)
@@ -425,7 +430,7 @@ async def props(request: Request) -> Any:
         "bos_token": str(info.get("bos_text", "")),
         "eos_token": str(info.get("eos_text", "")),
         "modalities": {"vision": False, "audio": False},
-        "infill": fim_markers(state, model_id) is not None,
+        "infill": await asyncio.to_thread(fim_markers, state, model_id) is not None,
         "build_info": "erllama",
     }
 
@@ -436,7 +441,7 @@ async def slots(request: Request) -> Any:
     slot to pin, save or restore: the KV cache does that for every prompt)."""
     state = _state(request)
     try:
-        model_id = await state.ensure_loaded(request.query_params.get("model") or None)
+        model_id = await _queried_model(state, request)
     except ErllamaError as exc:
         return map_error(exc)
     info = state.runtime.model_info(model_id)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from erllama._native.text import utf8
 from erllama.chat import ChatEngine
 from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
 from erllama.runtime import Runtime
@@ -193,6 +194,7 @@ class ServerState:
             if fallback is None:
                 raise InvalidInputError("a model name is required")
             return fallback
+        utf8(name, "the model name")  # a lone surrogate: a 400 (it would not even fit in the error's JSON)
         served = self.canonical(name)
         if served in self._loaded or (self.source is not None and served in self.source.available()):
             return served

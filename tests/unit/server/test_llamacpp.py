@@ -166,3 +166,11 @@ def test_a_prompt_over_the_context_is_llama_servers_error_on_its_routes(srt: Run
         assert r.json()["error"]["n_ctx"] == n_ctx
     assert v1.json()["error"]["type"] == "invalid_request_error"  # OpenAI's own words on /v1
     assert v1.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_model_name_that_is_not_unicode_is_a_400(srt: Runtime) -> None:
+    # a lone surrogate: the unknown-model error that named it could not even be encoded (a 500, found by the fuzz)
+    body = '{"model": "\\ud800", "input": "hello"}'
+    r = request(srt, "POST", "/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "not valid Unicode" in r.json()["error"]["message"]
