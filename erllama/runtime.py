@@ -518,6 +518,11 @@ class Runtime:
             lambda b: b.tokenize(text, add_special=add_special, parse_special=parse_special)
         )
 
+    def token_pieces(self, model_id: str, tokens: Sequence[int], *, special: bool = True) -> list[bytes]:
+        """The bytes each token renders as (a piece may be part of a UTF-8 character), in one worker call."""
+        toks = [int(t) for t in tokens]
+        return self._worker(model_id).call(lambda b: [b.token_to_piece(t, special=special) for t in toks])
+
     def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
         toks = [int(t) for t in tokens]
         pieces = self._worker(model_id).call(lambda b: b"".join(b.token_to_piece(t) for t in toks))

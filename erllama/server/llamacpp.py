@@ -367,8 +367,8 @@ async def tokenize(body: TokenizeIn, request: Request) -> Any:
         if not body.with_pieces:
             return {"tokens": tokens}
         pieces = []
-        for token in tokens:
-            raw = await asyncio.to_thread(_piece, state, model_id, token)
+        raws = await asyncio.to_thread(rt.token_pieces, model_id, tokens)
+        for token, raw in zip(tokens, raws, strict=True):
             try:
                 pieces.append({"id": token, "piece": raw.decode("utf-8")})
             except UnicodeDecodeError:  # part of a multi-byte character: its bytes, as llama-server gives them
@@ -376,11 +376,6 @@ async def tokenize(body: TokenizeIn, request: Request) -> Any:
     except ErllamaError as exc:
         return map_error(exc)
     return {"tokens": pieces}
-
-
-def _piece(state: ServerState, model_id: str, token: int) -> bytes:
-    worker = state.runtime._worker(model_id)
-    return worker.call(lambda b: b.token_to_piece(token, special=True))
 
 
 @router.post("/detokenize")
