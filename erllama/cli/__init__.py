@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
         help="which requests the default model (--model, else the only one) answers: those naming no model"
         " (default), also those naming an unknown one (llama-server's clients), or none",
     )
+    srv.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampler seed of requests that give none, so a prompt samples the same reply each time"
+        " (default: a fresh seed per request)",
+    )
 
     pull = sub.add_parser("pull", parents=[common], help="fetch a model into the store")
     pull.add_argument("source", help="catalog name (smollm2:135m), hf://owner/repo/file.gguf, https:// URL, or path")

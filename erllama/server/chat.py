@@ -34,16 +34,81 @@ __all__ = [
     "Error",
     "Event",
     "Params",
+    "PromptParts",
     "Text",
     "Thinking",
     "collect",
     "fim_prompt",
     "heartbeat",
+    "llama_timings",
+    "resolve_prompt",
+    "split_prompts",
     "start_chat",
     "start_chat_choices",
     "start_text",
     "truncate_embedding",
 ]
+
+
+PromptParts = list[str | int]  # token ids and texts, one prompt (llama-server's mixed arrays)
+
+
+def split_prompts(value: str | Sequence[Any]) -> list[str | PromptParts]:
+    """A prompt field as llama-server reads it: a text; an array of token ids, texts among them or not, is one
+    prompt; any other array is a list of prompts, each a text or such an array."""
+    if isinstance(value, str):
+        return [value]
+
+    def parts(item: Any) -> PromptParts | None:
+        if isinstance(item, list) and all(isinstance(x, str | int) and not isinstance(x, bool) for x in item):
+            return list(item)
+        return None
+
+    if value and any(isinstance(x, int) for x in value):
+        one = parts(list(value))
+        if one is None:
+            raise InvalidInputError("a prompt array holds token ids and texts; a list of prompts holds no token ids")
+        return [one]
+    out: list[str | PromptParts] = []
+    for item in value:
+        p = item if isinstance(item, str) else parts(item)
+        if p is None:
+            raise InvalidInputError("a prompt is a text, an array of token ids and texts, or a list of those")
+        out.append(p)
+    return out
+
+
+def resolve_prompt(state: ServerState, model_id: str, prompt: str | Sequence[str | int]) -> str | list[int]:
+    """A prompt as the runtime takes it: a text, or token ids where the prompt mixed in texts (each tokenized
+    where it stands, special tokens parsed, the model's BOS only before a leading text as for a text prompt).
+    Blocks on the model's worker: call it off the event loop."""
+    if isinstance(prompt, str) or all(isinstance(x, int) for x in prompt):
+        return prompt if isinstance(prompt, str) else [int(x) for x in prompt]
+    tokens: list[int] = []
+    for i, part in enumerate(prompt):
+        if isinstance(part, int):
+            tokens.append(part)
+        else:
+            tokens.extend(state.runtime.tokenize(model_id, part, add_special=i == 0, parse_special=True))
+    return tokens
+
+
+def llama_timings(c: Completion) -> dict[str, Any]:
+    """llama-server's ``timings`` of a finished request (the prompt part counts the tokens computed, not restored)."""
+    s = c.stats
+    prompt_ms, predicted_ms = s.ttft_s * 1e3, s.generate_s * 1e3
+    prompt_n = s.prompt_tokens - s.restored_tokens
+    return {
+        "cache_n": s.restored_tokens,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": prompt_n / s.ttft_s if s.ttft_s else 0.0,
+        "predicted_n": s.generated_tokens,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / s.generated_tokens if s.generated_tokens else 0.0,
+        "predicted_per_second": s.tokens_per_s,
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -298,7 +363,12 @@ async def _start_choices(
 ) -> list[ChatRun]:
     """Start ``n`` runs of one prompt, each in its own queue slot. With ``n > 1`` the prompt is prefilled once
     first and saved, so that every choice restores it from the cache instead of computing it again; a seeded
-    request gives choice ``i`` the seed ``seed + i`` (else all would sample the same reply)."""
+    request gives choice ``i`` the seed ``seed + i`` (else all would sample the same reply). A request without a
+    seed gets the daemon's default seed when it has one (``--seed``)."""
+    if params.sampling.seed is None and state.config.default_seed is not None:
+        params = dataclasses.replace(
+            params, sampling=dataclasses.replace(params.sampling, seed=state.config.default_seed)
+        )
     if n > 1:
         state.check_choices(model_id, n)
         await _prefill(state, model_id, prompt)

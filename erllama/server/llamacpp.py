@@ -27,7 +27,21 @@ from erllama.chat import Message
 from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion, TokenLogprob
 from erllama.server import openai
-from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, fim_markers, fim_prompt, start_text
+from erllama.server.chat import (
+    ChatRun,
+    End,
+    Error,
+    Params,
+    PromptParts,
+    Text,
+    collect,
+    fim_markers,
+    fim_prompt,
+    llama_timings,
+    resolve_prompt,
+    split_prompts,
+    start_text,
+)
 from erllama.server.errors import failure
 from erllama.server.state import ServerState
 
@@ -55,14 +69,26 @@ def map_error(exc: BaseException) -> JSONResponse:
     return error_response(_STATUS[f.kind], f.message, f.headers)
 
 
-Prompt = str | list[int] | list[str | int]
+# a text, token ids mixed with texts, a JSON prompt object ({"prompt_string": ..., "multimodal_data": [...]}),
+# or a list of those
+Prompt = str | list[str | int | list[str | int] | dict[str, Any]] | dict[str, Any]
+
+
+def _json_prompt(item: dict[str, Any]) -> str:
+    """llama-server's JSON prompt object: its text (``prompt_string``); multimodal data is refused (text models)."""
+    if item.get("multimodal_data"):
+        raise InvalidInputError("multimodal_data: this model takes text only (erllama serves text models)")
+    text = item.get("prompt_string")
+    if not isinstance(text, str):
+        raise InvalidInputError("a JSON prompt object needs a prompt_string text")
+    return text
 
 
 class CompletionIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = ""
-    prompt: Prompt | list[Prompt] = ""
+    prompt: Prompt = ""
     n_predict: int = -1
     temperature: Annotated[float, Field(ge=0.0)] = 0.8
     top_k: Annotated[int, Field(ge=0, lt=2**31)] = 40
@@ -77,6 +103,7 @@ class CompletionIn(BaseModel):
     stop: list[str] | None = None
     stream: bool = False
     n_probs: Annotated[int, Field(ge=0, le=20)] = 0
+    post_sampling_probs: bool = False
     cache_prompt: bool = True
     return_tokens: bool = False
     ignore_eos: bool = False
@@ -84,23 +111,14 @@ class CompletionIn(BaseModel):
     json_schema: dict[str, Any] | None = None
     logit_bias: list[list[Any]] | dict[str, float] | None = None
     id_slot: int = -1
+    response_fields: list[str] | None = None
 
-    def prompts(self) -> list[str | list[int]]:
-        """The request's prompts: one text or token array, or a list of them (a list of ints is one prompt)."""
+    def prompts(self) -> list[str | PromptParts]:
+        """The request's prompts (llama-server's reading: :func:`split_prompts`, JSON prompt objects as texts)."""
         p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [[int(x) for x in p if isinstance(x, int)]]
-        out: list[str | list[int]] = []
-        for item in p:
-            if isinstance(item, str):
-                out.append(item)
-            elif isinstance(item, list) and all(isinstance(x, int) for x in item):
-                out.append([int(x) for x in item if isinstance(x, int)])
-            else:
-                raise InvalidInputError("a prompt is a string, a token array, or a list of those (no mixed arrays)")
-        return out
+        if isinstance(p, dict):
+            return [_json_prompt(p)]
+        return split_prompts([_json_prompt(x) if isinstance(x, dict) else x for x in p] if isinstance(p, list) else p)
 
     def params(self, eog: Sequence[int], tokenize: Callable[[str], list[int]]) -> Params:
         """The generation parameters. ``logit_bias`` as llama-server takes it: ``[[token, bias], ...]`` or
@@ -120,9 +138,9 @@ class CompletionIn(BaseModel):
             token, value = pair
             ids = [token] if isinstance(token, int) else [int(token)] if token.isdigit() else tokenize(token)
             for t in ids:
-                bias[t] = -1e30 if value is False else float(value)
+                bias[t] = _BANNED if value is False else float(value)
         if self.ignore_eos:
-            bias.update(dict.fromkeys(eog, -1e30))
+            bias.update(dict.fromkeys(eog, _BANNED))
         sampling = SamplerConfig(
             temperature=self.temperature,
             top_k=self.top_k,
@@ -175,36 +193,24 @@ def _state(request: Request) -> ServerState:
     return state
 
 
-def _probs(lps: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+def _probs(lps: Sequence[TokenLogprob], post_sampling: bool = False) -> list[dict[str, Any]]:
     def one(token: int, piece: bytes, logprob: float) -> dict[str, Any]:
         return {"id": token, "token": piece.decode("utf-8", "replace"), "bytes": list(piece), "logprob": logprob}
 
     return [{**one(lp.token, lp.piece, lp.logprob), "top_logprobs": [one(*t) for t in lp.top]} for lp in lps]
 
 
-def _timings(c: Completion) -> dict[str, Any]:
-    s = c.stats
-    prompt_ms, predicted_ms = s.ttft_s * 1e3, s.generate_s * 1e3
-    prompt_n = s.prompt_tokens - s.restored_tokens
-    return {
-        "cache_n": s.restored_tokens,
-        "prompt_n": prompt_n,
-        "prompt_ms": prompt_ms,
-        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
-        "prompt_per_second": prompt_n / s.ttft_s if s.ttft_s else 0.0,
-        "predicted_n": s.generated_tokens,
-        "predicted_ms": predicted_ms,
-        "predicted_per_token_ms": predicted_ms / s.generated_tokens if s.generated_tokens else 0.0,
-        "predicted_per_second": s.tokens_per_s,
-    }
-
-
-def _settings(body: CompletionIn, n_ctx: int, max_tokens: int) -> dict[str, Any]:
+def _settings(
+    body: CompletionIn, n_ctx: int, max_tokens: int, params: Params | None, seed: int | None
+) -> dict[str, Any]:
+    """``generation_settings`` as llama-server reports them; ``seed`` is the daemon's default (``--seed``) that a
+    request without one samples with, ``logit_bias`` every bias applied (a banned token's bias is null: -inf)."""
+    bias = params.sampling.logit_bias if params is not None else {}
     return {
         "n_predict": body.n_predict,
         "max_tokens": max_tokens,
         "n_ctx": n_ctx,
-        "seed": body.seed if body.seed is not None else -1,
+        "seed": body.seed if body.seed is not None else seed if seed is not None else -1,
         "temperature": body.temperature,
         "top_k": body.top_k,
         "top_p": body.top_p,
@@ -215,12 +221,17 @@ def _settings(body: CompletionIn, n_ctx: int, max_tokens: int) -> dict[str, Any]
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
         "n_probs": body.n_probs,
+        "post_sampling_probs": body.post_sampling_probs,
         "stop": body.stop or [],
         "ignore_eos": body.ignore_eos,
+        "logit_bias": [{"token": t, "bias": None if b <= _BANNED else b} for t, b in bias.items()],
         "stream": body.stream,
         "grammar": body.grammar or "",
         "cache_prompt": True,
     }
+
+
+_BANNED = -1e30  # the bias that bans a token (llama-server's false, ignore_eos); at or below it reads as -inf
 
 
 def _stop_type(c: Completion) -> str:
@@ -229,7 +240,7 @@ def _stop_type(c: Completion) -> str:
     return "limit" if c.finish_reason == "length" else "eos"
 
 
-def _final(run: ChatRun, body: CompletionIn, end: End, index: int, streamed: bool) -> dict[str, Any]:
+def _final(run: ChatRun, body: CompletionIn, params: Params, end: End, index: int, *, streamed: bool) -> dict[str, Any]:
     c = end.completion
     n_ctx = int(run.state.runtime.model_info(run.model_id).get("n_ctx_seq") or 0)
     out: dict[str, Any] = {
@@ -241,21 +252,38 @@ def _final(run: ChatRun, body: CompletionIn, end: End, index: int, streamed: boo
         "model": run.name,
         "tokens_predicted": c.stats.generated_tokens,
         "tokens_evaluated": c.stats.prompt_tokens,
-        "generation_settings": _settings(body, n_ctx, run.started.max_tokens),
+        "generation_settings": _settings(body, n_ctx, run.started.max_tokens, params, run.state.config.default_seed),
         "prompt": "",
         "has_new_line": "\n" in c.reply,
         "truncated": False,
         "stop_type": _stop_type(c),
         "stopping_word": c.stop_sequence or "",
         "tokens_cached": c.stats.prompt_tokens + c.stats.generated_tokens,
-        "timings": _timings(c),
+        "timings": llama_timings(c),
     }
     if body.n_probs and not streamed:
-        out["completion_probabilities"] = _probs(c.logprobs)
-    return out
+        out["completion_probabilities"] = _probs(c.logprobs, body.post_sampling_probs)
+    return _fields(out, body.response_fields) if body.response_fields else out
 
 
-async def _start(state: ServerState, body: CompletionIn, prompts: list[str | list[int]]) -> list[ChatRun]:
+def _fields(out: dict[str, Any], wanted: Sequence[str]) -> dict[str, Any]:
+    """llama-server's ``response_fields``: only these fields, a nested one named by its path (``a/b``) and keyed
+    by it; a field the response lacks is left out."""
+    picked: dict[str, Any] = {}
+    for path in wanted:
+        value: Any = out
+        for part in path.split("/"):
+            if not isinstance(value, dict) or part not in value:
+                break
+            value = value[part]
+        else:
+            picked[path] = value
+    return picked
+
+
+async def _start(
+    state: ServerState, body: CompletionIn, prompts: Sequence[str | Sequence[str | int]]
+) -> tuple[list[ChatRun], Params]:
     model_id = await state.ensure_loaded(body.model or None)
     eog = state.runtime.model_info(model_id).get("eog_tokens") or []
 
@@ -272,32 +300,35 @@ async def _start(state: ServerState, body: CompletionIn, prompts: list[str | lis
     state.check_choices(model_id, len(prompts))
     try:
         async with state.fanout(model_id, len(prompts)):
-            for prompt in prompts:
+            for given in prompts:
+                prompt = await asyncio.to_thread(resolve_prompt, state, model_id, given)
                 runs.extend(await start_text(state, body.model or "", prompt, params, response_schema=schema))
     except BaseException:
         for run in runs:
             run.close()
         raise
-    return runs
+    return runs, params
 
 
-async def _complete(request: Request, body: CompletionIn, prompts: list[str | list[int]]) -> Any:
+async def _complete(request: Request, body: CompletionIn, prompts: Sequence[str | Sequence[str | int]]) -> Any:
     state = _state(request)
     if not prompts or any(not p for p in prompts):
         return error_response(400, "the prompt is empty")
     try:
-        runs = await _start(state, body, prompts)
+        runs, params = await _start(state, body, prompts)
     except ErllamaError as exc:
         return map_error(exc)
     if body.stream:
-        return StreamingResponse(_sse(runs, body), media_type="text/event-stream", headers=_NO_BUFFER)
+        return StreamingResponse(_sse(runs, body, params), media_type="text/event-stream", headers=_NO_BUFFER)
     try:
         ends = [await collect(run, request) for run in runs]
     except ErllamaError as exc:
         for run in runs:
             run.close()
         return map_error(exc)
-    results = [_final(run, body, end, i, streamed=False) for i, (run, end) in enumerate(zip(runs, ends, strict=True))]
+    results = [
+        _final(run, body, params, end, i, streamed=False) for i, (run, end) in enumerate(zip(runs, ends, strict=True))
+    ]
     return results[0] if len(results) == 1 else results
 
 
@@ -308,7 +339,7 @@ def _data(body: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _sse(runs: list[ChatRun], body: CompletionIn) -> AsyncIterator[bytes]:
+async def _sse(runs: list[ChatRun], body: CompletionIn, params: Params) -> AsyncIterator[bytes]:
     for index, run in enumerate(runs):  # prompts of one request are streamed one after the other
         async for event in run.events():
             if isinstance(event, Text):
@@ -320,10 +351,10 @@ async def _sse(runs: list[ChatRun], body: CompletionIn) -> AsyncIterator[bytes]:
                     "id_slot": index,
                 }
                 if body.n_probs:
-                    chunk["completion_probabilities"] = _probs(event.logprobs)
+                    chunk["completion_probabilities"] = _probs(event.logprobs, body.post_sampling_probs)
                 yield _data(chunk)
             elif isinstance(event, End):
-                yield _data(_final(run, body, event, index, streamed=True))
+                yield _data(_final(run, body, params, event, index, streamed=True))
             elif isinstance(event, Error):
                 f = failure(event.error)
                 code = _STATUS[f.kind]
@@ -417,7 +448,10 @@ async def props(request: Request) -> Any:
     n_ctx = int(info.get("n_ctx_seq") or 0)
     template = state.chat.template(model_id)
     return {
-        "default_generation_settings": {"n_ctx": n_ctx, "params": _settings(CompletionIn(), n_ctx, n_ctx)},
+        "default_generation_settings": {
+            "n_ctx": n_ctx,
+            "params": _settings(CompletionIn(), n_ctx, n_ctx, None, state.config.default_seed),
+        },
         "total_slots": state.slots(model_id),
         "model_alias": state.served_name(None) if state.default_model() else "",
         "model_path": str(info.get("path") or info.get("gguf_path") or ""),
@@ -473,5 +507,6 @@ async def chat_completions(body: openai.ChatCompletionRequest, request: Request)
 
 
 # the other OpenAI routes without their /v1 prefix
+router.add_api_route("/chat/completions/input_tokens", openai.chat_input_tokens, methods=["POST"])
 router.add_api_route("/embeddings", openai.embeddings, methods=["POST"])
 router.add_api_route("/models", openai.list_models, methods=["GET"])

@@ -31,8 +31,12 @@ from erllama.server.chat import (
     Error,
     Event,
     Params,
+    PromptParts,
     Text,
     collect,
+    llama_timings,
+    resolve_prompt,
+    split_prompts,
     start_chat_choices,
     start_text,
     truncate_embedding,
@@ -122,8 +126,11 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    schema_: Any = Field(default=None, alias="schema")  # llama-server's extension: json_object with a schema
 
 
 class StreamOptions(BaseModel):
@@ -203,18 +210,14 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # none: the default model answers (ServerConfig.model_fallback)
-    input: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
-        | Annotated[list[int], Field(min_length=1)]
-        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
-    )
+    # OpenAI's forms (a text, texts, token ids, token arrays) and llama-server's arrays mixing ids and texts
+    input: str | Annotated[list[str | int | Annotated[list[str | int], Field(min_length=1)]], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int | None, Field(ge=1)] = None
 
-    def inputs(self) -> list[str | list[int]]:
+    def inputs(self) -> list[str | PromptParts]:
         """The texts or token arrays to embed, one vector each."""
-        return _items(self.input)
+        return split_prompts(self.input)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -228,6 +231,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
+    timings_per_token: bool = False  # llama-server's extensions: its timings in the stream's last chunks,
+    verbose: bool = False  # and the rendered prompt (``__verbose``) in a reply
 
     def continues(self) -> bool:
         """Whether the reply continues a final assistant message: when asked (``continue_final_message``, vLLM's
@@ -235,8 +240,12 @@ class ChatCompletionRequest(_Sampling):
         if self.continue_final_message and self.add_generation_prompt:
             raise InvalidInputError("continue_final_message and add_generation_prompt cannot both be true")
         if self.continue_final_message is not None:
-            return self.continue_final_message
-        return self.messages[-1].role == "assistant" and self.add_generation_prompt is not True
+            continues = self.continue_final_message
+        else:
+            continues = self.messages[-1].role == "assistant" and self.add_generation_prompt is not True
+        if continues and len(self.messages) > 1 and self.messages[-2].role == "assistant":
+            raise InvalidInputError("the reply continues the last assistant message: the one before cannot be one too")
+        return continues
 
     def n_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -258,7 +267,11 @@ class ChatCompletionRequest(_Sampling):
         if rf is None or rf.type == "text":
             return None
         if rf.type == "json_object":
-            return dict(JSON_OBJECT_SCHEMA)
+            if rf.schema_ is None:
+                return dict(JSON_OBJECT_SCHEMA)
+            if not isinstance(rf.schema_, dict):
+                raise InvalidInputError("response_format schema must be a JSON schema object")
+            return rf.schema_
         if rf.json_schema is None:
             raise InvalidInputError("response_format json_schema needs a json_schema object")
         return rf.json_schema.schema_ or dict(JSON_OBJECT_SCHEMA)
@@ -429,7 +442,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _chat_sse(runs, ident, created, model, include_usage=usage, logprobs=body.logprobs),
+            _chat_sse(
+                runs, ident, created, model, include_usage=usage, logprobs=body.logprobs, timings=body.timings_per_token
+            ),
             media_type="text/event-stream",
             headers=_NO_BUFFER,
         )
@@ -452,7 +467,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 "finish_reason": _finish_reason(end.completion, end.result),
             }
         )
-    return {
+    out: dict[str, Any] = {
         "id": ident,
         "object": "chat.completion",
         "created": created,
@@ -461,6 +476,33 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         "choices": choices,
         "usage": _usage([e.completion for e in ends]),
     }
+    if body.timings_per_token:
+        out["timings"] = llama_timings(ends[0].completion)
+    if body.verbose and runs[0].prepared is not None:
+        out["__verbose"] = {"prompt": runs[0].prepared.prompt, "template": runs[0].prepared.template}
+    return out
+
+
+@router.post("/v1/chat/completions/input_tokens")
+async def chat_input_tokens(body: ChatCompletionRequest, request: Request) -> Any:
+    """llama-server's count of the prompt a chat request would run (``{"input_tokens": n}``), nothing generated."""
+    state: ServerState = request.app.state.erllama
+    try:
+        model_id = await state.ensure_loaded(body.model)
+        tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
+        prepared = await asyncio.to_thread(
+            state.chat.prepare,
+            model_id,
+            [m.neutral() for m in body.messages],
+            tools=tools,
+            tool_choice=body.choice(),
+            response_schema=body.response_schema(),
+            continue_final=body.continues(),
+        )
+        tokens = await asyncio.to_thread(state.runtime.tokenize, model_id, prepared.prompt, parse_special=True)
+    except ErllamaError as exc:
+        return map_error(exc)
+    return {"input_tokens": len(tokens)}
 
 
 async def _collect_all(runs: list[ChatRun], request: Request) -> list[End]:
@@ -600,11 +642,12 @@ async def _echo(
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     rt = state.runtime
-    inputs = body.inputs()
     try:
+        inputs = body.inputs()
         model_id = await state.ensure_loaded(body.model)
         data, n_tokens = [], 0
-        for i, item in enumerate(inputs):
+        for i, given in enumerate(inputs):
+            item = await asyncio.to_thread(resolve_prompt, state, model_id, given)
             vector = await asyncio.to_thread(rt.embed, model_id, item)
             if isinstance(item, str):
                 n_tokens += len(await asyncio.to_thread(rt.tokenize, model_id, item, parse_special=True))
@@ -648,7 +691,14 @@ _NO_BUFFER = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _chat_sse(
-    runs: list[ChatRun], ident: str, created: int, model: str, *, include_usage: bool, logprobs: bool
+    runs: list[ChatRun],
+    ident: str,
+    created: int,
+    model: str,
+    *,
+    include_usage: bool,
+    logprobs: bool,
+    timings: bool = False,
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {
@@ -662,12 +712,19 @@ async def _chat_sse(
         return {**body, "usage": None} if include_usage else body
 
     def delta(
-        index: int, content: dict[str, Any], finish: str | None, lps: tuple[TokenLogprob, ...] | None = None
+        index: int,
+        content: dict[str, Any],
+        finish: str | None,
+        lps: tuple[TokenLogprob, ...] | None = None,
+        done: Completion | None = None,
     ) -> bytes:
         choice = {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
         if lps is not None:
             choice["logprobs"] = _chat_logprobs(lps)
-        return _data(chunk([choice]))
+        body = chunk([choice])
+        if timings and done is not None:
+            body["timings"] = llama_timings(done)
+        return _data(body)
 
     for index in range(len(runs)):
         yield delta(index, {"role": "assistant", "content": None}, None)  # null, as llama-server sends it
@@ -678,10 +735,13 @@ async def _chat_sse(
         elif isinstance(event, End):
             for i, call in enumerate(_tool_calls(event.result)):
                 yield delta(index, {"tool_calls": [{"index": i, **call}]}, None)
-            yield delta(index, {}, _finish_reason(event.completion, event.result))
+            yield delta(index, {}, _finish_reason(event.completion, event.result), done=event.completion)
             done.append(event.completion)
         elif isinstance(event, Error):  # an error after the 200 went out
             yield _data(_stream_error(event.error))
     if include_usage and done:
-        yield _data({**chunk([]), "usage": _usage(done)})
+        last = {**chunk([]), "usage": _usage(done)}
+        if timings:
+            last["timings"] = llama_timings(done[0])
+        yield _data(last)
     yield b"data: [DONE]\n\n"

@@ -51,6 +51,8 @@ class ServerConfig:
             model there is; with several and none pinned there is no default): ``missing`` (the default), a
             request that names no model, as llama-server answers; ``any``, also one naming a model that does not
             exist (llama-server's clients send any name); ``none``, every request must name a model.
+        default_seed: the sampler seed of a request that gives none (llama-server's ``--seed``): the same prompt
+            and settings then sample the same reply, streamed or not. None (the default): a fresh seed each time.
     """
 
     api_key: str | None = None
@@ -65,6 +67,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     model_fallback: Literal["missing", "any", "none"] = "missing"
+    default_seed: int | None = None
 
 
 class ModelSource(Protocol):

@@ -11,7 +11,7 @@ from tests.unit.server.conftest import GREETING, request
 
 
 def _sse(text: str) -> list[dict[str, Any]]:
-    return [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: ")]
+    return [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: ") and b != "data: [DONE]"]
 
 
 def test_completion_reports_llama_server_fields(srt: Runtime) -> None:
@@ -174,3 +174,100 @@ def test_a_model_name_that_is_not_unicode_is_a_400(srt: Runtime) -> None:
     r = request(srt, "POST", "/v1/embeddings", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert "not valid Unicode" in r.json()["error"]["message"]
+
+
+def test_the_daemons_seed_makes_unseeded_requests_repeatable(srt: Runtime) -> None:
+    from erllama.server import ServerConfig
+
+    seeded = ServerConfig(default_seed=7)
+    body = {"model": "plain", "prompt": "user: a long story", "n_predict": 16, "temperature": 1.5}
+    first = request(srt, "POST", "/completion", seeded, json=body).json()
+    streamed = _sse(request(srt, "POST", "/completion", seeded, json={**body, "stream": True}).text)
+    assert "".join(c["content"] for c in streamed[:-1]) == first["content"]
+    assert first["generation_settings"]["seed"] == streamed[-1]["generation_settings"]["seed"] == 7
+    # the same as asking for seed 7 explicitly; another seed samples another reply
+    explicit = request(srt, "POST", "/completion", json={**body, "seed": 7}).json()
+    assert explicit["content"] == first["content"]
+    other = request(srt, "POST", "/completion", seeded, json={**body, "seed": 8}).json()
+    assert other["content"] != first["content"]
+    assert (
+        request(srt, "GET", "/props?model=plain", seeded).json()["default_generation_settings"]["params"]["seed"] == 7
+    )
+    assert request(srt, "GET", "/props?model=plain").json()["default_generation_settings"]["params"]["seed"] == -1
+
+
+def test_prompts_mix_token_ids_texts_and_json_objects(srt: Runtime) -> None:
+    text = "user: say hi"
+    ids = srt.tokenize("plain", text, parse_special=True)
+    tail = srt.tokenize("plain", " again", add_special=False, parse_special=True)
+
+    def run(prompt: Any) -> Any:
+        r = request(srt, "POST", "/completion", json={"model": "plain", "prompt": prompt, "n_predict": 4})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    one = run([*ids, " again"])  # one prompt: ids, then a text tokenized where it stands (no BOS in the middle)
+    assert one["tokens_evaluated"] == len(ids) + len(tail)
+    batch = run([ids, {"prompt_string": text}])  # two prompts: ids and a JSON prompt object
+    assert [b["content"] for b in batch] == [run(text)["content"]] * 2
+    assert [b["tokens_evaluated"] for b in batch] == [len(ids)] * 2
+    assert run({"prompt_string": text})["content"] == batch[0]["content"]
+    bad = [{"prompt_string": text, "multimodal_data": ["aGk="]}, {"text": text}, [ids, 5], [[1.5]]]
+    for prompt in bad:
+        r = request(srt, "POST", "/completion", json={"model": "plain", "prompt": prompt})
+        assert r.status_code in (400, 422), (prompt, r.text)
+        assert "error" in r.json() or "detail" in r.json()
+    # embeddings take the same mixed arrays (llama-server's leniency on the OpenAI route)
+    mixed = request(srt, "POST", "/v1/embeddings", json={"model": "plain", "input": [[*ids, " again"], text]}).json()
+    assert mixed["data"][0]["embedding"] == srt.embed("plain", [*ids, *tail])
+    assert mixed["data"][1]["embedding"] == srt.embed("plain", text)
+    assert mixed["usage"]["prompt_tokens"] == len(ids) * 2 + len(tail)
+
+
+def test_response_fields_and_the_logit_bias_ignore_eos_applies(srt: Runtime) -> None:
+    body = {"model": "plain", "prompt": "user: say hi", "n_predict": 4}
+    picked = request(srt, "POST", "/completion", json={**body, "response_fields": ["content", "timings/predicted_n"]})
+    assert set(picked.json()) == {"content", "timings/predicted_n"}
+    assert picked.json()["timings/predicted_n"] == 4
+    eog = srt.model_info("plain")["eog_tokens"]
+    ignoring = request(srt, "POST", "/completion", json={**body, "ignore_eos": True}).json()
+    assert ignoring["generation_settings"]["logit_bias"] == [{"token": t, "bias": None} for t in eog]
+    biased = request(srt, "POST", "/completion", json={**body, "logit_bias": [[5, 1.5]]}).json()
+    assert biased["generation_settings"]["logit_bias"] == [{"token": 5, "bias": 1.5}]
+    assert request(srt, "POST", "/completion", json=body).json()["generation_settings"]["logit_bias"] == []
+
+
+def test_llama_server_chat_extensions(srt: Runtime) -> None:
+    chat = {"model": "plain", "messages": [{"role": "system", "content": "Book"}, {"role": "user", "content": "hi"}]}
+    counted = request(srt, "POST", "/chat/completions/input_tokens", json=chat)
+    assert counted.status_code == 200, counted.text
+    reply = request(srt, "POST", "/chat/completions", json={**chat, "verbose": True}).json()
+    assert "Book" in reply["__verbose"]["prompt"]
+    assert counted.json()["input_tokens"] == reply["usage"]["prompt_tokens"]
+    assert "__verbose" not in request(srt, "POST", "/chat/completions", json=chat).json()
+    # timings_per_token: llama-server's timings ride on the stream's last chunks, not on the first
+    stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = _sse(request(srt, "POST", "/v1/chat/completions", json={**stream, "timings_per_token": True}).text)
+    assert "timings" not in chunks[0]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["timings"]["predicted_n"] == chunks[-1]["usage"]["completion_tokens"]
+    plain = _sse(request(srt, "POST", "/v1/chat/completions", json=stream).text)
+    assert not any("timings" in c for c in plain)
+    # a reply continues the final assistant message: two assistant messages at the end are refused, as there
+    twice = [*chat["messages"], {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    r = request(srt, "POST", "/chat/completions", json={"model": "plain", "messages": twice})
+    assert r.status_code == 400
+    assert "assistant" in r.json()["error"]["message"]
+
+
+def test_json_object_with_a_schema(srt: Runtime) -> None:
+    def ask(fmt: Any) -> Any:
+        msgs = [{"role": "user", "content": "JSON please"}]
+        return request(
+            srt, "POST", "/v1/chat/completions", json={"model": "plain", "messages": msgs, "response_format": fmt}
+        )
+
+    assert ask({"type": "json_object", "schema": {"type": "object"}}).status_code == 200
+    for schema in (123, {"type": "hiccup"}, {"type": 123}):
+        r = ask({"type": "json_object", "schema": schema})
+        assert r.status_code == 400, (schema, r.text)
