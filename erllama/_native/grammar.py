@@ -12,13 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from erllama._native.shim import ffi, shim
-from erllama._native.text import utf8
 from erllama.errors import SchemaError
+from erllama.text import utf8
 
-__all__ = ["JSON_OBJECT_SCHEMA", "json_schema_to_grammar"]
-
-# response_format {"type": "json_object"} / Ollama's format "json": any JSON object
-JSON_OBJECT_SCHEMA: Mapping[str, Any] = {"type": "object"}
+__all__ = ["json_schema_to_grammar"]
 
 
 def _check_patterns(schema: object) -> None:

@@ -20,7 +20,6 @@ import numpy as np
 from erllama._native import errcheck
 from erllama._native.loader import ffi, lib
 from erllama._native.shim import x87_resetter
-from erllama._native.text import utf8
 from erllama.errors import (
     AdapterError,
     ClosedError,
@@ -29,6 +28,7 @@ from erllama.errors import (
     ResourceBusyError,
     TokenIdError,
 )
+from erllama.text import utf8
 
 __all__ = ["LoraAdapter", "Model", "ModelConfig", "ModelInfo"]
 

@@ -5,11 +5,13 @@ forces and parses tool calls; ``engine`` ties them to a runtime.
 """
 
 from erllama.chat.engine import ChatEngine, PreparedChat
+from erllama.chat.schema import JSON_OBJECT_SCHEMA
 from erllama.chat.template import ChatTemplate, TemplateRenderError
 from erllama.chat.tools import ToolStreamFilter, parse_tool_calls
 from erllama.chat.types import ChatResult, Message, Role, Tool, ToolCall, ToolChoice
 
 __all__ = [
+    "JSON_OBJECT_SCHEMA",
     "ChatEngine",
     "ChatResult",
     "ChatTemplate",

@@ -3,11 +3,17 @@
 ``ModelWorker`` serves one backend from one thread with continuous batching and restores / saves sequences through
 its ``CacheLink``; ``Supervisor`` restarts it after crashes; ``Registry`` keeps models by id. The public API over all
 of this is :class:`erllama.runtime.Runtime`.
+
+``LlamaBackend`` (and ``kv_layout_params``) load on first use, so the protocol, the stub and the worker import
+without the native build.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
-from erllama.model.llama import LlamaBackend, kv_layout_params
 from erllama.model.registry import Registry
 from erllama.model.stop import StopMatcher, first_stop
 from erllama.model.stub import StubBackend
@@ -24,6 +30,18 @@ from erllama.model.worker import (
     RequestHandle,
     TokenEvent,
 )
+
+if TYPE_CHECKING:
+    from erllama.model.llama import LlamaBackend, kv_layout_params
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("LlamaBackend", "kv_layout_params"):
+        from erllama.model import llama
+
+        return getattr(llama, name)
+    raise AttributeError(f"module 'erllama.model' has no attribute {name!r}")
+
 
 __all__ = [
     "AdmittedEvent",

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from erllama._native import SamplerConfig
+from erllama.sampling import SamplerConfig
 
 __all__ = ["BackendInfo", "DecodeItem", "ModelBackend", "SamplerConfig", "TokenLogprob", "token_logprob"]
 

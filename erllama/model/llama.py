@@ -12,20 +12,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from erllama._native import (
-    Batch,
-    Context,
-    ContextConfig,
-    LoraAdapter,
-    Model,
-    ModelConfig,
-    Sampler,
-    SamplerConfig,
-    sample_rows,
-)
+from erllama._native import Batch, Context, ContextConfig, LoraAdapter, Model, ModelConfig, Sampler, sample_rows
 from erllama.cache.key import FingerprintMode, fingerprint
 from erllama.errors import InvalidInputError, StateError
 from erllama.model.backend import BackendInfo, DecodeItem
+from erllama.sampling import SamplerConfig
 
 __all__ = ["LlamaBackend", "kv_layout_params"]
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from erllama._native.text import utf8
 from erllama.errors import (
     ContextOverflowError,
     DecodeAbortedError,
@@ -29,6 +28,7 @@ from erllama.errors import (
     TokenIdError,
 )
 from erllama.model.backend import BackendInfo, DecodeItem, SamplerConfig
+from erllama.text import utf8
 
 __all__ = ["StubBackend"]
 

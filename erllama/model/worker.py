@@ -44,7 +44,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from erllama._native.text import Detokenizer
 from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import SavePolicy
@@ -60,6 +59,7 @@ from erllama.errors import (
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.stop import StopMatcher
+from erllama.text import Detokenizer
 
 __all__ = [
     "AdmittedEvent",

@@ -19,10 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from erllama._native import SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
 from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion
+from erllama.sampling import SamplerConfig
 from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, heartbeat, start_chat
 from erllama.server.errors import failure
 from erllama.server.state import ServerState

@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
-from erllama._native import SamplerConfig
-from erllama._native.text import utf8
 from erllama.chat import ChatResult, Message, PreparedChat, Tool, ToolChoice
 from erllama.errors import ErllamaError, InvalidInputError, TokenIdError
 from erllama.runtime import (
@@ -26,7 +24,9 @@ from erllama.runtime import (
     ThinkingDelta,
     TokenLogprob,
 )
+from erllama.sampling import SamplerConfig
 from erllama.server.state import ServerState
+from erllama.text import utf8
 
 __all__ = [
     "ChatRun",

@@ -22,10 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from erllama._native import SamplerConfig
 from erllama.chat import Message
 from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion, TokenLogprob
+from erllama.sampling import SamplerConfig
 from erllama.server import openai
 from erllama.server.chat import (
     ChatRun,

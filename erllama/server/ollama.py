@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 import erllama
-from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
+from erllama.chat.schema import JSON_OBJECT_SCHEMA
 from erllama.chat.tools import new_call_id
 from erllama.errors import ErllamaError, InvalidInputError, UnknownModelError
 from erllama.runtime import Completion, TokenLogprob
+from erllama.sampling import SamplerConfig
 from erllama.server.chat import (
     ChatRun,
     End,

@@ -21,10 +21,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from erllama._native import JSON_OBJECT_SCHEMA, SamplerConfig
 from erllama.chat import ChatResult, Message, Tool, ToolCall
+from erllama.chat.schema import JSON_OBJECT_SCHEMA
 from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion, TokenLogprob
+from erllama.sampling import SamplerConfig
 from erllama.server.chat import (
     ChatRun,
     End,

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from erllama._native.text import utf8
 from erllama.chat import ChatEngine
 from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
 from erllama.runtime import Runtime
 from erllama.server.metrics import Metrics
+from erllama.text import utf8
 
 __all__ = ["ManagedSource", "ModelSource", "ServerConfig", "ServerState"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from erllama._native import Batch, Context, ContextConfig, Model, Sampler, SamplerConfig
+from erllama._native import Batch, Context, ContextConfig, Model, Sampler
 from erllama.errors import (
     ClosedError,
     ContextOverflowError,
@@ -25,6 +25,7 @@ from erllama.errors import (
     ThreadAffinityError,
     TokenIdError,
 )
+from erllama.sampling import SamplerConfig
 from tests.integration.helpers import step
 
 pytestmark = pytest.mark.native

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erllama._native import Batch, Context, ContextConfig, Model, Sampler, SamplerConfig, sample_rows
+from erllama._native import Batch, Context, ContextConfig, Model, Sampler, sample_rows
 from erllama.errors import InvalidInputError, SamplerError
+from erllama.sampling import SamplerConfig
 from tests.integration.helpers import cold_run, step
 
 pytestmark = pytest.mark.native

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from erllama import Runtime
-from erllama._native import JSON_OBJECT_SCHEMA, json_schema_to_grammar
+from erllama._native import json_schema_to_grammar
+from erllama.chat.schema import JSON_OBJECT_SCHEMA
 from erllama.errors import SchemaError
 from erllama.model import LlamaBackend
 

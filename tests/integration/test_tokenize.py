@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from erllama._native import Detokenizer, Model
+from erllama._native import Model
+from erllama.text import Detokenizer
 
 pytestmark = pytest.mark.native
 

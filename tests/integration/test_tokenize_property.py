@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erllama._native import Detokenizer, Model
+from erllama._native import Model
+from erllama.text import Detokenizer
 
 pytestmark = pytest.mark.native
 

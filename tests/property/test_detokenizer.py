@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erllama._native.text import Detokenizer
+from erllama.text import Detokenizer
 
 
 class BytePieces:

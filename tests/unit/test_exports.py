@@ -8,14 +8,14 @@ import inspect
 import pytest
 
 PACKAGES = {
-    "erllama._native": ["batch", "context", "loader", "model", "sampler", "text"],
+    "erllama._native": ["batch", "context", "loader", "model", "sampler"],
     "erllama.testing": ["fetch", "serving", "tiny"],
     "erllama.cache": ["counters", "index", "key", "policy", "store", "tier", "writer"],
     "erllama.pressure": ["sampler", "scheduler"],
     "erllama.model": ["backend", "cachelink", "llama", "registry", "stop", "stub", "supervisor", "think", "worker"],
     "erllama": ["api", "runtime"],
     "erllama.server": ["anthropic", "app", "models", "ollama", "openai", "state"],  # chat, metrics: internal
-    "erllama.chat": ["engine", "template", "tools", "types"],
+    "erllama.chat": ["engine", "schema", "template", "tools", "types"],
 }
 
 

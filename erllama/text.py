@@ -3,7 +3,8 @@
 A byte-fallback vocabulary spells an emoji or a CJK character as several tokens of one byte each, and BPE merges
 can split a character across tokens too. The incremental UTF-8 decoder from ``codecs`` holds back an incomplete
 sequence until its last byte arrives, so every string handed out is whole characters only; bytes that can never
-become valid UTF-8 come out as U+FFFD rather than being dropped or passed through broken.
+become valid UTF-8 come out as U+FFFD rather than being dropped or passed through broken. Pure Python: it reads
+pieces through ``PieceSource`` (a native Model, the stub backend), so it imports without the native build.
 """
 
 from __future__ import annotations
