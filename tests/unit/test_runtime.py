@@ -102,17 +102,24 @@ def test_infer_streams_sync_and_async(rt: Runtime, model: str) -> None:
 def test_async_consumer_that_leaves_cancels_the_request(rt: Runtime) -> None:
     slow = rt.load_model(backend=lambda: stub(step_delay_s=0.002), model_id="slow")
 
-    async def leave_early() -> Completion | None:
+    async def leave_early() -> tuple[Completion | None, int]:
         stream = rt.infer(slow, "go on for a long time", max_tokens=3000)
-        async for event in stream:
+        events = aiter(stream)
+        async for event in events:
             if isinstance(event, TextDelta):
-                break  # a client that disconnects
-        return stream.completion
+                break  # a client that disconnects: the server closes the iterator, the loop runs on
+        await events.aclose()  # type: ignore[attr-defined]
+        # cancelled, not left running: 3000 tokens at 2 ms would hold the sequence for 6 s
+        for _ in range(400):
+            if not rt.in_flight(slow):
+                break
+            await asyncio.sleep(0.005)
+        return stream.completion, rt.in_flight(slow)
 
-    assert asyncio.run(leave_early()) is None
-    # the sequence was freed: two more requests (n_seq_max=2) are served promptly
-    for _ in range(2):
-        assert rt.complete(slow, "next", max_tokens=3, timeout_s=10).finish_reason == "length"
+    assert asyncio.run(leave_early()) == (None, 0)
+    # and its sequence was freed: two more requests (n_seq_max=2) are served together
+    streams = [rt.infer(slow, "next", max_tokens=3) for _ in range(2)]
+    assert [s.result(timeout_s=10).finish_reason for s in streams] == ["length", "length"]
 
 
 def test_cancel_ends_with_cancelled(rt: Runtime) -> None:
