@@ -25,6 +25,7 @@ from erllama.errors import (
     InvalidInputError,
     SeqIdError,
     StateError,
+    ThreadAffinityError,
     TokenIdError,
 )
 from erllama.model.backend import BackendInfo, DecodeItem, SamplerConfig
@@ -111,6 +112,12 @@ class StubBackend:
         if not 0 <= token < N_VOCAB:
             raise TokenIdError(token, N_VOCAB)
 
+    def _check_owner(self) -> None:
+        """Context calls come from the thread that made the backend, as llama.cpp's context requires (the worker's
+        own thread): the stub refuses others the same way, so a test on it catches a call from the wrong thread."""
+        if threading.get_ident() != self._owner:
+            raise ThreadAffinityError("a model backend may only be used by the thread that created it")
+
     def _check_seq(self, seq_id: int) -> None:
         if not 0 <= seq_id < len(self._seqs):
             raise SeqIdError(seq_id, len(self._seqs))
@@ -128,6 +135,7 @@ class StubBackend:
         return logits
 
     def decode(self, items: Sequence[DecodeItem]) -> list[int | None]:
+        self._check_owner()
         total = sum(len(item.tokens) for item in items)
         if total == 0:
             raise InvalidInputError("empty batch")
@@ -164,6 +172,7 @@ class StubBackend:
         return rows
 
     def set_sampler(self, seq_id: int, config: SamplerConfig) -> None:
+        self._check_owner()
         self._check_seq(seq_id)
         for token in config.logit_bias:
             self._check_token(token)
@@ -172,14 +181,17 @@ class StubBackend:
         self._scripted.pop(seq_id, None)
 
     def logits(self, row: int) -> npt.NDArray[np.float32]:
+        self._check_owner()
         if row not in self._rows:
             raise InvalidInputError(f"row {row} of the last batch has no outputs")
         return self._rows[row].astype(np.float32)
 
     def sample_rows(self, picks: Sequence[tuple[int, int]]) -> list[int]:
+        self._check_owner()
         return [self.sample(seq_id, row) for seq_id, row in picks]
 
     def sample(self, seq_id: int, row: int) -> int:
+        self._check_owner()
         self._check_seq(seq_id)
         if row not in self._rows:
             raise InvalidInputError(f"row {row} of the last batch has no outputs")
@@ -210,21 +222,25 @@ class StubBackend:
     # -- sequences and state ----------------------------------------------------------------------------------
 
     def seq_len(self, seq_id: int) -> int:
+        self._check_owner()
         self._check_seq(seq_id)
         return len(self._seqs[seq_id])
 
     def seq_truncate(self, seq_id: int, n_tokens: int) -> None:
+        self._check_owner()
         self._check_seq(seq_id)
         if n_tokens < 0:
             raise InvalidInputError("n_tokens must be >= 0")
         del self._seqs[seq_id][n_tokens:]
 
     def state_get(self, seq_id: int) -> memoryview:
+        self._check_owner()
         self._check_seq(seq_id)
         body = np.asarray(self._seqs[seq_id], dtype="<i4").tobytes()
         return memoryview(_MAGIC + struct.pack("<I", N_VOCAB) + body)
 
     def state_set(self, seq_id: int, blob: bytes | memoryview) -> None:
+        self._check_owner()
         self._check_seq(seq_id)
         data = bytes(blob)
         if len(data) < 8 or data[:4] != _MAGIC or struct.unpack_from("<I", data, 4)[0] != N_VOCAB:
@@ -239,6 +255,7 @@ class StubBackend:
         self._seqs[seq_id] = tokens
 
     def logits_rows(self, seq_id: int, tokens: Sequence[int]) -> Iterator[npt.NDArray[np.float32]]:
+        self._check_owner()
         for token in tokens:
             self._check_token(token)
         for token in tokens:
@@ -246,6 +263,7 @@ class StubBackend:
             yield self._logits(self._seqs[seq_id]).astype(np.float32)
 
     def argmax_rows(self, seq_id: int, tokens: Sequence[int]) -> list[int]:
+        self._check_owner()
         out: list[int] = []
         for token in tokens:
             self.decode([DecodeItem(seq_id, [token], logits=False)])
@@ -253,6 +271,7 @@ class StubBackend:
         return out
 
     def embed(self, seq_id: int, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+        self._check_owner()
         if not tokens:
             raise InvalidInputError("nothing to embed")
         self._check_seq(seq_id)
@@ -264,14 +283,17 @@ class StubBackend:
         return (total / np.linalg.norm(total)).astype(np.float32)
 
     def load_adapter(self, path: str) -> object:
+        self._check_owner()
         if not path:
             raise InvalidInputError("adapter path is empty")
         return ("stub-adapter", path)
 
     def set_adapters(self, adapters: Sequence[tuple[object, float]]) -> None:
+        self._check_owner()
         self.adapters = list(adapters)
 
     def free_adapter(self, handle: object) -> None:
+        self._check_owner()
         pass
 
     def abort(self) -> None:

@@ -408,3 +408,29 @@ def test_a_request_whose_admission_fails_is_answered_and_frees_its_sequence() ->
         assert w.submit([5, 6, 7], max_tokens=2).result(timeout_s=10).finish_reason is FinishReason.LENGTH
     finally:
         w.stop()
+
+
+def test_the_stub_is_bound_to_its_thread_like_a_llama_context() -> None:
+    """A context call from another thread fails on the stub as on llama.cpp's context, so worker tests catch it."""
+    import threading
+
+    from erllama.errors import ThreadAffinityError
+
+    b = StubBackend()
+    (row,) = b.decode([DecodeItem(0, b.tokenize("hi"))])
+    assert row is not None
+    errors: list[BaseException] = []
+
+    def elsewhere() -> None:
+        for call in (lambda: b.sample(0, row), lambda: b.decode([DecodeItem(1, [5])]), lambda: b.state_get(0)):
+            try:
+                call()
+            except ThreadAffinityError as exc:
+                errors.append(exc)
+
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+    assert len(errors) == 3
+    assert b.tokenize("hi") == b.tokenize("hi")  # the vocabulary is not thread-bound (llama.cpp's model is not)
+    assert b.sample(0, row) >= 0  # the owner still can
