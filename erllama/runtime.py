@@ -33,6 +33,7 @@ from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
 from erllama.errors import InvalidInputError, NoGpuError, PromptTooLongError, UnknownModelError
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
+from erllama.model.batching import BatchingConfig
 from erllama.model.registry import Registry
 from erllama.model.supervisor import ModelStatus, Supervisor
 from erllama.model.think import ThinkSplitter
@@ -337,10 +338,12 @@ class Runtime:
         max_restarts: int = 3,
         window_s: float = 60.0,
         batch_wait_s: float = 0.005,
+        batching: BatchingConfig | None = None,
     ) -> str:
         """Load a GGUF (``path``) or a custom backend (``backend``, a factory run on the worker thread) as a
         supervised worker; returns the model id (``model_id`` or a generated one). ``batch_wait_s`` caps how long
-        the worker holds a prefill for requests arriving with it (see ``ModelWorker._gather``; 0 disables)."""
+        the worker holds a prefill for requests arriving with it (see ``ModelWorker._gather``; 0 disables);
+        ``batching`` sets every batching rule instead (:class:`erllama.model.batching.BatchingConfig`)."""
         if (path is None) == (backend is None):
             raise InvalidInputError("load_model needs exactly one of path and backend")
         factory: Callable[[], ModelBackend]
@@ -368,7 +371,7 @@ class Runtime:
             "cache": self.cache,
             "policy": policy or self.policy,
             "salt": salt,
-            "batch_wait_s": batch_wait_s,
+            "batching": BatchingConfig(batch_wait_s=batch_wait_s) if batching is None else batching,
             "adapters": lambda: entry_box[0].adapter_specs() if entry_box else [],
         }
         model_id = self._registry.load(

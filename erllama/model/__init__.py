@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
+from erllama.model.batching import BatchingConfig
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.registry import Registry
 from erllama.model.stop import StopMatcher, first_stop
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AdmittedEvent",
     "BackendInfo",
+    "BatchingConfig",
     "CacheHit",
     "CacheLink",
     "DecodeItem",

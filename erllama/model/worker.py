@@ -19,7 +19,7 @@ as ``parent_key`` it continues that context, and a request whose context extends
 ``session_resume_wait_ms``) for that reply's row rather than computing it again.
 
 Before a tick that only starts prefills, the worker waits a moment for requests arriving with them (dynamic
-batching, bounded by ``batch_wait_s`` and by 1% of the tick's estimated time).
+batching, bounded by ``batch_wait_s`` and by 1% of the tick's estimated time; ``BatchingConfig`` names the rules).
 
 Other threads only enqueue requests, read events and set cancel flags; a cancel is observed at the next tick, i.e.
 within one token or one prefill chunk, and frees the sequence. Phase, queue depth and in-flight count are plain
@@ -57,6 +57,7 @@ from erllama.errors import (
     WorkerStoppedError,
 )
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
+from erllama.model.batching import BatchingConfig
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.stop import StopMatcher
 from erllama.text import Detokenizer
@@ -355,20 +356,6 @@ class _FreeSeqs:
         heapq.heappush(self._heap, seq_id)
 
 
-# A prefill chunk cut by the batch budget is left for the next tick when shorter than this and other prompts are
-# already in the batch: with a KV stream per sequence llama.cpp splits a batch into micro-batches of equal tokens
-# per sequence, so a short extra chunk costs a whole extra micro-batch (a pass over the weights) for a few tokens.
-_MIN_CUT_CHUNK = 64
-
-# A reply that has ended closes (its last token decoded, its row saved) when that costs no one anything: riding along
-# with other sequences' one-token rows, or after this long without a new request, which then goes first.
-_CLOSE_GRACE_S = 0.02
-
-# Dynamic batching: before a tick that only prefills newly admitted prompts and has room left, the worker waits for
-# more requests up to this share of the tick's estimated time (and at most ``batch_wait_s``).
-_GATHER_SHARE = 0.01
-
-
 def _reply_room(n_prompt: int, max_tokens: int | None, n_ctx: int, fit: bool) -> int | None:
     """The reply length a request of ``n_prompt`` context tokens may reach, or None when it does not fit: the
     context's room after the prompt when ``max_tokens`` is None, ``max_tokens`` lowered to that room with ``fit``,
@@ -409,7 +396,7 @@ class ModelWorker:
         adapters: Callable[[], Sequence[tuple[str, str, float]]] | None = None,
         shutdown_save_timeout_s: float = 10.0,
         idle_wait_s: float = 0.05,
-        batch_wait_s: float = 0.005,
+        batching: BatchingConfig | None = None,
         on_exit: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         self.name = name
@@ -423,7 +410,7 @@ class ModelWorker:
         self._adapter_handles: dict[str, object] = {}
         self._shutdown_save_timeout_s = shutdown_save_timeout_s
         self._idle_wait_s = idle_wait_s
-        self._batch_wait_s = batch_wait_s
+        self._batching = batching or BatchingConfig()
         self._s_per_token: float | None = None  # decode seconds per token, from recent prefill-sized ticks
         # finish rows announced but not restorable yet: their context and how much of it was the prompt
         self._finishing: dict[CacheKey, tuple[tuple[int, ...], int]] = {}
@@ -838,18 +825,19 @@ class ModelWorker:
         in turn). Started at the first one, a prefill tick runs it alone, and the rest queue behind a tick that
         could have held them — on a CPU a ~100-token prompt is a tick of hundreds of milliseconds. So before a tick
         that only prefills, has a prompt that has not been fed yet and leaves room in the batch, the worker waits
-        for more requests: at most ``batch_wait_s``, and at most ``_GATHER_SHARE`` of the tick's estimated time,
+        for more requests: at most ``batch_wait_s``, and at most ``gather_share`` of the tick's estimated time,
         so a lone request loses at most that share of its time to first token. No sequence is generating then,
         so no stream waits on it.
         """
-        if self._batch_wait_s <= 0 or self._s_per_token is None or not free:
+        if self._batching.batch_wait_s <= 0 or self._s_per_token is None or not free:
             return
         if any(a.fed >= a.n_prompt for a in active.values()) or all(a.fed > a.hit.prefix_len for a in active.values()):
             return
         n_batch = backend.info.n_batch
         pending = sum(a.n_prompt - a.fed for a in active.values())
-        deadline = time.perf_counter() + min(self._batch_wait_s, _GATHER_SHARE * pending * self._s_per_token)
-        while free and pending + _MIN_CUT_CHUNK <= n_batch and not self._stop.is_set():
+        rules = self._batching
+        deadline = time.perf_counter() + min(rules.batch_wait_s, rules.gather_share * pending * self._s_per_token)
+        while free and pending + rules.min_cut_chunk <= n_batch and not self._stop.is_set():
             with self._wake:
                 left = deadline - time.perf_counter()
                 if not self._inbox and (left <= 0 or self._calls or self._seq_calls):
@@ -867,7 +855,7 @@ class ModelWorker:
         along with its generation instead of holding up its time to first token. True when it waited."""
         if any(a.closing is None for a in active.values()):
             return False
-        left = min(a.t_closing for a in active.values()) + _CLOSE_GRACE_S - time.monotonic()
+        left = min(a.t_closing for a in active.values()) + self._batching.close_grace_s - time.monotonic()
         if left <= 0:
             return False
         _release_held()
@@ -958,7 +946,7 @@ class ModelWorker:
                     end = a.n_prompt if a.fold else a.n_prompt - 1
                     if a.cold_point is not None and a.fed < a.cold_point < end:
                         end = a.cold_point
-                    if prefilling and a.fed + budget < end and budget < _MIN_CUT_CHUNK:
+                    if prefilling and a.fed + budget < end and budget < self._batching.min_cut_chunk:
                         continue  # a scrap of a prompt would cost llama.cpp a micro-batch: next tick instead
                     chunk = a.tokens[a.fed : min(end, a.fed + budget)]
                 items.append(DecodeItem(a.seq_id, chunk, logits=a.fed + len(chunk) == a.n_prompt))
@@ -971,7 +959,7 @@ class ModelWorker:
         t0 = time.perf_counter()
         rows = backend.decode(items)
         per_token = (time.perf_counter() - t0) / max(n_tokens, 1)
-        if n_tokens >= _MIN_CUT_CHUNK:
+        if n_tokens >= self._batching.min_cut_chunk:
             old = self._s_per_token
             self._s_per_token = per_token if old is None else 0.5 * (old + per_token)
         elif self._s_per_token is None:

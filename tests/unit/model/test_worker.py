@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from erllama.errors import DecodeError, InvalidInputError, RequestFailedError, WorkerStoppedError
-from erllama.model import DecodeItem, SamplerConfig, StubBackend
+from erllama.model import BatchingConfig, DecodeItem, SamplerConfig, StubBackend
 from erllama.model.worker import AdmittedEvent, DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
 
 
@@ -333,12 +333,9 @@ def test_stop_sequences_end_and_trim_the_reply(worker: ModelWorker) -> None:
 
 
 @pytest.mark.parametrize("batch_wait_s", [1.0, 0.0])
-def test_requests_arriving_together_share_the_first_prefill_tick(
-    batch_wait_s: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import erllama.model.worker as worker_module
-
-    monkeypatch.setattr(worker_module, "_GATHER_SHARE", 0.5)  # a 200 ms prefill waits up to 100 ms (1% in service)
+def test_requests_arriving_together_share_the_first_prefill_tick(batch_wait_s: float) -> None:
+    # a 200 ms prefill waits up to 100 ms (the default share, 1%, would be 2 ms: too short to test against)
+    rules = BatchingConfig(batch_wait_s=batch_wait_s, gather_share=0.5)
     batches: list[list[tuple[int, int]]] = []
 
     class Recording(StubBackend):
@@ -347,7 +344,7 @@ def test_requests_arriving_together_share_the_first_prefill_tick(
             return super().decode(items)
 
     stub = {"n_seq_max": 3, "n_batch": 512, "eos_bias": -50.0, "step_delay_s": 0.002}
-    w = ModelWorker(lambda: Recording(**stub), name="g", batch_wait_s=batch_wait_s)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Recording(**stub), name="g", batching=rules)  # type: ignore[arg-type]
     w.start()
     try:
         w.submit(StubBackend().tokenize("w" * 100), max_tokens=0).result(timeout_s=10)  # the per-token estimate

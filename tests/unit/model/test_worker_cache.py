@@ -15,7 +15,7 @@ from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
 from erllama.cache.kvc import RowMeta
 from erllama.cache.tier import Payload
 from erllama.errors import InvalidInputError, StateError
-from erllama.model import DecodeItem, StubBackend
+from erllama.model import BatchingConfig, DecodeItem, StubBackend
 from erllama.model.worker import DoneEvent, FinishReason, ModelWorker, TokenEvent
 
 from .test_worker import reference
@@ -550,18 +550,14 @@ def test_a_request_sent_as_a_reply_ends_goes_before_the_replys_closing(store: Ca
     assert first.finish_key in store
 
 
-def test_a_closing_row_that_holds_the_last_free_sequence_rides_the_next_prefill_tick(
-    store: CacheStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_closing_row_that_holds_the_last_free_sequence_rides_the_next_prefill_tick(store: CacheStore) -> None:
     # Two sequences: the first reply is closing on one when two new requests arrive. The first of them takes the
     # other sequence; the closing row then goes with its prefill (not after it), so the sequence is free for the
     # second request when that tick ends, instead of after the next one.
-    from erllama.model import worker as worker_module
-
-    monkeypatch.setattr(worker_module, "_CLOSE_GRACE_S", 10.0)  # the closing waits for the new requests
+    rules = BatchingConfig(close_grace_s=10.0)  # the closing waits for the new requests
     Recording.batches = []
     stub = {**STUB, "n_seq_max": 2}
-    w = ModelWorker(lambda: Recording(**stub), name="rec", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Recording(**stub), name="rec", cache=store, policy=POLICY, batching=rules)  # type: ignore[arg-type]
     w.start()
     try:
         first = w.submit(text("the first request, about one thing"), max_tokens=4).result(timeout_s=10)
