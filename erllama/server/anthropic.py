@@ -298,7 +298,6 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     }
 
 
-PING_PERIOD_S = 10.0  # a ping after this long without an event (a long prefill), as Anthropic's API does
 _SIGNATURE = "erllama-local"  # thinking blocks are not signed by a local model; clients only need the field
 
 
@@ -353,7 +352,7 @@ async def _sse(run: ChatRun, ident: str, model: str) -> AsyncIterator[bytes]:
         open_kind = kind
         return out + _event("content_block_start", {"index": index, "content_block": block})
 
-    async for event in heartbeat(run.events(), PING_PERIOD_S):
+    async for event in heartbeat(run.events(), run.state.config.ping_period_s):
         if event is None:
             yield _event("ping", {})
         elif isinstance(event, Thinking):

@@ -53,6 +53,8 @@ class ServerConfig:
             exist (llama-server's clients send any name); ``none``, every request must name a model.
         default_seed: the sampler seed of a request that gives none (llama-server's ``--seed``): the same prompt
             and settings then sample the same reply, streamed or not. None (the default): a fresh seed each time.
+        ping_period_s: a streamed Anthropic reply sends a ``ping`` after this long without an event (a long
+            prefill), as Anthropic's API does, so proxies and clients do not time the stream out.
     """
 
     api_key: str | None = None
@@ -68,6 +70,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     model_fallback: Literal["missing", "any", "none"] = "missing"
     default_seed: int | None = None
+    ping_period_s: float = 10.0
 
 
 class ModelSource(Protocol):

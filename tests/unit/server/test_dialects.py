@@ -463,14 +463,13 @@ def test_token_logprob_matches_a_direct_log_softmax() -> None:
     assert lp.top[0][2] == pytest.approx(3.0 - lse)
 
 
-def test_anthropic_pings_while_the_prompt_is_prefilled(monkeypatch: pytest.MonkeyPatch) -> None:
-    from erllama.server import anthropic
+def test_anthropic_pings_while_the_prompt_is_prefilled() -> None:
+    from erllama.server import ServerConfig
 
-    monkeypatch.setattr(anthropic, "PING_PERIOD_S", 0.05)
     rt = Runtime()
     rt.load_model(backend=lambda: StubBackend(n_seq_max=1, eos_bias=-50.0, step_delay_s=0.001), model_id="slow")
     try:
-        app = create_app(rt, {"slow": "slow"})
+        app = create_app(rt, {"slow": "slow"}, ServerConfig(ping_period_s=0.05))
         body = {"model": "slow", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "w " * 300}]}
 
         async def go() -> str:
