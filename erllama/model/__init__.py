@@ -16,6 +16,7 @@ from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, Sampler
 from erllama.model.batching import BatchingConfig
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.registry import Registry
+from erllama.model.speculative import verify_draft
 from erllama.model.stop import StopMatcher, first_stop
 from erllama.model.stub import StubBackend
 from erllama.model.supervisor import ModelStatus, Supervisor
@@ -73,4 +74,5 @@ __all__ = [
     "kv_layout_params",
     "namespace_for",
     "token_logprob",
+    "verify_draft",
 ]

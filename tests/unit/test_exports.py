@@ -18,13 +18,14 @@ PACKAGES = {
         "cachelink",
         "llama",
         "registry",
+        "speculative",
         "stop",
         "stub",
         "supervisor",
         "think",
         "worker",
     ],
-    "erllama": ["api", "runtime"],
+    "erllama": ["api", "runtime", "stream"],
     "erllama.server": ["anthropic", "app", "models", "ollama", "openai", "state"],  # chat, metrics: internal
     "erllama.chat": ["engine", "schema", "template", "tools", "types"],
 }
