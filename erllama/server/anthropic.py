@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from erllama.chat import ChatResult, Message, Tool, ToolCall
-from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
+from erllama.errors import InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion
 from erllama.sampling import SamplerConfig
 from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, heartbeat, start_chat
@@ -237,19 +237,16 @@ def _usage(c: Completion) -> dict[str, Any]:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    try:
-        model_id = await state.ensure_loaded(body.model)
-        prepared = await asyncio.to_thread(
-            state.chat.prepare,
-            model_id,
-            body.neutral(),
-            tools=body.tool_list(),
-            tool_choice=body.choice(),
-            continue_final=True,
-        )
-        tokens = await asyncio.to_thread(state.runtime.tokenize, model_id, prepared.prompt, parse_special=True)
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model)
+    prepared = await asyncio.to_thread(
+        state.chat.prepare,
+        model_id,
+        body.neutral(),
+        tools=body.tool_list(),
+        tool_choice=body.choice(),
+        continue_final=True,
+    )
+    tokens = await asyncio.to_thread(state.runtime.tokenize, model_id, prepared.prompt, parse_special=True)
     return {"input_tokens": len(tokens)}
 
 
@@ -258,28 +255,22 @@ async def messages(body: MessagesRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     if len(body.messages) > state.config.max_messages:
         return error_response(400, f"more than {state.config.max_messages} messages")
-    try:
-        run = await start_chat(
-            state,
-            body.model,
-            body.neutral(),
-            body.params(),
-            tools=body.tool_list(),
-            tool_choice=body.choice(),
-            response_schema=body.response_schema(),
-            continue_final=True,  # a final assistant turn is a prefill: the reply continues it
-        )
-    except ErllamaError as exc:
-        return map_error(exc)
+    run = await start_chat(
+        state,
+        body.model,
+        body.neutral(),
+        body.params(),
+        tools=body.tool_list(),
+        tool_choice=body.choice(),
+        response_schema=body.response_schema(),
+        continue_final=True,  # a final assistant turn is a prefill: the reply continues it
+    )
     ident = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
         return StreamingResponse(
             _sse(run, ident, body.model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    try:
-        end = await collect(run, request)
-    except ErllamaError as exc:
-        return map_error(exc)
+    end = await collect(run, request)
     content: list[dict[str, Any]] = []
     if end.result.thinking and body.params().thinking:
         content.append({"type": "thinking", "thinking": end.result.thinking, "signature": _SIGNATURE})

@@ -26,6 +26,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from erllama.errors import ErllamaError
 from erllama.runtime import Runtime
 from erllama.server import anthropic, llamacpp, ollama, openai
 from erllama.server.state import ModelSource, ServerConfig, ServerState
@@ -41,6 +42,12 @@ def _dialect(path: str) -> str:
     if path.startswith("/v1/"):
         return "openai"
     return "server"
+
+
+# an ErllamaError a route raises, in the envelope of the dialect whose module defines the route
+_MAP_ERROR: dict[str, Callable[[BaseException], JSONResponse]] = {
+    m.__name__: m.map_error for m in (openai, anthropic, ollama, llamacpp)
+}
 
 
 def _error(dialect: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -112,6 +119,12 @@ def create_app(
         if dialect == "openai":
             return openai.error_response(400, message, "invalid_request_error", where)
         return _error(dialect, 400, message)
+
+    @app.exception_handler(ErllamaError)
+    async def refused(request: Request, exc: ErllamaError) -> JSONResponse:
+        """The routes raise the one exception tree; the dialect of the route's module writes the envelope."""
+        endpoint = getattr(request.scope.get("route"), "endpoint", None)
+        return _MAP_ERROR.get(getattr(endpoint, "__module__", ""), openai.map_error)(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

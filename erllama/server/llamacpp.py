@@ -314,18 +314,15 @@ async def _complete(request: Request, body: CompletionIn, prompts: Sequence[str 
     state = _state(request)
     if not prompts or any(not p for p in prompts):
         return error_response(400, "the prompt is empty")
-    try:
-        runs, params = await _start(state, body, prompts)
-    except ErllamaError as exc:
-        return map_error(exc)
+    runs, params = await _start(state, body, prompts)
     if body.stream:
         return StreamingResponse(_sse(runs, body, params), media_type="text/event-stream", headers=_NO_BUFFER)
     try:
         ends = [await collect(run, request) for run in runs]
-    except ErllamaError as exc:
+    except ErllamaError:  # the app's handler answers it in this dialect's envelope
         for run in runs:
             run.close()
-        return map_error(exc)
+        raise
     results = [
         _final(run, body, params, end, i, streamed=False) for i, (run, end) in enumerate(zip(runs, ends, strict=True))
     ]
@@ -364,25 +361,19 @@ async def _sse(runs: list[ChatRun], body: CompletionIn, params: Params) -> Async
 @router.post("/completion")
 @router.post("/completions")
 async def completion(body: CompletionIn, request: Request) -> Any:
-    try:
-        prompts = body.prompts()
-    except ErllamaError as exc:
-        return map_error(exc)
+    prompts = body.prompts()
     return await _complete(request, body, prompts)
 
 
 @router.post("/infill")
 async def infill(body: InfillIn, request: Request) -> Any:
     state = _state(request)
-    try:
-        model_id = await state.ensure_loaded(body.model or None)
-        prefix = "".join(f"{x.get('filename', '')}\n{x.get('text', '')}" for x in body.input_extra or ())
-        prefix += body.input_prefix
-        tokens = await asyncio.to_thread(fim_prompt, state, model_id, prefix, body.input_suffix)
-        if isinstance(body.prompt, str) and body.prompt:
-            tokens += await asyncio.to_thread(state.runtime.tokenize, model_id, body.prompt, add_special=False)
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model or None)
+    prefix = "".join(f"{x.get('filename', '')}\n{x.get('text', '')}" for x in body.input_extra or ())
+    prefix += body.input_prefix
+    tokens = await asyncio.to_thread(fim_prompt, state, model_id, prefix, body.input_suffix)
+    if isinstance(body.prompt, str) and body.prompt:
+        tokens += await asyncio.to_thread(state.runtime.tokenize, model_id, body.prompt, add_special=False)
     return await _complete(request, body, [tokens])
 
 
@@ -390,45 +381,36 @@ async def infill(body: InfillIn, request: Request) -> Any:
 async def tokenize(body: TokenizeIn, request: Request) -> Any:
     state = _state(request)
     rt = state.runtime
-    try:
-        model_id = await state.ensure_loaded(body.model or None)
-        tokens = await asyncio.to_thread(
-            rt.tokenize, model_id, body.content, add_special=body.add_special, parse_special=body.parse_special
-        )
-        if not body.with_pieces:
-            return {"tokens": tokens}
-        pieces = []
-        raws = await asyncio.to_thread(rt.token_pieces, model_id, tokens)
-        for token, raw in zip(tokens, raws, strict=True):
-            try:
-                pieces.append({"id": token, "piece": raw.decode("utf-8")})
-            except UnicodeDecodeError:  # part of a multi-byte character: its bytes, as llama-server gives them
-                pieces.append({"id": token, "piece": list(raw)})
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model or None)
+    tokens = await asyncio.to_thread(
+        rt.tokenize, model_id, body.content, add_special=body.add_special, parse_special=body.parse_special
+    )
+    if not body.with_pieces:
+        return {"tokens": tokens}
+    pieces = []
+    raws = await asyncio.to_thread(rt.token_pieces, model_id, tokens)
+    for token, raw in zip(tokens, raws, strict=True):
+        try:
+            pieces.append({"id": token, "piece": raw.decode("utf-8")})
+        except UnicodeDecodeError:  # part of a multi-byte character: its bytes, as llama-server gives them
+            pieces.append({"id": token, "piece": list(raw)})
     return {"tokens": pieces}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeIn, request: Request) -> Any:
     state = _state(request)
-    try:
-        model_id = await state.ensure_loaded(body.model or None)
-        text = await asyncio.to_thread(state.runtime.detokenize, model_id, body.tokens)
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model or None)
+    text = await asyncio.to_thread(state.runtime.detokenize, model_id, body.tokens)
     return {"content": text}
 
 
 @router.post("/apply-template")
 async def apply_template(body: TemplateIn, request: Request) -> Any:
     state = _state(request)
-    try:
-        model_id = await state.ensure_loaded(body.model or None)
-        messages: list[Message] = [m.neutral() for m in body.messages]
-        prepared = await asyncio.to_thread(state.chat.prepare, model_id, messages)
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model or None)
+    messages: list[Message] = [m.neutral() for m in body.messages]
+    prepared = await asyncio.to_thread(state.chat.prepare, model_id, messages)
     return {"prompt": prepared.prompt}
 
 
@@ -440,10 +422,7 @@ async def _queried_model(state: ServerState, request: Request) -> str:
 @router.get("/props")
 async def props(request: Request) -> Any:
     state = _state(request)
-    try:
-        model_id = await _queried_model(state, request)
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await _queried_model(state, request)
     info = state.runtime.model_info(model_id)
     n_ctx = int(info.get("n_ctx_seq") or 0)
     template = state.chat.template(model_id)
@@ -469,10 +448,7 @@ async def slots(request: Request) -> Any:
     """Read-only: the model's sequences and how many run now (erllama schedules sequences itself; there is no
     slot to pin, save or restore: the KV cache does that for every prompt)."""
     state = _state(request)
-    try:
-        model_id = await _queried_model(state, request)
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await _queried_model(state, request)
     info = state.runtime.model_info(model_id)
     _, running = state.queue_depth(model_id)
     n_ctx = int(info.get("n_ctx_seq") or 0)
@@ -503,7 +479,11 @@ def _as_llama_server(response: Any) -> Any:
 @router.post("/chat/completions")
 async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Any:
     """OpenAI's chat completions without the /v1 prefix, as llama-server serves them."""
-    return _as_llama_server(await openai.chat_completions(body, request))
+    try:
+        response = await openai.chat_completions(body, request)
+    except ErllamaError as exc:
+        response = openai.map_error(exc)
+    return _as_llama_server(response)
 
 
 # the other OpenAI routes without their /v1 prefix

@@ -322,38 +322,33 @@ async def version() -> dict[str, str]:
 async def generate(body: GenerateRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     started = time.perf_counter()
-    try:
-        if not body.prompt and not body.system:
-            done = await _load_or_unload(state, body.model, body.keep_alive)
-            return {"model": body.model, "created_at": _now(), "response": "", "done": True, **done}
-        if body.images:
-            raise InvalidInputError("images are not supported by this model")
-        params = body.params(state.default_max_tokens)
-        ka = keep_alive_s(body.keep_alive)
-        msgs = [Message("system", body.system)] if body.system else []
-        msgs.append(Message("user", body.prompt))
-        schema = body.response_schema()
-        if body.suffix:
-            # fill in the middle: the reply is the text between the prompt and the suffix (as Ollama's insert)
-            model_id = await state.ensure_loaded(body.model, ka)
-            tokens = await asyncio.to_thread(fim_prompt, state, model_id, body.prompt, body.suffix)
-            (run,) = await start_text(state, body.model, tokens, params, response_schema=schema, keep_alive_s=ka)
-        elif body.context:
-            # continue a previous reply's context (its final chunk's "context"): the new turn is appended as tokens
-            model_id = await state.ensure_loaded(body.model, ka)
-            text = body.prompt
-            if not body.raw:
-                text = (await asyncio.to_thread(state.chat.prepare, model_id, msgs)).prompt
-            more = await asyncio.to_thread(
-                state.runtime.tokenize, model_id, text, add_special=False, parse_special=True
-            )
-            (run,) = await start_text(state, body.model, [*body.context, *more], params, response_schema=schema)
-        elif body.raw:
-            (run,) = await start_text(state, body.model, body.prompt, params, response_schema=schema, keep_alive_s=ka)
-        else:
-            run = await start_chat(state, body.model, msgs, params, response_schema=schema, keep_alive_s=ka)
-    except ErllamaError as exc:
-        return map_error(exc)
+    if not body.prompt and not body.system:
+        done = await _load_or_unload(state, body.model, body.keep_alive)
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True, **done}
+    if body.images:
+        raise InvalidInputError("images are not supported by this model")
+    params = body.params(state.default_max_tokens)
+    ka = keep_alive_s(body.keep_alive)
+    msgs = [Message("system", body.system)] if body.system else []
+    msgs.append(Message("user", body.prompt))
+    schema = body.response_schema()
+    if body.suffix:
+        # fill in the middle: the reply is the text between the prompt and the suffix (as Ollama's insert)
+        model_id = await state.ensure_loaded(body.model, ka)
+        tokens = await asyncio.to_thread(fim_prompt, state, model_id, body.prompt, body.suffix)
+        (run,) = await start_text(state, body.model, tokens, params, response_schema=schema, keep_alive_s=ka)
+    elif body.context:
+        # continue a previous reply's context (its final chunk's "context"): the new turn is appended as tokens
+        model_id = await state.ensure_loaded(body.model, ka)
+        text = body.prompt
+        if not body.raw:
+            text = (await asyncio.to_thread(state.chat.prepare, model_id, msgs)).prompt
+        more = await asyncio.to_thread(state.runtime.tokenize, model_id, text, add_special=False, parse_special=True)
+        (run,) = await start_text(state, body.model, [*body.context, *more], params, response_schema=schema)
+    elif body.raw:
+        (run,) = await start_text(state, body.model, body.prompt, params, response_schema=schema, keep_alive_s=ka)
+    else:
+        run = await start_chat(state, body.model, msgs, params, response_schema=schema, keep_alive_s=ka)
 
     def piece(text: str, thinking: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"model": body.model, "created_at": _now(), "response": text, "done": False}
@@ -372,35 +367,29 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 
     if body.stream:
         return _ndjson(run, piece, lambda text: piece("", text), final, body.logprobs)
-    try:
-        return final(await collect(run, request))
-    except ErllamaError as exc:
-        return map_error(exc)
+    return final(await collect(run, request))
 
 
 @router.post("/api/chat")
 async def chat(body: ChatRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     started = time.perf_counter()
-    try:
-        if not body.messages:
-            done = await _load_or_unload(state, body.model, body.keep_alive)
-            message = {"role": "assistant", "content": ""}
-            return {"model": body.model, "created_at": _now(), "message": message, "done": True, **done}
-        if len(body.messages) > state.config.max_messages:
-            raise InvalidInputError(f"more than {state.config.max_messages} messages")
-        tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
-        run = await start_chat(
-            state,
-            body.model,
-            [m.neutral() for m in body.messages],
-            body.params(state.default_max_tokens),
-            tools=tools,
-            response_schema=body.response_schema(),
-            keep_alive_s=keep_alive_s(body.keep_alive),
-        )
-    except ErllamaError as exc:
-        return map_error(exc)
+    if not body.messages:
+        done = await _load_or_unload(state, body.model, body.keep_alive)
+        message = {"role": "assistant", "content": ""}
+        return {"model": body.model, "created_at": _now(), "message": message, "done": True, **done}
+    if len(body.messages) > state.config.max_messages:
+        raise InvalidInputError(f"more than {state.config.max_messages} messages")
+    tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
+    run = await start_chat(
+        state,
+        body.model,
+        [m.neutral() for m in body.messages],
+        body.params(state.default_max_tokens),
+        tools=tools,
+        response_schema=body.response_schema(),
+        keep_alive_s=keep_alive_s(body.keep_alive),
+    )
 
     def piece(message: dict[str, Any]) -> dict[str, Any]:
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", **message}, "done": False}
@@ -424,10 +413,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
             lambda end: final(end, streamed=True),
             body.logprobs,
         )
-    try:
-        return final(await collect(run, request), streamed=False)
-    except ErllamaError as exc:
-        return map_error(exc)
+    return final(await collect(run, request), streamed=False)
 
 
 @router.post("/api/embed")
@@ -435,15 +421,12 @@ async def embed(body: EmbedRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     started = time.perf_counter()
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
-    try:
-        model_id = await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
-        vectors, count = [], 0
-        for text in inputs:
-            vector = await asyncio.to_thread(state.runtime.embed, model_id, text)
-            vectors.append(truncate_embedding(vector, body.dimensions) if body.dimensions else vector)
-            count += len(await asyncio.to_thread(state.runtime.tokenize, model_id, text, parse_special=True))
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
+    vectors, count = [], 0
+    for text in inputs:
+        vector = await asyncio.to_thread(state.runtime.embed, model_id, text)
+        vectors.append(truncate_embedding(vector, body.dimensions) if body.dimensions else vector)
+        count += len(await asyncio.to_thread(state.runtime.tokenize, model_id, text, parse_special=True))
     return {
         "model": body.model,
         "embeddings": vectors,
@@ -456,11 +439,8 @@ async def embed(body: EmbedRequest, request: Request) -> Any:
 @router.post("/api/embeddings")
 async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    try:
-        model_id = await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
-        vector = await asyncio.to_thread(state.runtime.embed, model_id, body.prompt) if body.prompt else []
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
+    vector = await asyncio.to_thread(state.runtime.embed, model_id, body.prompt) if body.prompt else []
     return {"embedding": vector}
 
 
@@ -550,10 +530,7 @@ async def tags(request: Request) -> dict[str, Any]:
 async def show(body: ModelRef, request: Request) -> Any:
     """What a model is, from its GGUF header: the model is not loaded (a UI shows every listed model)."""
     state: ServerState = request.app.state.erllama
-    try:
-        path, summary, meta = await asyncio.to_thread(_describe, state, body.model)
-    except ErllamaError as exc:
-        return map_error(exc)
+    path, summary, meta = await asyncio.to_thread(_describe, state, body.model)
     template = str(summary.get("chat_template", ""))
     capabilities = ["completion"]
     if "tools" in template:
@@ -619,12 +596,9 @@ def _managed(state: ServerState) -> ManagedSource:
 @router.post("/api/pull")
 async def pull(body: ModelRef, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    try:
-        source = _managed(state)
-        steps: Iterator[dict[str, Any]] = source.pull(body.model)
-        first = await asyncio.to_thread(next, steps)  # validates the name before the 200 goes out
-    except ErllamaError as exc:
-        return map_error(exc)
+    source = _managed(state)
+    steps: Iterator[dict[str, Any]] = source.pull(body.model)
+    first = await asyncio.to_thread(next, steps)  # validates the name before the 200 goes out
 
     async def progress() -> AsyncIterator[dict[str, Any]]:
         yield first
@@ -651,20 +625,14 @@ async def pull(body: ModelRef, request: Request) -> Any:
 @router.delete("/api/delete")
 async def delete(body: ModelRef, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    try:
-        source = _managed(state)
-        await state.unload(body.model)
-        await asyncio.to_thread(source.delete, body.model)
-    except ErllamaError as exc:
-        return map_error(exc)
+    source = _managed(state)
+    await state.unload(body.model)
+    await asyncio.to_thread(source.delete, body.model)
     return JSONResponse({}, status_code=200)
 
 
 @router.post("/api/copy")
 async def copy(body: CopyRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
-    try:
-        await asyncio.to_thread(_managed(state).copy, body.source, body.destination)
-    except ErllamaError as exc:
-        return map_error(exc)
+    await asyncio.to_thread(_managed(state).copy, body.source, body.destination)
     return JSONResponse({}, status_code=200)

@@ -420,23 +420,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state: ServerState = request.app.state.erllama
     if len(body.messages) > state.config.max_messages:
         return error_response(400, f"more than {state.config.max_messages} messages", "invalid_request_error")
-    try:
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
-        runs = await start_chat_choices(
-            state,
-            body.model or "",
-            [m.neutral() for m in body.messages],
-            body.params(max_tokens if max_tokens is not None else state.default_max_tokens),
-            body.n,
-            tools=tools,
-            tool_choice=body.choice(),
-            response_schema=body.response_schema(),
-            continue_final=body.continues(),
-            grammar=body.grammar,
-        )
-    except ErllamaError as exc:
-        return map_error(exc)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
+    runs = await start_chat_choices(
+        state,
+        body.model or "",
+        [m.neutral() for m in body.messages],
+        body.params(max_tokens if max_tokens is not None else state.default_max_tokens),
+        body.n,
+        tools=tools,
+        tool_choice=body.choice(),
+        response_schema=body.response_schema(),
+        continue_final=body.continues(),
+        grammar=body.grammar,
+    )
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     model = runs[0].name
     created = int(time.time())
@@ -449,10 +446,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             media_type="text/event-stream",
             headers=_NO_BUFFER,
         )
-    try:
-        ends = await _collect_all(runs, request)
-    except ErllamaError as exc:
-        return map_error(exc)
+    ends = await _collect_all(runs, request)
     choices = []
     for index, end in enumerate(ends):
         message: dict[str, Any] = {"role": "assistant", "content": end.result.content or None}
@@ -488,21 +482,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 async def chat_input_tokens(body: ChatCompletionRequest, request: Request) -> Any:
     """llama-server's count of the prompt a chat request would run (``{"input_tokens": n}``), nothing generated."""
     state: ServerState = request.app.state.erllama
-    try:
-        model_id = await state.ensure_loaded(body.model)
-        tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
-        prepared = await asyncio.to_thread(
-            state.chat.prepare,
-            model_id,
-            [m.neutral() for m in body.messages],
-            tools=tools,
-            tool_choice=body.choice(),
-            response_schema=body.response_schema(),
-            continue_final=body.continues(),
-        )
-        tokens = await asyncio.to_thread(state.runtime.tokenize, model_id, prepared.prompt, parse_special=True)
-    except ErllamaError as exc:
-        return map_error(exc)
+    model_id = await state.ensure_loaded(body.model)
+    tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
+    prepared = await asyncio.to_thread(
+        state.chat.prepare,
+        model_id,
+        [m.neutral() for m in body.messages],
+        tools=tools,
+        tool_choice=body.choice(),
+        response_schema=body.response_schema(),
+        continue_final=body.continues(),
+    )
+    tokens = await asyncio.to_thread(state.runtime.tokenize, model_id, prepared.prompt, parse_special=True)
     return {"input_tokens": len(tokens)}
 
 
@@ -571,10 +562,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                         state, body.model or "", prompt, params, response_schema=body.json_schema, n=body.n
                     )
                 )
-    except ErllamaError as exc:
+    except ErllamaError:  # the app's handler answers it in this dialect's envelope
         for run in runs:
             run.close()
-        return map_error(exc)
+        raise
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(index: int, text: str, finish: str | None, lps: Sequence[Scored] | None = None) -> dict[str, Any]:
@@ -615,10 +606,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_NO_BUFFER)
-    try:
-        ends = await _collect_all(runs, request)
-    except ErllamaError as exc:
-        return map_error(exc)
+    ends = await _collect_all(runs, request)
     choices = []
     for index, end in enumerate(ends):
         c = end.completion
@@ -643,25 +631,22 @@ async def _echo(
 async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
     state: ServerState = request.app.state.erllama
     rt = state.runtime
-    try:
-        inputs = body.inputs()
-        model_id = await state.ensure_loaded(body.model)
-        data, n_tokens = [], 0
-        for i, given in enumerate(inputs):
-            item = await asyncio.to_thread(resolve_prompt, state, model_id, given)
-            vector = await asyncio.to_thread(rt.embed, model_id, item)
-            if isinstance(item, str):
-                n_tokens += len(await asyncio.to_thread(rt.tokenize, model_id, item, parse_special=True))
-            else:
-                n_tokens += len(item)
-            if body.dimensions is not None:
-                vector = truncate_embedding(vector, body.dimensions)
-            encoded: Any = vector
-            if body.encoding_format == "base64":
-                encoded = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-            data.append({"object": "embedding", "index": i, "embedding": encoded})
-    except ErllamaError as exc:
-        return map_error(exc)
+    inputs = body.inputs()
+    model_id = await state.ensure_loaded(body.model)
+    data, n_tokens = [], 0
+    for i, given in enumerate(inputs):
+        item = await asyncio.to_thread(resolve_prompt, state, model_id, given)
+        vector = await asyncio.to_thread(rt.embed, model_id, item)
+        if isinstance(item, str):
+            n_tokens += len(await asyncio.to_thread(rt.tokenize, model_id, item, parse_special=True))
+        else:
+            n_tokens += len(item)
+        if body.dimensions is not None:
+            vector = truncate_embedding(vector, body.dimensions)
+        encoded: Any = vector
+        if body.encoding_format == "base64":
+            encoded = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        data.append({"object": "embedding", "index": i, "embedding": encoded})
     return {
         "object": "list",
         "data": data,
