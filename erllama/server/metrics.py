@@ -7,8 +7,9 @@ runtime's cache (hits / misses by kind, saves by reason, evictions, latencies).
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -18,9 +19,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from erllama._native.loader import Library
     from erllama.runtime import Completion
-    from erllama.server.state import ServerState
 
-__all__ = ["Metrics"]
+__all__ = ["LiveView", "Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -33,21 +33,37 @@ def _loaded_library() -> Library | None:
     return loaded_library()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LiveView:
+    """What a scrape reads of the daemon at that moment (the server state builds it; metrics reads nothing else).
+
+    Attributes:
+        queues: per loaded model, its served name, requests waiting for a slot and requests running.
+        models: how many models the daemon can serve by name.
+        tiers: per cache tier, its name, bytes held, byte budget and rows.
+        counters: the runtime cache's counters.
+    """
+
+    queues: tuple[tuple[str, int, int], ...] = ()
+    models: int = 0
+    tiers: tuple[tuple[str, int, int, int], ...] = ()
+    counters: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
 class _Live(Collector):
-    def __init__(self, state: ServerState) -> None:
-        self._state = state
+    def __init__(self, view: Callable[[], LiveView]) -> None:
+        self._view = view
 
     def collect(self) -> Iterator[Metric]:
-        state = self._state
+        view = self._view()
         waiting = GaugeMetricFamily("erllama_queue_waiting", "Requests waiting for a model slot", labels=["model"])
         running = GaugeMetricFamily("erllama_requests_running", "Requests running on a model", labels=["model"])
-        for name, (model_id, _) in state.loaded().items():
-            w, r = state.queue_depth(model_id)
+        for name, w, r in view.queues:
             waiting.add_metric([name], w)
             running.add_metric([name], r)
         yield waiting
         yield running
-        yield GaugeMetricFamily("erllama_models_loaded", "Models loaded", value=len(state.model_names()))
+        yield GaugeMetricFamily("erllama_models_loaded", "Models loaded", value=view.models)
         build = _loaded_library()
         if build is not None:
             info = build.build
@@ -62,26 +78,25 @@ class _Live(Collector):
             family = GaugeMetricFamily("erllama_build_info", "The libllama in use (value 1)", labels=list(labels))
             family.add_metric(list(labels.values()), 1)
             yield family
-        cache = state.runtime.cache
         used = GaugeMetricFamily("erllama_cache_tier_bytes", "Bytes held by a cache tier", labels=["tier"])
         budget = GaugeMetricFamily("erllama_cache_tier_budget_bytes", "Byte budget of a cache tier", labels=["tier"])
         rows = GaugeMetricFamily("erllama_cache_tier_rows", "Rows held by a cache tier", labels=["tier"])
-        for tier in cache.tiers if cache is not None else ():
-            used.add_metric([tier.name], tier.used_bytes)
-            budget.add_metric([tier.name], tier.budget_bytes)
-            rows.add_metric([tier.name], len(tier))
+        for tier, n_bytes, n_budget, n_rows in view.tiers:
+            used.add_metric([tier], n_bytes)
+            budget.add_metric([tier], n_budget)
+            rows.add_metric([tier], n_rows)
         yield used
         yield budget
         yield rows
-        for key, value in sorted(state.runtime.counters().items()):
+        for key, value in sorted(view.counters.items()):
             name = "erllama_cache_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
             yield UnknownMetricFamily(name, f"cache counter {key}", value=value)
 
 
 class Metrics:
-    """The daemon's series. ``registry`` is what ``/metrics`` exposes."""
+    """The daemon's series. ``registry`` is what ``/metrics`` exposes; ``view`` is called at each scrape."""
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, view: Callable[[], LiveView]) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter(
             "erllama_requests", "HTTP requests served", ["dialect", "endpoint", "status"], registry=registry
@@ -103,7 +118,7 @@ class Metrics:
         self.rejected = Counter(
             "erllama_rejected", "Requests refused by the queue limits", ["reason"], registry=registry
         )
-        registry.register(_Live(state))
+        registry.register(_Live(view))
 
     def record(self, model: str, completion: Completion) -> None:
         """One finished generation."""

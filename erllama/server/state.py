@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from erllama.chat import ChatEngine
 from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
 from erllama.runtime import Runtime
-from erllama.server.metrics import Metrics
+from erllama.server.metrics import LiveView, Metrics
 from erllama.text import utf8
 
 __all__ = ["ManagedSource", "ModelSource", "ServerConfig", "ServerState"]
@@ -134,7 +134,7 @@ class ServerState:
         self.default_max_tokens = config.default_max_tokens
         self.started = int(time.time())
         self.chat = ChatEngine(runtime)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.live_view)
         self._loaded = {name: _Loaded(mid, pinned=True, keep_alive_s=None) for name, mid in models.items()}
         self._gates: dict[str, _Gate] = {}
         self._fanouts: dict[str, asyncio.Lock] = {}
@@ -366,3 +366,12 @@ class ServerState:
         """(waiting, running) requests of a model."""
         gate = self._gates.get(model_id)
         return (gate.waiting, gate.active) if gate is not None else (0, 0)
+
+    def live_view(self) -> LiveView:
+        """What ``/metrics`` reads at a scrape: queues per loaded model, models, cache tiers and counters."""
+        queues = tuple((name, *self.queue_depth(model_id)) for name, (model_id, _) in self.loaded().items())
+        cache = self.runtime.cache
+        tiers = tuple(
+            (t.name, t.used_bytes, t.budget_bytes, len(t)) for t in (cache.tiers if cache is not None else ())
+        )
+        return LiveView(queues, len(self.model_names()), tiers, self.runtime.counters())
