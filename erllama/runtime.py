@@ -33,6 +33,7 @@ from erllama.cache.kvc import SaveReason
 from erllama.errors import InvalidInputError, NoGpuError, PromptTooLongError, UnknownModelError
 from erllama.model.backend import BackendInfo, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.batching import BatchingConfig
+from erllama.model.config import WorkerConfig
 from erllama.model.registry import Registry
 from erllama.model.speculative import verify_draft
 from erllama.model.supervisor import ModelStatus, Supervisor
@@ -188,15 +189,15 @@ class Runtime:
             assert backend is not None
             factory = backend
         entry_box: list[_Model] = []
-        options: dict[str, Any] = {
-            "cache": self.cache,
-            "policy": policy or self.policy,
-            "salt": salt,
-            "batching": BatchingConfig(batch_wait_s=batch_wait_s) if batching is None else batching,
-            "adapters": lambda: entry_box[0].adapter_specs() if entry_box else [],
-        }
+        config = WorkerConfig(
+            cache=self.cache,
+            policy=policy or self.policy,
+            salt=salt,
+            batching=BatchingConfig(batch_wait_s=batch_wait_s) if batching is None else batching,
+            adapters=lambda: entry_box[0].adapter_specs() if entry_box else [],
+        )
         model_id = self._registry.load(
-            factory, model_id, max_restarts=max_restarts, window_s=window_s, worker_options=options
+            factory, model_id, max_restarts=max_restarts, window_s=window_s, worker_config=config
         )
         entry = _Model(self._registry.get(model_id), os.fspath(path) if path is not None else None)
         entry_box.append(entry)

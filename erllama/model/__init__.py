@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.batching import BatchingConfig
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
+from erllama.model.config import WorkerConfig
 from erllama.model.registry import Registry
 from erllama.model.speculative import verify_draft
 from erllama.model.stop import StopMatcher, first_stop
@@ -70,6 +71,7 @@ __all__ = [
     "ThinkSplitter",
     "TokenEvent",
     "TokenLogprob",
+    "WorkerConfig",
     "first_stop",
     "kv_layout_params",
     "namespace_for",

@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from erllama.errors import ModelExistsError, UnknownModelError
 from erllama.model.backend import ModelBackend
+from erllama.model.config import WorkerConfig
 from erllama.model.supervisor import ModelStatus, Supervisor
 
 __all__ = ["Registry"]
@@ -34,7 +34,7 @@ class Registry:
         *,
         max_restarts: int = 3,
         window_s: float = 60.0,
-        worker_options: Mapping[str, Any] | None = None,
+        worker_config: WorkerConfig | None = None,
     ) -> str:
         """Start a supervised worker for the model; returns its id."""
         with self._lock:
@@ -47,7 +47,7 @@ class Registry:
                 name=model_id,
                 max_restarts=max_restarts,
                 window_s=window_s,
-                worker_options=worker_options,
+                worker_config=worker_config,
             )
             self._models[model_id] = sup
         try:

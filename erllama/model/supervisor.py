@@ -13,12 +13,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from erllama.cache.key import CacheKey
 from erllama.errors import InvalidInputError, WorkerStoppedError
 from erllama.model.backend import ModelBackend, SamplerConfig
+from erllama.model.config import WorkerConfig
 from erllama.model.worker import ErrorEvent, ModelWorker, RequestHandle
 
 __all__ = ["ModelStatus", "Supervisor"]
@@ -43,16 +43,16 @@ class Supervisor:
         name: str = "model",
         max_restarts: int = 3,
         window_s: float = 60.0,
-        worker_options: Mapping[str, Any] | None = None,
+        worker_config: WorkerConfig | None = None,
     ) -> None:
-        """``worker_options`` are passed to every :class:`ModelWorker` it starts (cache, policy, adapters, ...)."""
+        """``worker_config`` is what every :class:`ModelWorker` it starts runs with (cache, policy, adapters, ...)."""
         if max_restarts < 0 or window_s <= 0:
             raise InvalidInputError("max_restarts must be >= 0 and window_s > 0")
         self.name = name
         self.max_restarts = max_restarts
         self.window_s = window_s
         self._factory = backend_factory
-        self._worker_options = dict(worker_options or {})
+        self._worker_config = worker_config or WorkerConfig()
         self._lock = threading.Lock()
         self._restarts: deque[float] = deque()
         self.restart_count = 0
@@ -68,7 +68,7 @@ class Supervisor:
             self.status = ModelStatus.RUNNING
 
     def _new_worker(self) -> ModelWorker:
-        return ModelWorker(self._factory, name=self.name, on_exit=self._on_exit, **self._worker_options)
+        return ModelWorker(self._factory, self._worker_config, name=self.name, on_exit=self._on_exit)
 
     def _on_exit(self, crash: BaseException | None) -> None:
         # Runs on the dying worker's thread, after its requests were failed and its backend closed.

@@ -46,8 +46,6 @@ from typing import Any, TypeVar
 
 from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
-from erllama.cache.policy import SavePolicy
-from erllama.cache.store import CacheStore
 from erllama.errors import (
     ErllamaError,
     InvalidInputError,
@@ -57,8 +55,8 @@ from erllama.errors import (
     WorkerStoppedError,
 )
 from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
-from erllama.model.batching import BatchingConfig
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
+from erllama.model.config import WorkerConfig
 from erllama.model.stop import StopMatcher
 from erllama.text import Detokenizer
 
@@ -388,29 +386,24 @@ class ModelWorker:
     def __init__(
         self,
         backend_factory: Callable[[], ModelBackend],
+        config: WorkerConfig | None = None,
         *,
         name: str = "model",
-        cache: CacheStore | None = None,
-        policy: SavePolicy | None = None,
-        salt: str = "",
-        adapters: Callable[[], Sequence[tuple[str, str, float]]] | None = None,
-        shutdown_save_timeout_s: float = 10.0,
-        idle_wait_s: float = 0.05,
-        batching: BatchingConfig | None = None,
         on_exit: Callable[[BaseException | None], None] | None = None,
     ) -> None:
+        cfg = config or WorkerConfig()
         self.name = name
         self._on_exit = on_exit
         self.crash: BaseException | None = None
         self._factory = backend_factory
-        self._cache = cache
-        self._policy = policy or SavePolicy()
-        self._salt = salt
-        self._adapter_specs = adapters
+        self._cache = cfg.cache
+        self._policy = cfg.policy
+        self._salt = cfg.salt
+        self._adapter_specs = cfg.adapters
         self._adapter_handles: dict[str, object] = {}
-        self._shutdown_save_timeout_s = shutdown_save_timeout_s
-        self._idle_wait_s = idle_wait_s
-        self._batching = batching or BatchingConfig()
+        self._shutdown_save_timeout_s = cfg.shutdown_save_timeout_s
+        self._idle_wait_s = cfg.idle_wait_s
+        self._batching = cfg.batching
         self._s_per_token: float | None = None  # decode seconds per token, from recent prefill-sized ticks
         # finish rows announced but not restorable yet: their context and how much of it was the prompt
         self._finishing: dict[CacheKey, tuple[tuple[int, ...], int]] = {}

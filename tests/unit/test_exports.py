@@ -16,6 +16,7 @@ PACKAGES = {
         "backend",
         "batching",
         "cachelink",
+        "config",
         "llama",
         "registry",
         "speculative",

@@ -11,6 +11,7 @@ import pytest
 
 from erllama.errors import DecodeError, InvalidInputError, RequestFailedError, WorkerStoppedError
 from erllama.model import BatchingConfig, DecodeItem, SamplerConfig, StubBackend
+from erllama.model.config import WorkerConfig
 from erllama.model.worker import AdmittedEvent, DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
 
 
@@ -344,7 +345,7 @@ def test_requests_arriving_together_share_the_first_prefill_tick(batch_wait_s: f
             return super().decode(items)
 
     stub = {"n_seq_max": 3, "n_batch": 512, "eos_bias": -50.0, "step_delay_s": 0.002}
-    w = ModelWorker(lambda: Recording(**stub), name="g", batching=rules)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Recording(**stub), WorkerConfig(batching=rules), name="g")  # type: ignore[arg-type]
     w.start()
     try:
         w.submit(StubBackend().tokenize("w" * 100), max_tokens=0).result(timeout_s=10)  # the per-token estimate

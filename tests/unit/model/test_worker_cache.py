@@ -16,6 +16,7 @@ from erllama.cache.kvc import RowMeta
 from erllama.cache.tier import Payload
 from erllama.errors import InvalidInputError, StateError
 from erllama.model import BatchingConfig, DecodeItem, StubBackend
+from erllama.model.config import WorkerConfig
 from erllama.model.worker import DoneEvent, FinishReason, ModelWorker, TokenEvent
 
 from .test_worker import reference
@@ -64,7 +65,7 @@ def store(tmp_path: Path) -> Iterator[CacheStore]:
 
 def make_worker(store: CacheStore, policy: SavePolicy = POLICY, **stub: object) -> ModelWorker:
     kw = {**STUB, **stub}
-    w = ModelWorker(lambda: StubBackend(**kw), name="stub", cache=store, policy=policy)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: StubBackend(**kw), WorkerConfig(cache=store, policy=policy), name="stub")  # type: ignore[arg-type]
     w.start()
     return w
 
@@ -145,7 +146,7 @@ def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
         first = run(w, text("a first turn that is long enough"), n=6)
         assert first.finish_key is not None
         assert store.pending(first.finish_key)
-        other = ModelWorker(lambda: StubBackend(**STUB), name="other", cache=store, policy=w._policy)  # type: ignore[arg-type]
+        other = ModelWorker(lambda: StubBackend(**STUB), WorkerConfig(cache=store, policy=w._policy), name="other")  # type: ignore[arg-type]
         other.start()
         try:
             # another worker does not remember the key: it must wait for the save to learn the context
@@ -197,7 +198,7 @@ def test_prefill_only_saves_the_whole_prompt(store: CacheStore) -> None:
 def test_cold_save_point_and_last_token_in_its_own_step(store: CacheStore) -> None:
     Recording.batches = []
     policy = SavePolicy(min_tokens=8, cold_min_tokens=8, boundary_align_tokens=16, continued_interval=0)
-    w = ModelWorker(lambda: Recording(**STUB), name="rec", cache=store, policy=policy)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Recording(**STUB), WorkerConfig(cache=store, policy=policy), name="rec")  # type: ignore[arg-type]
     w.start()
     try:
         prompt = text("y" * 100)  # 101 tokens: cold point 96, chunks of at most 64
@@ -359,7 +360,7 @@ def test_a_cache_that_cannot_drop_positions_falls_back_to_prefix_rows(store: Cac
                 raise StateError("this cache keeps only the last window; it cannot drop positions")
             super().seq_truncate(seq_id, n_tokens)
 
-    w = ModelWorker(lambda: NoCut(**STUB), name="swa", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: NoCut(**STUB), WorkerConfig(cache=store, policy=POLICY), name="swa")  # type: ignore[arg-type]
     w.start()
     try:
         doc = text("a document read under a sliding window, " * 3)
@@ -404,7 +405,7 @@ def test_a_foldable_backend_prefills_the_last_token_in_the_chunk_and_saves_after
             events.append("sample")
             return super().sample(seq_id, row)
 
-    w = ModelWorker(lambda: Foldable(**STUB), name="fold", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Foldable(**STUB), WorkerConfig(cache=store, policy=POLICY), name="fold")  # type: ignore[arg-type]
     w.start()
     try:
         prompt = text("z" * 100)  # 101 tokens
@@ -441,7 +442,7 @@ def test_a_folded_prompts_first_token_reaches_an_asyncio_consumer_before_its_row
             elif isinstance(event, DoneEvent):
                 return event
 
-    w = ModelWorker(lambda: Foldable(**STUB), name="fold", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Foldable(**STUB), WorkerConfig(cache=store, policy=POLICY), name="fold")  # type: ignore[arg-type]
     w.start()
     try:
         done = asyncio.run(consume(w, text("z" * 100)))
@@ -461,7 +462,7 @@ def test_a_replys_end_goes_out_before_its_last_token_is_committed(store: CacheSt
                 gate.wait(10)
             return super().decode(items)
 
-    w = ModelWorker(lambda: HeldClose(**STUB), name="held", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: HeldClose(**STUB), WorkerConfig(cache=store, policy=POLICY), name="held")  # type: ignore[arg-type]
     w.start()
     try:
         done = w.submit(prompt, max_tokens=6).result(timeout_s=5)  # times out if the end waits for that decode
@@ -507,7 +508,7 @@ def test_a_worker_that_dies_while_a_reply_closes_releases_its_reserved_row(store
                 raise DecodeError("the device fell over", -3)
             return super().decode(items)
 
-    w = ModelWorker(lambda: CrashOnClose(**STUB), name="crash", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: CrashOnClose(**STUB), WorkerConfig(cache=store, policy=POLICY), name="crash")  # type: ignore[arg-type]
     w.start()
     try:
         done = w.submit(prompt, max_tokens=4).result(timeout_s=5)
@@ -528,7 +529,7 @@ def test_a_worker_that_dies_while_a_reply_closes_releases_its_reserved_row(store
 
 def test_a_request_sent_as_a_reply_ends_goes_before_the_replys_closing(store: CacheStore) -> None:
     Recording.batches = []
-    w = ModelWorker(lambda: Recording(**STUB), name="rec", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Recording(**STUB), WorkerConfig(cache=store, policy=POLICY), name="rec")  # type: ignore[arg-type]
     w.start()
     try:
         first = w.submit(text("the first request, about one thing"), max_tokens=4).result(timeout_s=10)
@@ -557,7 +558,7 @@ def test_a_closing_row_that_holds_the_last_free_sequence_rides_the_next_prefill_
     rules = BatchingConfig(close_grace_s=10.0)  # the closing waits for the new requests
     Recording.batches = []
     stub = {**STUB, "n_seq_max": 2}
-    w = ModelWorker(lambda: Recording(**stub), name="rec", cache=store, policy=POLICY, batching=rules)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Recording(**stub), WorkerConfig(cache=store, policy=POLICY, batching=rules), name="rec")  # type: ignore[arg-type]
     w.start()
     try:
         first = w.submit(text("the first request, about one thing"), max_tokens=4).result(timeout_s=10)
@@ -606,7 +607,7 @@ def test_the_last_tokens_go_out_before_finish_rows_are_copied_when_no_one_is_lef
 
         return list(await asyncio.gather(end(0), end(1)))
 
-    w = ModelWorker(lambda: Watched(**STUB), name="watched", cache=store, policy=POLICY)  # type: ignore[arg-type]
+    w = ModelWorker(lambda: Watched(**STUB), WorkerConfig(cache=store, policy=POLICY), name="watched")  # type: ignore[arg-type]
     w.start()
     try:
         a, b = asyncio.run(consume(w))
