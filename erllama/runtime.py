@@ -35,6 +35,7 @@ from erllama.model.backend import BackendInfo, ModelBackend, SamplerConfig, Toke
 from erllama.model.batching import BatchingConfig
 from erllama.model.config import WorkerConfig
 from erllama.model.registry import Registry
+from erllama.model.request import GenerateRequest
 from erllama.model.speculative import verify_draft
 from erllama.model.supervisor import ModelStatus, Supervisor
 from erllama.model.worker import ModelWorker
@@ -300,17 +301,18 @@ class Runtime:
                 "grammar": grammar,
             },
         )
-        handle = self._entry(model_id).supervisor.submit(
-            prompt if isinstance(prompt, str) else list(prompt),
+        request = GenerateRequest(
+            prompt,
             max_tokens=max_tokens,
             sampling=config,
-            stop=stop,
+            stop=tuple(stop),
             parent_key=parent_key,
             use_cache=use_cache,
             logprobs=logprobs,
             fit_context=fit_context,
+            thinking=thinking,
         )
-        return Stream(handle, thinking)
+        return Stream(self._entry(model_id).supervisor.submit(request), request.thinking)
 
     def complete(
         self, model_id: str, prompt: Prompt, /, *, timeout_s: float | None = None, **params: Any

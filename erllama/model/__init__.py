@@ -17,6 +17,7 @@ from erllama.model.batching import BatchingConfig
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.config import WorkerConfig
 from erllama.model.registry import Registry
+from erllama.model.request import GenerateRequest
 from erllama.model.speculative import verify_draft
 from erllama.model.stop import StopMatcher, first_stop
 from erllama.model.stub import StubBackend
@@ -57,6 +58,7 @@ __all__ = [
     "ErrorEvent",
     "Event",
     "FinishReason",
+    "GenerateRequest",
     "LlamaBackend",
     "ModelBackend",
     "ModelStatus",

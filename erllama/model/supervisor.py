@@ -13,12 +13,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from erllama.cache.key import CacheKey
 from erllama.errors import InvalidInputError, WorkerStoppedError
-from erllama.model.backend import ModelBackend, SamplerConfig
+from erllama.model.backend import ModelBackend
 from erllama.model.config import WorkerConfig
+from erllama.model.request import GenerateRequest
 from erllama.model.worker import ErrorEvent, ModelWorker, RequestHandle
 
 __all__ = ["ModelStatus", "Supervisor"]
@@ -103,18 +103,7 @@ class Supervisor:
                 return
         worker.stop()  # stopped while we were restarting
 
-    def submit(
-        self,
-        prompt: Sequence[int] | str,
-        *,
-        max_tokens: int | None = 128,
-        sampling: SamplerConfig | None = None,
-        stop: Sequence[str] = (),
-        parent_key: CacheKey | None = None,
-        use_cache: bool = True,
-        logprobs: int | None = None,
-        fit_context: bool = False,
-    ) -> RequestHandle:
+    def submit(self, request: GenerateRequest) -> RequestHandle:
         """Forward to the running worker; an immediate error event when the model is failed or stopped."""
         with self._lock:
             worker = self._worker if self.status is ModelStatus.RUNNING else None
@@ -123,16 +112,7 @@ class Supervisor:
             handle = RequestHandle(0)
             handle._emit(ErrorEvent(WorkerStoppedError(f"model {self.name} is {status.value}")))
             return handle
-        return worker.submit(
-            prompt,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            stop=stop,
-            parent_key=parent_key,
-            use_cache=use_cache,
-            logprobs=logprobs,
-            fit_context=fit_context,
-        )
+        return worker.submit(request)
 
     def running_worker(self) -> ModelWorker:
         """The running worker, or WorkerStoppedError naming the model's status."""

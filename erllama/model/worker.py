@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -54,9 +54,10 @@ from erllama.errors import (
     TokenIdError,
     WorkerStoppedError,
 )
-from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
+from erllama.model.backend import BackendInfo, DecodeItem, ModelBackend, TokenLogprob, token_logprob
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.config import WorkerConfig
+from erllama.model.request import GenerateRequest
 from erllama.model.stop import StopMatcher
 from erllama.text import Detokenizer
 
@@ -299,15 +300,9 @@ class RequestHandle:
 @dataclasses.dataclass(slots=True)
 class _Waiting:
     handle: RequestHandle
-    prompt: list[int] | str
-    max_tokens: int | None  # None: what the context leaves
-    sampling: SamplerConfig
-    stop: tuple[str, ...]
-    parent_key: CacheKey | None
-    use_cache: bool
+    request: GenerateRequest
     deadline: float  # a parent_key request waits for its parent's in-flight save until then
-    logprobs: int | None = None
-    fit_context: bool = False  # a max_tokens beyond what the context leaves is lowered to it, not refused
+    tokens: list[int] | None = None  # the prompt's tokens, once tokenized (a parked request keeps them)
     seq_id: int | None = None  # the sequence it took while being admitted (given back if admission fails)
 
 
@@ -444,48 +439,12 @@ class ModelWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
-    def submit(
-        self,
-        prompt: Sequence[int] | str,
-        *,
-        max_tokens: int | None = 128,
-        sampling: SamplerConfig | None = None,
-        stop: Sequence[str] = (),
-        parent_key: CacheKey | None = None,
-        use_cache: bool = True,
-        logprobs: int | None = None,
-        fit_context: bool = False,
-    ) -> RequestHandle:
+    def submit(self, request: GenerateRequest) -> RequestHandle:
         """Queue a request; events arrive on the returned handle: an AdmittedEvent once it passed its checks and
-        holds a sequence (or an ErrorEvent), then TokenEvents and the final DoneEvent or ErrorEvent.
-
-        A text prompt is tokenized on the worker (special tokens parsed; BOS added unless it continues a parent).
-        ``stop`` ends the reply at a stop sequence. With ``parent_key`` (a previous request's ``finish_key``) the
-        prompt continues that request's context. ``max_tokens=0`` only prefills (and saves) the prompt. With
-        ``logprobs`` (0 or more alternatives) every reply token's event carries its :class:`TokenLogprob`.
-        ``max_tokens=None`` lets the reply use what the context leaves; with ``fit_context`` a larger ``max_tokens``
-        is lowered to that instead of refused. A prompt that leaves no room is refused (PromptTooLongError).
-        """
-        if not prompt:
-            raise InvalidInputError("a request needs at least one prompt token")
-        if max_tokens is not None and max_tokens < 0:
-            raise InvalidInputError("max_tokens must be >= 0")
-        if any(not s for s in stop):
-            raise InvalidInputError("stop sequences must not be empty")
+        holds a sequence (or an ErrorEvent), then TokenEvents and the final DoneEvent or ErrorEvent. A prompt
+        that leaves no room in the context is refused (PromptTooLongError); see :class:`GenerateRequest`."""
         handle = RequestHandle(next(self._ids))
-        wait_s = self._policy.session_resume_wait_ms / 1000.0
-        waiting = _Waiting(
-            handle,
-            prompt if isinstance(prompt, str) else list(prompt),
-            max_tokens,
-            sampling or SamplerConfig(),
-            tuple(stop),
-            parent_key,
-            use_cache,
-            time.monotonic() + wait_s,
-            logprobs,
-            fit_context,
-        )
+        waiting = _Waiting(handle, request, time.monotonic() + self._policy.session_resume_wait_ms / 1000.0)
         with self._wake:
             # checked under the lock the worker drains the inbox with, so no request can slip in after the drain
             if self._stop.is_set() or not self._thread.is_alive():
@@ -729,16 +688,20 @@ class ModelWorker:
             bad = next(t for t in tokens if not 0 <= t < n_vocab)
             w.handle._emit(ErrorEvent(TokenIdError(bad, n_vocab)))
             return
-        max_tokens = _reply_room(len(tokens), w.max_tokens, n_ctx, w.fit_context)
+        max_tokens = _reply_room(len(tokens), w.request.max_tokens, n_ctx, w.request.fit_context)
         if max_tokens is None:
-            w.handle._emit(ErrorEvent(PromptTooLongError(len(tokens), None if w.fit_context else w.max_tokens, n_ctx)))
+            w.handle._emit(
+                ErrorEvent(
+                    PromptTooLongError(len(tokens), None if w.request.fit_context else w.request.max_tokens, n_ctx)
+                )
+            )
             return
         t_start = time.perf_counter()  # the restore counts towards time-to-first-token
         seq_id = w.seq_id = free.take()
         backend.seq_truncate(seq_id, 0)
-        link = self.link if w.use_cache else None
-        hit = link.restore(backend, seq_id, tokens, w.parent_key) if link is not None else _NO_HIT
-        backend.set_sampler(seq_id, w.sampling)
+        link = self.link if w.request.use_cache else None
+        hit = link.restore(backend, seq_id, tokens, w.request.parent_key) if link is not None else _NO_HIT
+        backend.set_sampler(seq_id, w.request.sampling)
         a = _Active(
             w.handle,
             seq_id,
@@ -746,14 +709,14 @@ class ModelWorker:
             len(tokens),
             max_tokens,
             Detokenizer(backend),
-            StopMatcher(w.stop) if w.stop else None,
+            StopMatcher(w.request.stop) if w.request.stop else None,
             hit,
             link is not None,
             fed=hit.prefix_len,
             fold=backend.info.last_token_foldable,
             last_save=hit.prefix_len,
             t_start=t_start,
-            logprobs=w.logprobs,
+            logprobs=w.request.logprobs,
         )
         if link is not None:
             a.cold_point = link.cold_point(len(tokens), hit.prefix_len)
@@ -881,37 +844,41 @@ class ModelWorker:
 
     def _context_of(self, backend: ModelBackend, w: _Waiting, parked: list[_Waiting]) -> list[int] | None:
         """The request's whole context: its prompt, after its parent's tokens for a parent_key continuation."""
-        if isinstance(w.prompt, str):
+        r = w.request
+        if w.tokens is None and not isinstance(r.prompt, str):
+            w.tokens = list(r.prompt)
+        if w.tokens is None:
+            assert isinstance(r.prompt, str)
             n_ctx = backend.info.n_ctx_seq
-            reserved = w.max_tokens if w.max_tokens is not None and not w.fit_context else 0
+            reserved = r.max_tokens if r.max_tokens is not None and not r.fit_context else 0
             room = n_ctx - reserved
-            if backend.info.max_token_bytes and len(w.prompt) > room * backend.info.max_token_bytes:
+            if backend.info.max_token_bytes and len(r.prompt) > room * backend.info.max_token_bytes:
                 # at least that many bytes (a character is one or more), so more tokens than fit: not tokenized
-                at_least = len(w.prompt) // backend.info.max_token_bytes
+                at_least = len(r.prompt) // backend.info.max_token_bytes
                 w.handle._emit(ErrorEvent(PromptTooLongError(at_least, reserved or None, n_ctx, at_least=True)))
                 return None
             try:
-                w.prompt = backend.tokenize(w.prompt, add_special=w.parent_key is None, parse_special=True)
+                w.tokens = backend.tokenize(r.prompt, add_special=r.parent_key is None, parse_special=True)
             except InvalidInputError as exc:
                 w.handle._emit(ErrorEvent(exc))
                 return None
-            if not w.prompt:
+            if not w.tokens:
                 w.handle._emit(ErrorEvent(InvalidInputError("the prompt tokenizes to nothing")))
                 return None
-        if w.parent_key is None:
-            return w.prompt
+        if w.request.parent_key is None:
+            return w.tokens
         link = self.link
         if link is None:
             w.handle._emit(ErrorEvent(InvalidInputError("parent_key needs a model loaded with a cache")))
             return None
-        if link.parent_pending(w.parent_key) and time.monotonic() < w.deadline:
+        if link.parent_pending(w.request.parent_key) and time.monotonic() < w.deadline:
             parked.append(w)  # its parent's finish save is still being written
             return None
-        parent = link.parent_tokens(w.parent_key)
+        parent = link.parent_tokens(w.request.parent_key)
         if parent is None:
             w.handle._emit(ErrorEvent(InvalidInputError("unknown parent_key: no such finish key in this namespace")))
             return None
-        return [*parent, *w.prompt]
+        return [*parent, *w.tokens]
 
     def _tick(self, backend: ModelBackend, active: dict[int, _Active], free: _FreeSeqs) -> None:
         budget = backend.info.n_batch

@@ -8,6 +8,7 @@ import pytest
 
 from erllama._native import ContextConfig
 from erllama.model import LlamaBackend, SamplerConfig
+from erllama.model.request import GenerateRequest
 from erllama.model.worker import FinishReason, ModelWorker
 
 pytestmark = pytest.mark.native
@@ -33,14 +34,14 @@ def test_parallel_equals_sequential(model_path: Path, n_seq_max: int) -> None:
         backend_tokens = LlamaBackend(model_path, context_config=ContextConfig(n_ctx=256, n_batch=64))
         prompts = [backend_tokens.tokenize(p) for p in PROMPTS]
         backend_tokens.close()
-        one_by_one = [w.submit(p, max_tokens=12).result(timeout_s=120).tokens for p in prompts]
-        handles = [w.submit(p, max_tokens=12) for p in prompts]
+        one_by_one = [w.submit(GenerateRequest(p, max_tokens=12)).result(timeout_s=120).tokens for p in prompts]
+        handles = [w.submit(GenerateRequest(p, max_tokens=12)) for p in prompts]
         together = [h.result(timeout_s=120).tokens for h in handles]
         seeded = SamplerConfig(temperature=0.9, top_k=40, seed=3)
-        s1 = w.submit(prompts[0], max_tokens=12, sampling=seeded)
-        s2 = w.submit(prompts[0], max_tokens=12, sampling=seeded)
+        s1 = w.submit(GenerateRequest(prompts[0], max_tokens=12, sampling=seeded))
+        s2 = w.submit(GenerateRequest(prompts[0], max_tokens=12, sampling=seeded))
         assert s1.result(timeout_s=120).tokens == s2.result(timeout_s=120).tokens
-        cancelled = w.submit(prompts[1], max_tokens=400)
+        cancelled = w.submit(GenerateRequest(prompts[1], max_tokens=400))
         cancelled.cancel()
         assert cancelled.result(timeout_s=120).finish_reason is FinishReason.CANCELLED
     finally:

@@ -19,6 +19,7 @@ PACKAGES = {
         "config",
         "llama",
         "registry",
+        "request",
         "speculative",
         "stop",
         "stub",

@@ -7,6 +7,7 @@ import pytest
 from erllama.errors import ModelExistsError, UnknownModelError
 from erllama.model import StubBackend
 from erllama.model.registry import Registry
+from erllama.model.request import GenerateRequest
 from erllama.model.supervisor import ModelStatus
 from erllama.model.worker import FinishReason
 
@@ -21,7 +22,7 @@ def test_ids_duplicates_and_unload() -> None:
         with pytest.raises(ModelExistsError):
             reg.load(StubBackend, "tiny")
         assert reg.list() == {a: ModelStatus.RUNNING, b: ModelStatus.RUNNING, "tiny": ModelStatus.RUNNING}
-        done = reg.get("tiny").submit([5, 6], max_tokens=2).result(timeout_s=10)
+        done = reg.get("tiny").submit(GenerateRequest([5, 6], max_tokens=2)).result(timeout_s=10)
         assert done.finish_reason is FinishReason.LENGTH
         reg.unload("tiny")
         with pytest.raises(UnknownModelError):

@@ -8,6 +8,7 @@ import pytest
 
 from erllama.errors import WorkerStoppedError
 from erllama.model import StubBackend
+from erllama.model.request import GenerateRequest
 from erllama.model.supervisor import ModelStatus, Supervisor
 from erllama.model.worker import ErrorEvent, FinishReason
 
@@ -35,7 +36,7 @@ def test_crash_restart_and_serve_again() -> None:
     sup.start()
     try:
         first = sup.worker
-        crashed = sup.submit([5, CrashOnMarker.MARKER], max_tokens=3)
+        crashed = sup.submit(GenerateRequest([5, CrashOnMarker.MARKER], max_tokens=3))
         events = list(crashed.events(timeout_s=10))
         assert isinstance(events[-1], ErrorEvent)
         assert isinstance(events[-1].error, WorkerStoppedError)
@@ -43,7 +44,10 @@ def test_crash_restart_and_serve_again() -> None:
         assert "injected crash" in str(events[-1].error.__cause__)
         wait_for(lambda: sup.status is ModelStatus.RUNNING and sup.worker is not first)
         assert sup.restart_count == 1
-        assert sup.submit([5, 6, 7], max_tokens=4).result(timeout_s=10).finish_reason is FinishReason.LENGTH
+        assert (
+            sup.submit(GenerateRequest([5, 6, 7], max_tokens=4)).result(timeout_s=10).finish_reason
+            is FinishReason.LENGTH
+        )
     finally:
         sup.stop()
     assert sup.status is ModelStatus.STOPPED
@@ -58,7 +62,7 @@ def test_restart_intensity_exceeded_reports_failed() -> None:
             if sup.status is ModelStatus.FAILED:
                 break
             dying = sup.worker
-            handle = sup.submit([CrashOnMarker.MARKER], max_tokens=1)
+            handle = sup.submit(GenerateRequest([CrashOnMarker.MARKER], max_tokens=1))
             assert isinstance(list(handle.events(timeout_s=10))[-1], ErrorEvent)
 
             # the request's error goes out before the dying worker reports to its supervisor: wait for that, or
@@ -70,7 +74,7 @@ def test_restart_intensity_exceeded_reports_failed() -> None:
         wait_for(lambda: sup.status is ModelStatus.FAILED)
         assert sup.restart_count == 2
         assert isinstance(sup.last_error, RuntimeError)
-        late = sup.submit([5], max_tokens=1)
+        late = sup.submit(GenerateRequest([5], max_tokens=1))
         with pytest.raises(WorkerStoppedError, match="failed"):
             late.result(timeout_s=1)
     finally:
@@ -83,4 +87,4 @@ def test_a_clean_stop_is_not_a_crash() -> None:
     sup.stop()
     assert sup.restart_count == 0
     with pytest.raises(WorkerStoppedError, match="stopped"):
-        sup.submit([5], max_tokens=1).result(timeout_s=1)
+        sup.submit(GenerateRequest([5], max_tokens=1)).result(timeout_s=1)

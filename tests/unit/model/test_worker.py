@@ -12,6 +12,7 @@ import pytest
 from erllama.errors import DecodeError, InvalidInputError, RequestFailedError, WorkerStoppedError
 from erllama.model import BatchingConfig, DecodeItem, SamplerConfig, StubBackend
 from erllama.model.config import WorkerConfig
+from erllama.model.request import GenerateRequest
 from erllama.model.worker import AdmittedEvent, DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
 
 
@@ -40,7 +41,7 @@ def worker() -> Iterator[ModelWorker]:
 
 def test_streams_tokens_and_finishes_at_max_tokens(worker: ModelWorker) -> None:
     prompt = StubBackend().tokenize("hello there")
-    handle = worker.submit(prompt, max_tokens=20)
+    handle = worker.submit(GenerateRequest(prompt, max_tokens=20))
     events = list(handle.events(timeout_s=10))
     tokens = [e for e in events if isinstance(e, TokenEvent)]
     done = events[-1]
@@ -53,7 +54,7 @@ def test_streams_tokens_and_finishes_at_max_tokens(worker: ModelWorker) -> None:
 
 def test_parallel_requests_match_sequential_ones(worker: ModelWorker) -> None:
     prompts = [StubBackend().tokenize(f"request number {i} " * (i + 1)) for i in range(7)]
-    handles = [worker.submit(p, max_tokens=15) for p in prompts]
+    handles = [worker.submit(GenerateRequest(p, max_tokens=15)) for p in prompts]
     results = [h.result(timeout_s=20) for h in handles]
     for p, r in zip(prompts, results, strict=True):
         assert list(r.tokens) == reference(p, 15, eos_bias=-50.0)
@@ -70,8 +71,10 @@ def test_a_long_prefill_does_not_freeze_other_streams() -> None:
     w = ModelWorker(lambda: Recording(n_seq_max=2, n_batch=32, n_ctx_seq=8192, eos_bias=-50.0), name="s")
     w.start()
     try:
-        short = w.submit(StubBackend().tokenize("hi"), max_tokens=40)
-        long = w.submit(StubBackend().tokenize("x" * 3000), max_tokens=1)  # ~94 chunks of at most 32 tokens
+        short = w.submit(GenerateRequest(StubBackend().tokenize("hi"), max_tokens=40))
+        long = w.submit(
+            GenerateRequest(StubBackend().tokenize("x" * 3000), max_tokens=1)
+        )  # ~94 chunks of at most 32 tokens
         assert short.result(timeout_s=10).finish_reason is FinishReason.LENGTH
         assert long.result(timeout_s=20).finish_reason is FinishReason.LENGTH
     finally:
@@ -97,8 +100,8 @@ def test_requests_take_the_lowest_free_sequences() -> None:
     w = ModelWorker(lambda: Recording(n_seq_max=4, eos_bias=-50.0), name="low")
     w.start()
     try:
-        w.submit(StubBackend().tokenize("first"), max_tokens=2).result(timeout_s=10)
-        handles = [w.submit(StubBackend().tokenize(f"then {i}"), max_tokens=8) for i in range(3)]
+        w.submit(GenerateRequest(StubBackend().tokenize("first"), max_tokens=2)).result(timeout_s=10)
+        handles = [w.submit(GenerateRequest(StubBackend().tokenize(f"then {i}"), max_tokens=8)) for i in range(3)]
         for h in handles:
             h.result(timeout_s=10)
     finally:
@@ -122,7 +125,7 @@ def test_no_scrap_of_a_prompt_rides_along_with_another_prefill() -> None:
     w = ModelWorker(lambda: Recording(n_seq_max=4, n_batch=128, eos_bias=-50.0), name="scrap")
     w.start()
     try:
-        handles = [w.submit(p, max_tokens=4) for p in prompts]
+        handles = [w.submit(GenerateRequest(p, max_tokens=4)) for p in prompts]
         for h in handles:
             assert h.result(timeout_s=10).finish_reason is FinishReason.LENGTH
     finally:
@@ -144,14 +147,14 @@ def test_a_closed_consumer_loop_cancels_its_request() -> None:
     w.start()
     try:
         loop = asyncio.new_event_loop()
-        orphan = w.submit(StubBackend().tokenize("nobody listens"), max_tokens=5000)
+        orphan = w.submit(GenerateRequest(StubBackend().tokenize("nobody listens"), max_tokens=5000))
         orphan.async_queue(loop)
         loop.close()
         deadline = time.monotonic() + 10
         while not orphan.cancelled and time.monotonic() < deadline:
             time.sleep(0.01)
         assert orphan.cancelled, "a post to the closed loop cancels the request"
-        nxt = w.submit(StubBackend().tokenize("next"), max_tokens=3)  # the only sequence was freed
+        nxt = w.submit(GenerateRequest(StubBackend().tokenize("next"), max_tokens=3))  # the only sequence was freed
         assert nxt.result(timeout_s=10).finish_reason is FinishReason.LENGTH
     finally:
         w.stop()
@@ -161,7 +164,7 @@ def _consume(w: ModelWorker, prompt: str, max_tokens: int) -> list[object]:
     """Run one request to its end through an asyncio consumer (the server's path), with a timeout per event."""
 
     async def go() -> list[object]:
-        handle = w.submit(StubBackend().tokenize(prompt), max_tokens=max_tokens)
+        handle = w.submit(GenerateRequest(StubBackend().tokenize(prompt), max_tokens=max_tokens))
         aq = handle.async_queue(asyncio.get_running_loop())
         events: list[object] = []
         while not events or not isinstance(events[-1], DoneEvent | ErrorEvent):
@@ -199,14 +202,14 @@ def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
     )
     w.start()
     try:
-        slow = w.submit(StubBackend().tokenize("y" * 2000), max_tokens=5)
+        slow = w.submit(GenerateRequest(StubBackend().tokenize("y" * 2000), max_tokens=5))
         time.sleep(0.05)
         slow.cancel()
         done = slow.result(timeout_s=10)
         assert done.finish_reason is FinishReason.CANCELLED
         assert done.tokens == ()
 
-        gen = w.submit(StubBackend().tokenize("go"), max_tokens=5000)
+        gen = w.submit(GenerateRequest(StubBackend().tokenize("go"), max_tokens=5000))
         seen = 0
         for event in gen.events(timeout_s=10):
             if isinstance(event, TokenEvent):
@@ -219,7 +222,7 @@ def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
                 assert seen <= 4, "observed within one token"
                 assert len(event.tokens) == seen
         # the only sequence was freed: the next request runs normally
-        after = w.submit(StubBackend().tokenize("again"), max_tokens=3).result(timeout_s=10)
+        after = w.submit(GenerateRequest(StubBackend().tokenize("again"), max_tokens=3)).result(timeout_s=10)
         assert after.finish_reason is FinishReason.LENGTH
         assert w.in_flight == 0
     finally:
@@ -227,26 +230,28 @@ def test_cancel_during_prefill_and_generation_frees_the_sequence() -> None:
 
 
 def test_admission_waits_for_a_free_sequence(worker: ModelWorker) -> None:
-    handles = [worker.submit(StubBackend().tokenize(f"q{i}"), max_tokens=5) for i in range(10)]
+    handles = [worker.submit(GenerateRequest(StubBackend().tokenize(f"q{i}"), max_tokens=5)) for i in range(10)]
     assert all(h.result(timeout_s=20).finish_reason is FinishReason.LENGTH for h in handles)
 
 
 def test_seeded_sampling_is_reproducible_through_the_worker(worker: ModelWorker) -> None:
     cfg = SamplerConfig(temperature=1.0, top_k=40, seed=5)
     prompt = StubBackend().tokenize("sample me")
-    a = worker.submit(prompt, max_tokens=12, sampling=cfg).result(timeout_s=10)
-    b = worker.submit(prompt, max_tokens=12, sampling=cfg).result(timeout_s=10)
+    a = worker.submit(GenerateRequest(prompt, max_tokens=12, sampling=cfg)).result(timeout_s=10)
+    b = worker.submit(GenerateRequest(prompt, max_tokens=12, sampling=cfg)).result(timeout_s=10)
     assert a.tokens == b.tokens
 
 
 def test_bad_requests(worker: ModelWorker) -> None:
     with pytest.raises(InvalidInputError):
-        worker.submit([], max_tokens=1)
-    too_long = worker.submit([5] * 5000, max_tokens=10)
+        worker.submit(GenerateRequest([], max_tokens=1))
+    too_long = worker.submit(GenerateRequest([5] * 5000, max_tokens=10))
     event = next(too_long.events(timeout_s=10))
     assert isinstance(event, ErrorEvent)
     assert isinstance(event.error, InvalidInputError)
-    assert worker.submit([5, 6], max_tokens=2).result(timeout_s=10).finish_reason is FinishReason.LENGTH
+    assert (
+        worker.submit(GenerateRequest([5, 6], max_tokens=2)).result(timeout_s=10).finish_reason is FinishReason.LENGTH
+    )
 
 
 def test_a_crashing_backend_fails_requests_instead_of_hanging() -> None:
@@ -256,12 +261,12 @@ def test_a_crashing_backend_fails_requests_instead_of_hanging() -> None:
 
     w = ModelWorker(Exploding, name="boom")
     w.start()
-    handle = w.submit([5, 6, 7], max_tokens=3)
+    handle = w.submit(GenerateRequest([5, 6, 7], max_tokens=3))
     events = list(handle.events(timeout_s=10))
     assert isinstance(events[-1], ErrorEvent)
     assert isinstance(events[-1].error, WorkerStoppedError)
     assert "kaboom" in str(events[-1].error.__cause__)
-    late = w.submit([5], max_tokens=1)
+    late = w.submit(GenerateRequest([5], max_tokens=1))
     assert isinstance(next(late.events(timeout_s=10)), ErrorEvent)
     w.stop()
 
@@ -289,7 +294,7 @@ def test_backend_lives_and_dies_on_the_worker_thread() -> None:
 
     w = ModelWorker(Recording, name="r")
     w.start()
-    w.submit([5, 6], max_tokens=1).result(timeout_s=10)
+    w.submit(GenerateRequest([5, 6], max_tokens=1)).result(timeout_s=10)
     w.stop()
     assert len(threads) == 2
     assert threads[0] == threads[1] != threading.get_ident()
@@ -299,7 +304,7 @@ def test_phase_and_counters_are_published() -> None:
     w = ModelWorker(lambda: StubBackend(n_seq_max=1, n_batch=8, n_ctx_seq=8192, step_delay_s=0.001), name="p")
     w.start()
     try:
-        handle = w.submit(StubBackend().tokenize("z" * 400), max_tokens=200)
+        handle = w.submit(GenerateRequest(StubBackend().tokenize("z" * 400), max_tokens=200))
         seen = set()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and Phase.GENERATING not in seen:
@@ -321,16 +326,16 @@ def test_phase_and_counters_are_published() -> None:
 
 def test_stop_sequences_end_and_trim_the_reply(worker: ModelWorker) -> None:
     prompt = StubBackend().tokenize("stop test")
-    free = worker.submit(prompt, max_tokens=60).result(timeout_s=10)
+    free = worker.submit(GenerateRequest(prompt, max_tokens=60)).result(timeout_s=10)
     assert len(free.text) > 20
     stop = free.text[10:13]  # a stop string that really occurs, across token boundaries or not
-    stopped = worker.submit(prompt, max_tokens=60, stop=[stop, "never-happens"]).result(timeout_s=10)
+    stopped = worker.submit(GenerateRequest(prompt, max_tokens=60, stop=[stop, "never-happens"])).result(timeout_s=10)
     assert stopped.finish_reason is FinishReason.STOP
     assert stopped.stop_sequence == stop
     assert stopped.text == free.text[: free.text.find(stop)]
     assert len(stopped.tokens) < len(free.tokens)
     with pytest.raises(InvalidInputError):
-        worker.submit(prompt, stop=[""])
+        worker.submit(GenerateRequest(prompt, stop=[""]))
 
 
 @pytest.mark.parametrize("batch_wait_s", [1.0, 0.0])
@@ -348,11 +353,13 @@ def test_requests_arriving_together_share_the_first_prefill_tick(batch_wait_s: f
     w = ModelWorker(lambda: Recording(**stub), WorkerConfig(batching=rules), name="g")  # type: ignore[arg-type]
     w.start()
     try:
-        w.submit(StubBackend().tokenize("w" * 100), max_tokens=0).result(timeout_s=10)  # the per-token estimate
+        w.submit(GenerateRequest(StubBackend().tokenize("w" * 100), max_tokens=0)).result(
+            timeout_s=10
+        )  # the per-token estimate
         batches.clear()
-        first = w.submit(StubBackend().tokenize("a" * 100), max_tokens=2)
+        first = w.submit(GenerateRequest(StubBackend().tokenize("a" * 100), max_tokens=2))
         time.sleep(0.03)
-        second = w.submit(StubBackend().tokenize("b" * 100), max_tokens=2)
+        second = w.submit(GenerateRequest(StubBackend().tokenize("b" * 100), max_tokens=2))
         assert first.result(timeout_s=10).finish_reason is FinishReason.LENGTH
         assert second.result(timeout_s=10).finish_reason is FinishReason.LENGTH
     finally:
@@ -378,7 +385,7 @@ def test_a_worker_fault_during_admission_crashes_the_worker_and_answers_the_requ
             raise worker_module._WorkerFault from exc
 
     monkeypatch.setattr(w, "_admit_one", failing)
-    handle = w.submit([5, 6, 7], max_tokens=2)
+    handle = w.submit(GenerateRequest([5, 6, 7], max_tokens=2))
     events = list(handle.events(timeout_s=10))
     assert isinstance(events[-1], ErrorEvent)
     assert isinstance(events[-1].error, WorkerStoppedError)
@@ -397,13 +404,15 @@ def test_a_request_whose_admission_fails_is_answered_and_frees_its_sequence() ->
     w.start()
     try:
         for _ in range(5):  # more than any restart budget, and than the one sequence
-            bad = w.submit([5, 6, 7], max_tokens=2, sampling=SamplerConfig(seed=13))
+            bad = w.submit(GenerateRequest([5, 6, 7], max_tokens=2, sampling=SamplerConfig(seed=13)))
             with pytest.raises(RequestFailedError, match="ValueError"):
                 bad.result(timeout_s=10)
         assert w.alive
         assert w.crash is None
         assert w.request_failures == 5
-        assert w.submit([5, 6, 7], max_tokens=2).result(timeout_s=10).finish_reason is FinishReason.LENGTH
+        assert (
+            w.submit(GenerateRequest([5, 6, 7], max_tokens=2)).result(timeout_s=10).finish_reason is FinishReason.LENGTH
+        )
     finally:
         w.stop()
 

@@ -17,6 +17,7 @@ from erllama.cache.tier import Payload
 from erllama.errors import InvalidInputError, StateError
 from erllama.model import BatchingConfig, DecodeItem, StubBackend
 from erllama.model.config import WorkerConfig
+from erllama.model.request import GenerateRequest
 from erllama.model.worker import DoneEvent, FinishReason, ModelWorker, TokenEvent
 
 from .test_worker import reference
@@ -76,7 +77,7 @@ def settle(store: CacheStore) -> None:
 
 
 def run(w: ModelWorker, prompt: list[int], n: int = 12, **kw: object) -> DoneEvent:
-    return w.submit(prompt, max_tokens=n, **kw).result(timeout_s=20)  # type: ignore[arg-type]
+    return w.submit(GenerateRequest(prompt, max_tokens=n, **kw)).result(timeout_s=20)  # type: ignore[arg-type]
 
 
 def test_repeated_prompt_is_an_exact_hit_with_the_same_reply(store: CacheStore) -> None:
@@ -150,7 +151,7 @@ def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
         other.start()
         try:
             # another worker does not remember the key: it must wait for the save to learn the context
-            handle = other.submit(text(" ?!")[1:], max_tokens=3, parent_key=first.finish_key)
+            handle = other.submit(GenerateRequest(text(" ?!")[1:], max_tokens=3, parent_key=first.finish_key))
             time.sleep(0.2)
             assert other.in_flight == 0, "parked while the parent's save is in flight"
             release.set()
@@ -169,7 +170,7 @@ def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
 def test_unknown_parent_key_is_a_clear_error(store: CacheStore) -> None:
     w = make_worker(store)
     try:
-        handle = w.submit(text("x"), max_tokens=2, parent_key=b"\0" * 32)  # type: ignore[arg-type]
+        handle = w.submit(GenerateRequest(text("x"), max_tokens=2, parent_key=b"\0" * 32))  # type: ignore[arg-type]
         with pytest.raises(InvalidInputError, match="unknown parent_key"):
             handle.result(timeout_s=5)
         assert run(w, text("still serving"), n=2).finish_reason is FinishReason.LENGTH
@@ -227,7 +228,7 @@ def test_continued_saves_during_long_generations(store: CacheStore) -> None:
 def test_stop_saves_live_sequences_and_a_fresh_worker_hits(store: CacheStore) -> None:
     w = make_worker(store, step_delay_s=0.005)
     prompt = text("a long running generation")
-    handle = w.submit(prompt, max_tokens=2000)
+    handle = w.submit(GenerateRequest(prompt, max_tokens=2000))
     events = handle.events(timeout_s=10)
     for _ in range(20):
         next(events)
@@ -434,7 +435,7 @@ def test_a_folded_prompts_first_token_reaches_an_asyncio_consumer_before_its_row
             return super().state_get(seq_id)
 
     async def consume(w: ModelWorker, prompt: list[int]) -> DoneEvent:
-        aq = w.submit(prompt, max_tokens=3).async_queue(asyncio.get_running_loop())
+        aq = w.submit(GenerateRequest(prompt, max_tokens=3)).async_queue(asyncio.get_running_loop())
         while True:
             event = await asyncio.wait_for(aq.get(), 20)
             if isinstance(event, TokenEvent):
@@ -465,7 +466,9 @@ def test_a_replys_end_goes_out_before_its_last_token_is_committed(store: CacheSt
     w = ModelWorker(lambda: HeldClose(**STUB), WorkerConfig(cache=store, policy=POLICY), name="held")  # type: ignore[arg-type]
     w.start()
     try:
-        done = w.submit(prompt, max_tokens=6).result(timeout_s=5)  # times out if the end waits for that decode
+        done = w.submit(GenerateRequest(prompt, max_tokens=6)).result(
+            timeout_s=5
+        )  # times out if the end waits for that decode
         assert done.finish_key is not None
         assert done.committed_tokens == len(done.context_tokens), "the row will hold the whole context"
         assert store.pending(done.finish_key), "reserved"
@@ -511,7 +514,7 @@ def test_a_worker_that_dies_while_a_reply_closes_releases_its_reserved_row(store
     w = ModelWorker(lambda: CrashOnClose(**STUB), WorkerConfig(cache=store, policy=POLICY), name="crash")  # type: ignore[arg-type]
     w.start()
     try:
-        done = w.submit(prompt, max_tokens=4).result(timeout_s=5)
+        done = w.submit(GenerateRequest(prompt, max_tokens=4)).result(timeout_s=5)
         assert done.finish_key is not None
         assert store.pending(done.finish_key)
         gate.set()
@@ -532,10 +535,12 @@ def test_a_request_sent_as_a_reply_ends_goes_before_the_replys_closing(store: Ca
     w = ModelWorker(lambda: Recording(**STUB), WorkerConfig(cache=store, policy=POLICY), name="rec")  # type: ignore[arg-type]
     w.start()
     try:
-        first = w.submit(text("the first request, about one thing"), max_tokens=4).result(timeout_s=10)
+        first = w.submit(GenerateRequest(text("the first request, about one thing"), max_tokens=4)).result(timeout_s=10)
         n_before = len(Recording.batches)
         other = text("another request about something else entirely")
-        second = w.submit(other, max_tokens=4).result(timeout_s=10)  # sent the moment the first one ended
+        second = w.submit(GenerateRequest(other, max_tokens=4)).result(
+            timeout_s=10
+        )  # sent the moment the first one ended
     finally:
         w.stop()
     assert first.finish_reason is second.finish_reason is FinishReason.LENGTH
@@ -561,10 +566,10 @@ def test_a_closing_row_that_holds_the_last_free_sequence_rides_the_next_prefill_
     w = ModelWorker(lambda: Recording(**stub), WorkerConfig(cache=store, policy=POLICY, batching=rules), name="rec")  # type: ignore[arg-type]
     w.start()
     try:
-        first = w.submit(text("the first request, about one thing"), max_tokens=4).result(timeout_s=10)
+        first = w.submit(GenerateRequest(text("the first request, about one thing"), max_tokens=4)).result(timeout_s=10)
         n_before = len(Recording.batches)
-        second = w.submit(text("the second request, about another thing"), max_tokens=4)
-        third = w.submit(text("a third request that needs a sequence"), max_tokens=4)
+        second = w.submit(GenerateRequest(text("the second request, about another thing"), max_tokens=4))
+        third = w.submit(GenerateRequest(text("a third request that needs a sequence"), max_tokens=4))
         done = [second.result(timeout_s=10), third.result(timeout_s=10)]
     finally:
         w.stop()
@@ -596,7 +601,9 @@ def test_the_last_tokens_go_out_before_finish_rows_are_copied_when_no_one_is_lef
 
     async def consume(w: ModelWorker) -> list[DoneEvent]:
         loop = asyncio.get_running_loop()
-        queues = [w.submit(p, max_tokens=n).async_queue(loop) for p, n in ((a_prompt, 3), (b_prompt, 4))]
+        queues = [
+            w.submit(GenerateRequest(p, max_tokens=n)).async_queue(loop) for p, n in ((a_prompt, 3), (b_prompt, 4))
+        ]
 
         async def end(i: int) -> DoneEvent:
             while not isinstance(event := await asyncio.wait_for(queues[i].get(), 20), DoneEvent):
