@@ -13,8 +13,9 @@ from collections import Counter
 
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import Veto
+from erllama.errors import InvalidInputError
 
-__all__ = ["Counters", "HitKind"]
+__all__ = ["COUNTERS", "TIER_COUNTERS", "Counters", "HitKind"]
 
 
 class HitKind(enum.Enum):
@@ -34,8 +35,56 @@ _HIT_NAMES = {
 }
 
 
+# Every name a counter, gauge or latency may have: a misspelt name is an error, not a new series on a dashboard.
+COUNTERS = frozenset(
+    {
+        *_HIT_NAMES.values(),
+        *(f"saves_{r.name.lower()}" for r in SaveReason),
+        *(f"vetoes_{v.value}" for v in Veto),
+        "restored_tokens",
+        "restore_failures",
+        "restore_cut_refused",
+        "saves_already_cached",
+        "saves_deduplicated",
+        "saves_refused",
+        "saves_dropped",
+        "saves_sync_timeout",
+        "promotions",
+        "evictions",
+        "corrupt_files",
+        "load",  # latencies of the store
+        "save",
+    }
+)
+# ... and those of a tier, named after it: "<tier>_<name>" ("disk_write_errors", "ram_bytes")
+TIER_COUNTERS = frozenset(
+    {
+        "refused_too_large",
+        "refused_no_room",
+        "refused_read_only",
+        "skipped_entries",
+        "scan_evictions",
+        "temp_files_removed",
+        "write_errors",
+        "load_errors",
+        "bytes",
+        "rows",
+        "read_only_roots",
+        "save",  # latencies
+        "load",
+    }
+)
+
+
+def _declared(name: str) -> str:
+    if name in COUNTERS or any(name.endswith("_" + s) and len(name) > len(s) + 1 for s in TIER_COUNTERS):
+        return name
+    raise InvalidInputError(f"no cache counter is named {name!r} (erllama.cache.counters declares them)")
+
+
 class Counters:
-    """All cache counters of one process. Every method is thread-safe."""
+    """All cache counters of one process. Every method is thread-safe; every name must be declared
+    (:data:`COUNTERS`, or a tier's name and one of :data:`TIER_COUNTERS`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -60,6 +109,7 @@ class Counters:
         return self
 
     def incr(self, name: str, by: int = 1) -> None:
+        _declared(name)
         with self._lock:
             self._counts[name] += by
 
@@ -73,15 +123,18 @@ class Counters:
         self.incr(f"vetoes_{veto.value}")
 
     def record_latency(self, name: str, seconds: float) -> None:
+        _declared(name)
         with self._lock:
             n, total, worst = self._latency.get(name, (0, 0.0, 0.0))
             self._latency[name] = (n + 1, total + seconds, max(worst, seconds))
 
     def set_gauge(self, name: str, value: int) -> None:
+        _declared(name)
         with self._lock:
             self._gauges[name] = value
 
     def add_gauge(self, name: str, delta: int) -> None:
+        _declared(name)
         with self._lock:
             self._gauges[name] = self._gauges.get(name, 0) + delta
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from erllama.cache.counters import Counters, HitKind
 from erllama.cache.kvc import SaveReason
 from erllama.cache.policy import Veto
@@ -36,8 +38,8 @@ def test_concurrent_updates_are_not_lost() -> None:
     def work() -> None:
         for _ in range(2000):
             c.record_hit(HitKind.LONGEST_PREFIX)
-            c.add_gauge("bytes", 3)
-            c.add_gauge("bytes", -1)
+            c.add_gauge("ram_bytes", 3)
+            c.add_gauge("ram_bytes", -1)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
@@ -46,4 +48,21 @@ def test_concurrent_updates_are_not_lost() -> None:
         t.join()
     snap = c.snapshot()
     assert snap["hits_longest_prefix"] == 16_000
-    assert snap["bytes"] == 32_000
+    assert snap["ram_bytes"] == 32_000
+
+
+def test_a_misspelt_name_is_an_error_not_a_new_series() -> None:
+    from erllama.errors import InvalidInputError
+
+    c = Counters()
+    for name in ("hit_exact", "disk_write_error", "_write_errors", "saves"):
+        with pytest.raises(InvalidInputError, match="no cache counter"):
+            c.incr(name)
+    with pytest.raises(InvalidInputError, match="no cache counter"):
+        c.set_gauge("ram_byte", 1)
+    with pytest.raises(InvalidInputError, match="no cache counter"):
+        c.record_latency("saves", 0.1)
+    c.incr("disk_write_errors")  # a tier's counters carry its name, whatever it is
+    c.incr("ram_file_write_errors")
+    assert "hit_exact" not in c.snapshot()
+    assert c.snapshot()["disk_write_errors"] == 1
