@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Iterator
 
 from erllama.cache.key import CacheKey
 from erllama.model.backend import TokenLogprob
+from erllama.model.delivery import RequestHandle
+from erllama.model.events import AdmittedEvent, DoneEvent, ErrorEvent, Event, TokenEvent
 from erllama.model.think import ThinkSplitter
-from erllama.model.worker import AdmittedEvent, DoneEvent, ErrorEvent, Event, RequestHandle, TokenEvent
 
 __all__ = [
     "Completion",

@@ -18,20 +18,22 @@ from erllama.errors import InvalidInputError
 __all__ = ["COUNTERS", "TIER_COUNTERS", "Counters", "HitKind"]
 
 
-class HitKind(enum.Enum):
-    """How a request found (or did not find) its prefix."""
+class HitKind(enum.StrEnum):
+    """How a request's context was found in the cache: the one name for it, from the counters to the wire.
+
+    ``EXACT``: all of it but its last token was restored; ``PARTIAL``: a shorter prefix; ``COLD``: nothing. (A
+    ``parent_key`` resume is one of the first two, counted apart as ``hits_resume``.)
+    """
 
     EXACT = "exact"
-    RESUME = "resume"  # parent_key
-    LONGEST_PREFIX = "longest_prefix"
-    MISS = "miss"
+    PARTIAL = "partial"
+    COLD = "cold"
 
 
 _HIT_NAMES = {
     HitKind.EXACT: "hits_exact",
-    HitKind.RESUME: "hits_resume",
-    HitKind.LONGEST_PREFIX: "hits_longest_prefix",
-    HitKind.MISS: "misses",
+    HitKind.PARTIAL: "hits_longest_prefix",
+    HitKind.COLD: "misses",
 }
 
 
@@ -39,6 +41,7 @@ _HIT_NAMES = {
 COUNTERS = frozenset(
     {
         *_HIT_NAMES.values(),
+        "hits_resume",
         *(f"saves_{r.name.lower()}" for r in SaveReason),
         *(f"vetoes_{v.value}" for v in Veto),
         "restored_tokens",
@@ -113,8 +116,9 @@ class Counters:
         with self._lock:
             self._counts[name] += by
 
-    def record_hit(self, kind: HitKind) -> None:
-        self.incr(_HIT_NAMES[kind])
+    def record_hit(self, kind: HitKind, *, resumed: bool = False) -> None:
+        """Count a request's hit: ``hits_resume`` for a restored ``parent_key`` row, else by its kind."""
+        self.incr("hits_resume" if resumed and kind is not HitKind.COLD else _HIT_NAMES[kind])
 
     def record_save(self, reason: SaveReason) -> None:
         self.incr(f"saves_{reason.name.lower()}")

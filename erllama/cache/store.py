@@ -5,8 +5,9 @@ so a row the RAM tier evicts is still on disk; a load is served by the fastest t
 slower tier is promoted back into the fastest one. The prefix index knows every row of every tier; tiers report
 each key that leaves them, and the index forgets a key once no tier holds it. Concurrent saves of one key are
 deduplicated: the second caller gets the first caller's future. A save can be reserved before its payload exists
-(a reply announced before its last token is committed): the key counts as in flight from then on. A ``parent_key``
-resume can wait for an in-flight save of that key.
+(a reply announced before its last token is committed): the key counts as in flight from then on, and whoever needs
+the row (a ``parent_key`` resume) can be called back when it settles. The store is the only user of the prefix index
+and counts every save once; the worker's ``CacheLink`` counts the hits it makes of what the store finds.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import numpy.typing as npt
 
-from erllama.cache.counters import Counters, HitKind
+from erllama.cache.counters import Counters
 from erllama.cache.index import PrefixHit, PrefixIndex
 from erllama.cache.key import CacheKey, Namespace, cache_key
 from erllama.cache.kvc import RowMeta, SaveReason
@@ -83,17 +84,16 @@ class CacheStore:
 
     # -- lookup and load ----------------------------------------------------------------------------------------
 
-    def lookup(
+    def longest_prefix(
         self, namespace: Namespace, tokens: Sequence[int] | npt.NDArray[np.integer], max_tokens: int | None = None
     ) -> PrefixHit | None:
-        """The longest stored prefix (see PrefixIndex.longest_prefix); counts a hit kind or a miss."""
-        hit = self.index.longest_prefix(namespace, tokens, max_tokens=max_tokens)
-        limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
-        if hit is None:
-            self.counters.record_hit(HitKind.MISS)
-        else:
-            self.counters.record_hit(HitKind.EXACT if hit.n_tokens == limit else HitKind.LONGEST_PREFIX)
-        return hit
+        """The longest stored row that is a prefix of ``tokens`` (at most ``max_tokens`` long); counts nothing (the
+        caller counts the hit it makes of it)."""
+        return self.index.longest_prefix(namespace, tokens, max_tokens=max_tokens)
+
+    def deepest_shared(self, namespace: Namespace, tokens: Sequence[int], max_tokens: int) -> PrefixHit | None:
+        """The stored row sharing the longest common prefix with ``tokens`` (see PrefixIndex.deepest_shared)."""
+        return self.index.deepest_shared(namespace, tokens, max_tokens=max_tokens)
 
     def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
         """The row from the fastest tier that has it (promoting it upwards), or None."""
@@ -112,15 +112,6 @@ class CacheStore:
             return row
         return None
 
-    def resume(self, key: CacheKey, timeout_s: float) -> tuple[RowMeta, memoryview] | None:
-        """A ``parent_key`` resume: wait up to ``timeout_s`` for an in-flight save of the key, then load it.
-
-        Counts ``hits_resume`` or a miss.
-        """
-        row = self.load(key) if self.wait_for(key, timeout_s) else None
-        self.counters.record_hit(HitKind.RESUME if row is not None else HitKind.MISS)
-        return row
-
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Wait until every save in flight now is published (or refused); False on timeout."""
         with self._lock:
@@ -138,16 +129,16 @@ class CacheStore:
             future = self._inflight.get(key)
         return future is not None and not future.done()
 
-    def wait_for(self, key: CacheKey, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for an in-flight save of ``key``; True when the key is (now) stored."""
+    def when_settled(self, key: CacheKey, callback: Callable[[], None]) -> bool:
+        """Call ``callback()`` (on the writer's thread) once the save of ``key`` in flight now is published or
+        given up; False, and no call, when none is in flight. A ``parent_key`` request waiting for its parent's row
+        is woken this way instead of polling."""
         with self._lock:
             future = self._inflight.get(key)
-        if future is not None:
-            try:
-                future.result(timeout=timeout_s)
-            except FutureTimeout:
-                return False
-        return key in self
+        if future is None or future.done():
+            return False
+        future.add_done_callback(lambda _: callback())
+        return True
 
     # -- saves --------------------------------------------------------------------------------------------------
 
@@ -191,11 +182,16 @@ class CacheStore:
         self,
         namespace: Namespace,
         tokens: Sequence[int] | npt.NDArray[np.integer],
-        payload: Payload,
+        payload: Payload | Callable[[], Payload],
         reason: SaveReason,
     ) -> Future[bool] | None:
         """Publish a row off the caller's thread. Returns the save's future (shared by concurrent saves of the
-        same key), or None when the row is already stored or the writer is full (then counted as dropped)."""
+        same key), or None when the row is already stored or the writer is full (then counted as dropped).
+
+        ``payload`` may be a callable that reads it (a sequence's state copy): it is called on the caller's thread
+        only when the row is neither stored nor in flight, so a save that would be deduplicated costs no copy.
+        Every save is counted here, once: ``saves_deduplicated``, ``saves_already_cached`` or by its reason.
+        """
         meta = self._meta(namespace, tokens, reason)
         with self._lock:
             reserved = self._reserved.pop(meta.key, None)
@@ -205,14 +201,28 @@ class CacheStore:
             if reserved is None and meta.key in self:
                 self.counters.incr("saves_already_cached")
                 return None
-            future = self.writer.submit(lambda: self._publish(meta, payload))
+            if reserved is None and callable(payload):  # in flight while its bytes are read, outside the lock
+                reserved = self._inflight[meta.key] = Future()
+                claimed = True
+            else:
+                claimed = False
+        try:
+            data = payload() if callable(payload) else payload
+        except BaseException:
+            if reserved is not None:  # the reservation (ours or the caller's) will not be filled
+                with self._lock:
+                    self._inflight.pop(meta.key, None)
+                reserved.set_result(False)
+            raise
+        with self._lock:
+            future = self.writer.submit(lambda: self._publish(meta, data))
             if reserved is not None:
                 if future is None:
                     self._inflight.pop(meta.key, None)
                     reserved.set_result(False)
                 else:
                     future.add_done_callback(lambda f: reserved.set_result(f.exception() is None and f.result()))
-                return reserved
+                return None if claimed and future is None else reserved
             if future is not None and not future.done():
                 self._inflight[meta.key] = future
         return future
@@ -242,15 +252,17 @@ class CacheStore:
         self,
         namespace: Namespace,
         tokens: Sequence[int] | npt.NDArray[np.integer],
-        payload: Payload,
+        payload: Payload | Callable[[], Payload],
         reason: SaveReason,
         timeout_s: float,
     ) -> bool:
-        """Publish a row and wait up to ``timeout_s`` (evict and shutdown saves)."""
+        """Publish a row and wait up to ``timeout_s`` (evict and shutdown saves); a callable ``payload`` is read
+        only when the row is not stored yet."""
         meta = self._meta(namespace, tokens, reason)
         if meta.key in self:
             return True
-        return self.writer.run_sync(lambda: self._publish(meta, payload), timeout_s)
+        data = payload() if callable(payload) else payload
+        return self.writer.run_sync(lambda: self._publish(meta, data), timeout_s)
 
     # -- eviction -----------------------------------------------------------------------------------------------
 

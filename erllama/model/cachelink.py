@@ -1,4 +1,17 @@
-"""``CacheLink``: one model worker's side of the shared cache — restoring prefixes at admission and saving states.
+"""``CacheLink``: one model worker's only door to the shared cache, named by a request's lifecycle.
+
+============  ================================================================================================
+call          what it does
+============  ================================================================================================
+on_admit      restore the longest stored prefix of the request's context into its sequence; count the hit; set
+              the prompt's cold save point
+on_step       after a step fed the sequence: the cold save (the prompt, at its save point) and continued saves
+on_finish     the reply ended: may its finish row be saved, and must the sequence close first (then the row is
+              reserved, so a ``parent_key`` resume or a drain waits for it)
+on_announce   the finish key of the context the reply leaves (remembered with its tokens)
+on_close      the sequence is freed: write its finish row, or give up the reservation
+save_live     evict and shutdown saves of the sequences still running
+============  ================================================================================================
 
 Admission restores the most of the request's context the cache holds, capped one token short of its end (the last
 prompt token is always computed, for its logits): the longest stored row that is a prefix of the context, or a
@@ -7,16 +20,18 @@ sequence's length after ``state_set``, and — for a cut — that the cache stil
 a row that fails is dropped and the request goes cold.
 
 Saves follow the policy gates (``erllama.cache.policy``). Reading the state out of the context is one copy on the
-worker thread; packing and publishing happen on the store's writer threads, so other sequences never wait on disk.
-Finish keys are remembered with their tokens, so a ``parent_key`` continuation knows its context even when its row
-was dropped or is still being written.
+worker thread, made only when the store wants the row; packing and publishing happen on the store's writer threads,
+so other sequences never wait on disk. Finish keys are remembered with their tokens, so a ``parent_key``
+continuation knows its context even when its row was dropped or is still being written; a request that must wait
+for a row being written is woken by the save's completion.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from erllama.cache.counters import Counters, HitKind
 from erllama.cache.key import CacheKey, Namespace, cache_key, ctx_params_hash
@@ -32,7 +47,7 @@ from erllama.cache.store import CacheStore
 from erllama.errors import ErllamaError, StateError
 from erllama.model.backend import BackendInfo, ModelBackend
 
-__all__ = ["CacheHit", "CacheLink", "namespace_for"]
+__all__ = ["Admission", "CacheHit", "CacheLink", "CachedSequence", "FinishPlan", "SeqCache", "namespace_for"]
 
 
 def namespace_for(info: BackendInfo, adapters: Sequence[tuple[str, float]] = (), salt: str = "") -> Namespace:
@@ -48,13 +63,65 @@ def namespace_for(info: BackendInfo, adapters: Sequence[tuple[str, float]] = (),
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheHit:
-    """How a request's context was found: ``exact`` (all but the last token restored), ``partial`` or ``cold``."""
+    """How a request's context was found: its kind, how many tokens were restored, whether it was its parent's row."""
 
-    kind: str
+    kind: HitKind
     prefix_len: int
+    resumed: bool = False
 
 
-_COLD = CacheHit("cold", 0)
+COLD = CacheHit(HitKind.COLD, 0)
+
+
+@dataclasses.dataclass(slots=True)
+class SeqCache:
+    """A running sequence's standing with the cache; only :class:`CacheLink` changes it.
+
+    Attributes:
+        enabled: restore and save this sequence (off once its KV mixes two adapter settings).
+        cold_point: where its prompt is saved while prefilling (None: no cold save due).
+        last_save: how many of its tokens the last save (or the restore) covered.
+        reserved: it holds the reservation of its finish row (taken when it began closing).
+    """
+
+    enabled: bool
+    cold_point: int | None = None
+    last_save: int = 0
+    reserved: bool = False
+
+
+class CachedSequence(Protocol):
+    """What the link reads of a running sequence."""
+
+    @property
+    def seq_id(self) -> int: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def n_prompt(self) -> int: ...
+    @property
+    def fed(self) -> int: ...
+    @property
+    def ended(self) -> bool: ...
+    @property
+    def cache(self) -> SeqCache: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """What :meth:`CacheLink.on_admit` did: the hit, and the sequence's standing with the cache from then on."""
+
+    hit: CacheHit
+    cache: SeqCache
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FinishPlan:
+    """How an ended reply leaves the cache: ``save`` its finish row; ``close_first``: its last token is not
+    committed yet, so the sequence closes with a later step (its row reserved meanwhile) before the save."""
+
+    save: bool
+    close_first: bool
 
 
 class CacheLink:
@@ -66,6 +133,8 @@ class CacheLink:
         self.namespace = namespace
         self._remember = remember
         self._recent: OrderedDict[CacheKey, tuple[int, ...]] = OrderedDict()
+        # finish rows announced but not restorable yet: their context and how much of it was the prompt
+        self._finishing: dict[CacheKey, tuple[tuple[int, ...], int]] = {}
 
     @property
     def counters(self) -> Counters:
@@ -92,11 +161,39 @@ class CacheLink:
             return None
         return row[0].tokens
 
-    def parent_pending(self, key: CacheKey) -> bool:
-        """Whether the parent's row is still being written (its restore should wait for it)."""
-        return self.store.pending(key)
+    def parent_pending(self, key: CacheKey, wake: Callable[[], None]) -> bool:
+        """Whether the parent's row is still being written (its restore should wait for it); ``wake()`` is called
+        once it is settled."""
+        return self.store.when_settled(key, wake)
+
+    def continued_reply(self, tokens: Sequence[int], wake: Callable[[], None]) -> tuple[int, ...] | None:
+        """The context of a reply whose finish row is still being written and that ``tokens`` continue (the next
+        turn of a chat, sent the moment the reply ended), or None; ``wake()`` is called once that row is settled.
+        "Continue": share that request's prompt and the reply's first token (a chat template may render the reply's
+        end differently from the tokens that ended it, so the whole reply need not match), or — a prompt no longer
+        than that one — all the row could restore of it (a repeated prompt)."""
+        for key, (context, n_prompt) in list(self._finishing.items()):
+            if key in self.store or not self.store.pending(key):
+                del self._finishing[key]
+            elif (m := min(n_prompt + 1, len(tokens) - 1, len(context))) > 0 and tuple(tokens[:m]) == context[:m]:
+                if self.store.when_settled(key, wake):
+                    return context
+                del self._finishing[key]
+        return None
 
     # -- admission ----------------------------------------------------------------------------------------------
+
+    def on_admit(
+        self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], parent: CacheKey | None, *, fold: bool
+    ) -> Admission:
+        """Restore the most of ``tokens`` into the empty ``seq_id`` and set the prompt's cold save point (with
+        ``fold``, the last prompt token rides in the final prefill chunk: a save point one short of the prompt
+        becomes the whole prompt, saved once its first token is out)."""
+        hit = self.restore(backend, seq_id, tokens, parent)
+        cold_point = self._cold_point(len(tokens), hit.prefix_len)
+        if fold and cold_point == len(tokens) - 1:
+            cold_point = len(tokens)
+        return Admission(hit, SeqCache(True, cold_point, last_save=hit.prefix_len))
 
     def restore(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], parent: CacheKey | None) -> CacheHit:
         """Restore the most of ``tokens`` the cache can give (at most ``len(tokens) - 1``) into an empty ``seq_id``;
@@ -108,26 +205,21 @@ class CacheLink:
         sequence would need (sliding-window caches without ``swa_full``); the prefix row is tried next.
         """
         limit = len(tokens) - 1
-        index = self.store.index
-        prefix = index.longest_prefix(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
+        store = self.store
+        prefix = store.longest_prefix(self.namespace, tokens, max_tokens=limit) if limit > 0 else None
         short = limit > 0 and (prefix is None or prefix.n_tokens < limit)
-        shared = index.deepest_shared(self.namespace, tokens, max_tokens=limit) if short else None
+        shared = store.deepest_shared(self.namespace, tokens, max_tokens=limit) if short else None
         candidates = [c for c in (shared,) if c is not None and c.n_tokens > (prefix.n_tokens if prefix else 0)]
         candidates += [prefix] if prefix is not None else []
         for hit in candidates:
             n = self._restore_row(backend, seq_id, tokens, hit.key, n=hit.n_tokens, limit=limit)
             if n:
-                if hit.key == parent:
-                    counted = HitKind.RESUME
-                elif n == limit:
-                    counted = HitKind.EXACT
-                else:
-                    counted = HitKind.LONGEST_PREFIX
-                self.counters.record_hit(counted)
+                found = CacheHit(HitKind.EXACT if n == limit else HitKind.PARTIAL, n, resumed=hit.key == parent)
+                self.counters.record_hit(found.kind, resumed=found.resumed)
                 self.counters.incr("restored_tokens", n)
-                return CacheHit("exact" if n == limit else "partial", n)
-        self.counters.record_hit(HitKind.MISS)
-        return _COLD
+                return found
+        self.counters.record_hit(HitKind.COLD)
+        return COLD
 
     def _restore_row(
         self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], key: CacheKey, *, n: int, limit: int
@@ -165,12 +257,12 @@ class CacheLink:
 
     def probe(self, tokens: Sequence[int]) -> int:
         """How many leading tokens of ``tokens`` are stored (counts nothing)."""
-        hit = self.store.index.longest_prefix(self.namespace, tokens)
+        hit = self.store.longest_prefix(self.namespace, tokens)
         return hit.n_tokens if hit is not None else 0
 
-    # -- save points --------------------------------------------------------------------------------------------
+    # -- saves --------------------------------------------------------------------------------------------------
 
-    def cold_point(self, n_prompt: int, restored: int) -> int | None:
+    def _cold_point(self, n_prompt: int, restored: int) -> int | None:
         """Where to save a prompt while prefilling it, or None (vetoed, or already covered by the restore)."""
         point = cold_save_point(self.policy, n_prompt)
         if isinstance(point, Veto):
@@ -178,38 +270,98 @@ class CacheLink:
             return None
         return point if point > restored else None
 
-    def continued_due(self, n_tokens: int, since_last_save: int) -> bool:
-        return allows_continued_save(self.policy, n_tokens, since_last_save) is None
+    def on_step(self, backend: ModelBackend, seq: CachedSequence) -> None:
+        """A step fed ``seq``: its cold save when it reached the save point, or a continued save when one is due."""
+        c = seq.cache
+        if not c.enabled:
+            return
+        if c.cold_point is not None and seq.fed == c.cold_point:
+            self._save(backend, seq.seq_id, seq.tokens[: seq.fed], SaveReason.COLD)
+            c.last_save, c.cold_point = seq.fed, None
+        elif (
+            seq.fed > seq.n_prompt
+            and not seq.ended
+            and allows_continued_save(self.policy, seq.fed, seq.fed - c.last_save) is None
+        ):
+            self._save(backend, seq.seq_id, seq.tokens[: seq.fed], SaveReason.CONTINUED)
+            c.last_save = seq.fed
 
-    def final_allowed(self, n_tokens: int) -> bool:
-        veto = allows_final_save(self.policy, n_tokens)
+    def saves_after_first_token(self, seq: CachedSequence) -> bool:
+        """Whether this step's save of ``seq`` waits until its first token is out: a folded prompt's cold row,
+        which is the whole prompt (its copy then stays off the time to first token)."""
+        c = seq.cache
+        return c.enabled and c.cold_point == seq.n_prompt == seq.fed
+
+    def on_finish(self, seq: CachedSequence) -> FinishPlan:
+        """The reply of ``seq`` ended (its tokens include the last one sampled). Its finish row is saved if the
+        policy allows; when its last token is not committed yet the sequence must close first, and the row is
+        reserved until then."""
+        c = seq.cache
+        if not c.enabled:
+            return FinishPlan(save=False, close_first=False)
+        veto = allows_final_save(self.policy, len(seq.tokens))
         if veto is not None:
             self.counters.record_veto(veto)
-        return veto is None
+            return FinishPlan(save=False, close_first=False)
+        if seq.fed >= len(seq.tokens):
+            return FinishPlan(save=True, close_first=False)
+        c.reserved = self.store.reserve(self.namespace, seq.tokens)
+        if c.reserved:
+            key = self.key(seq.tokens)
+            self._finishing[key] = (tuple(seq.tokens), seq.n_prompt)
+        return FinishPlan(save=True, close_first=True)
 
-    def save(
-        self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason, *, reserved: bool = False
-    ) -> CacheKey:
-        """Copy the sequence's state out (on this thread) and hand it to the store's writer. ``reserved``: this
-        caller holds the key's reservation (:meth:`reserve`), which the save fills."""
-        key = self.key(tokens)
-        if not reserved and (key in self.store or self.store.pending(key)):
-            self.counters.incr("saves_already_cached")
-            return key
-        self.store.save(self.namespace, tokens, backend.state_get(seq_id), reason)
+    def on_announce(self, context: Sequence[int]) -> CacheKey:
+        """The finish key of the context a reply leaves (remembered with its tokens, for ``parent_key``)."""
+        key = self.key(context)
+        self.remember(key, context)
         return key
 
-    def reserve(self, tokens: Sequence[int]) -> bool:
-        """Mark a save of ``tokens`` as in flight before the state holds them all (see ``CacheStore.reserve``);
-        False when the row is already stored or in flight."""
-        return self.store.reserve(self.namespace, tokens)
+    def on_close(self, backend: ModelBackend, seq: CachedSequence, *, save: bool) -> None:
+        """``seq`` is being freed (its state still in the context): write its finish row when ``save`` and it holds
+        more than its last save; else give up its reservation."""
+        c = seq.cache
+        saved = False
+        if c.enabled and save and seq.fed > c.last_save:
+            context = seq.tokens[: seq.fed]
+            key = self._save(backend, seq.seq_id, context, SaveReason.FINISH)  # fills the reservation, if held
+            self._finishing[key] = (tuple(context), seq.n_prompt)
+            saved = True
+        if c.reserved and not saved:
+            self.store.release(self.namespace, seq.tokens)
+        c.reserved = False
 
-    def release(self, tokens: Sequence[int]) -> None:
-        """Give up a reservation taken with :meth:`reserve`."""
-        self.store.release(self.namespace, tokens)
+    def on_fail(self, seq: CachedSequence) -> None:
+        """``seq`` failed or its worker stopped: its finish row, if reserved, will not be written."""
+        if seq.cache.reserved:
+            seq.cache.reserved = False
+            self.store.release(self.namespace, seq.tokens)
 
-    def save_sync(
-        self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason, timeout_s: float
-    ) -> bool:
-        """Evict and shutdown saves: publish before returning (bounded by ``timeout_s``)."""
-        return self.store.save_sync(self.namespace, tokens, backend.state_get(seq_id), reason, timeout_s)
+    def save_live(
+        self, backend: ModelBackend, seqs: Sequence[CachedSequence], reason: SaveReason, timeout_s: float
+    ) -> int:
+        """Evict and shutdown saves: publish the committed state of each sequence (policy allowing) before
+        returning, each bounded by ``timeout_s``; returns the rows written."""
+        saved = 0
+        for seq in seqs:
+            c = seq.cache
+            if not c.enabled or seq.fed <= c.last_save:
+                continue
+            veto = allows_final_save(self.policy, seq.fed)
+            if veto is not None:
+                self.counters.record_veto(veto)
+                continue
+            state = _state_of(backend, seq.seq_id)
+            saved += self.store.save_sync(self.namespace, seq.tokens[: seq.fed], state, reason, timeout_s)
+            c.last_save = seq.fed
+        return saved
+
+    def _save(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason) -> CacheKey:
+        """Hand the sequence's state to the store's writer; its copy is read (on this thread) only when the store
+        wants the row (a reserved row always)."""
+        self.store.save(self.namespace, tokens, _state_of(backend, seq_id), reason)
+        return self.key(tokens)
+
+
+def _state_of(backend: ModelBackend, seq_id: int) -> Callable[[], memoryview]:
+    return lambda: backend.state_get(seq_id)

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from erllama.errors import InvalidInputError, WorkerStoppedError
 from erllama.model.backend import ModelBackend
 from erllama.model.config import WorkerConfig
+from erllama.model.delivery import RequestHandle
 from erllama.model.request import GenerateRequest
-from erllama.model.worker import ErrorEvent, ModelWorker, RequestHandle
+from erllama.model.worker import ModelWorker
 
 __all__ = ["ModelStatus", "Supervisor"]
 
@@ -110,7 +111,7 @@ class Supervisor:
             status = self.status
         if worker is None:
             handle = RequestHandle(0)
-            handle._emit(ErrorEvent(WorkerStoppedError(f"model {self.name} is {status.value}")))
+            handle.fail(WorkerStoppedError(f"model {self.name} is {status.value}"))
             return handle
         return worker.submit(request)
 

@@ -1,4 +1,4 @@
-"""The reply length a request may reach (``worker._reply_room``): never past the context, lowered only with
+"""The reply length a request may reach (``sequences.reply_room``): never past the context, lowered only with
 ``fit_context``, refused only when nothing fits."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erllama.model.worker import _reply_room
+from erllama.model.sequences import reply_room
 
 sizes = st.integers(min_value=1, max_value=10_000)
 
@@ -15,7 +15,7 @@ sizes = st.integers(min_value=1, max_value=10_000)
     n_prompt=sizes, max_tokens=st.none() | st.integers(min_value=0, max_value=50_000), n_ctx=sizes, fit=st.booleans()
 )
 def test_the_reply_never_runs_past_the_context(n_prompt: int, max_tokens: int | None, n_ctx: int, fit: bool) -> None:
-    got = _reply_room(n_prompt, max_tokens, n_ctx, fit)
+    got = reply_room(n_prompt, max_tokens, n_ctx, fit)
     room = n_ctx - n_prompt
     if got is None:  # refused only when nothing fits
         if max_tokens is None:

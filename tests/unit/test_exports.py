@@ -17,7 +17,10 @@ PACKAGES = {
         "batching",
         "cachelink",
         "config",
+        "delivery",
+        "events",
         "llama",
+        "planner",
         "registry",
         "request",
         "speculative",
@@ -26,7 +29,7 @@ PACKAGES = {
         "supervisor",
         "think",
         "worker",
-    ],
+    ],  # admission, apply, sequences: internal
     "erllama": ["api", "runtime", "stream"],
     "erllama.server": ["anthropic", "app", "models", "ollama", "openai", "state"],  # chat, metrics: internal
     "erllama.chat": ["engine", "schema", "template", "tools", "types"],

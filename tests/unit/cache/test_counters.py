@@ -14,7 +14,8 @@ from erllama.cache.policy import Veto
 def test_named_like_the_reference() -> None:
     c = Counters()
     c.record_hit(HitKind.EXACT)
-    c.record_hit(HitKind.MISS)
+    c.record_hit(HitKind.COLD)
+    c.record_hit(HitKind.PARTIAL, resumed=True)
     c.record_save(SaveReason.FINISH)
     c.record_veto(Veto.NOT_DUE)
     c.record_latency("save", 0.25)
@@ -24,7 +25,8 @@ def test_named_like_the_reference() -> None:
     snap = c.snapshot()
     assert snap["hits_exact"] == 1
     assert snap["misses"] == 1
-    assert snap["hits_resume"] == 0
+    assert snap["hits_resume"] == 1
+    assert snap["hits_longest_prefix"] == 0
     assert snap["saves_finish"] == 1
     assert snap["vetoes_not_due"] == 1
     assert (snap["save_count"], snap["save_total_s"], snap["save_max_s"]) == (2, 1.0, 0.75)
@@ -37,7 +39,7 @@ def test_concurrent_updates_are_not_lost() -> None:
 
     def work() -> None:
         for _ in range(2000):
-            c.record_hit(HitKind.LONGEST_PREFIX)
+            c.record_hit(HitKind.PARTIAL)
             c.add_gauge("ram_bytes", 3)
             c.add_gauge("ram_bytes", -1)
 

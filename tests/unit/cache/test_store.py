@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,16 @@ def test_save_then_lookup_and_load(tmp_path: Path) -> None:
         future = store.save(NS, PROMPT[:200], b"s" * 5000, SaveReason.COLD)
         assert future is not None
         assert future.result(timeout=10)
-        hit = store.lookup(NS, PROMPT, max_tokens=len(PROMPT) - 1)
+        hit = store.longest_prefix(NS, PROMPT, max_tokens=len(PROMPT) - 1)
         assert hit is not None
         assert hit.n_tokens == 200
         row = store.load(hit.key)
         assert row is not None
         assert bytes(row[1]) == b"s" * 5000
-        assert store.lookup(NS, [1, 2, 3]) is None
+        assert store.longest_prefix(NS, [1, 2, 3]) is None
         snap = store.counters.snapshot()
-        assert (snap["saves_cold"], snap["hits_longest_prefix"], snap["misses"]) == (1, 1, 1)
+        assert snap["saves_cold"] == 1
+        assert (snap["hits_longest_prefix"], snap["misses"]) == (0, 0), "a lookup counts nothing: the caller does"
         assert store.save(NS, PROMPT[:200], b"s" * 5000, SaveReason.FINISH) is None, "already cached"
     finally:
         store.close()
@@ -82,12 +82,12 @@ def test_a_full_writer_drops_and_counts_instead_of_blocking() -> None:
         store.close()
 
 
-def test_sync_save_and_resume_wait(tmp_path: Path) -> None:
+def test_sync_save(tmp_path: Path) -> None:
     store = CacheStore([FileTier([tmp_path], 1 << 22)])
     try:
         assert store.save_sync(NS, PROMPT, b"y" * 100, SaveReason.SHUTDOWN, timeout_s=10)
-        assert store.wait_for(cache_key(NS, PROMPT), timeout_s=0.1)
-        assert not store.wait_for(cache_key(NS, [1]), timeout_s=0.01)
+        assert cache_key(NS, PROMPT) in store
+        assert not store.when_settled(cache_key(NS, PROMPT), lambda: None), "stored: nothing in flight to wait on"
         assert store.counters.snapshot()["saves_shutdown"] == 1
     finally:
         store.close()
@@ -102,7 +102,7 @@ def test_disk_hits_are_promoted_to_ram_and_survive_restart(tmp_path: Path) -> No
     ram = RamTier(1 << 20)
     again = CacheStore([ram, FileTier([tmp_path], 1 << 22)])
     try:
-        hit = again.lookup(NS, PROMPT, max_tokens=299)
+        hit = again.longest_prefix(NS, PROMPT, max_tokens=299)
         assert hit is not None
         assert hit.n_tokens == 64
         assert again.load(hit.key) is not None
@@ -120,7 +120,7 @@ def test_index_forgets_rows_the_tiers_evict() -> None:
             assert store.save_sync(NS, PROMPT[:n], b"w" * 1000, SaveReason.COLD, timeout_s=10)
         assert cache_key(NS, PROMPT[:16]) not in ram
         assert len(store.index) == len(ram) == 2
-        hit = store.lookup(NS, PROMPT[:20], max_tokens=20)
+        hit = store.longest_prefix(NS, PROMPT[:20], max_tokens=20)
         assert hit is None, "the evicted 16-token row must not be offered"
         assert store.evict_bytes(1) > 0
         assert len(store.index) == len(ram) == 1
@@ -128,7 +128,7 @@ def test_index_forgets_rows_the_tiers_evict() -> None:
         store.close()
 
 
-def test_resume_waits_for_the_in_flight_finish_save() -> None:
+def test_a_waiter_is_called_back_when_the_save_in_flight_settles() -> None:
     gate = threading.Event()
 
     class SlowTier(RamTier):
@@ -138,15 +138,35 @@ def test_resume_waits_for_the_in_flight_finish_save() -> None:
 
     store = CacheStore([SlowTier(1 << 20)])
     try:
+        settled = threading.Event()
         store.save(NS, PROMPT, b"r" * 64, SaveReason.FINISH)
         key = cache_key(NS, PROMPT)
-        assert store.resume(key, timeout_s=0.01) is None, "not published yet and the wait is too short"
-        threading.Timer(0.05, gate.set).start()
-        row = store.resume(key, timeout_s=5)
+        assert store.pending(key)
+        assert store.when_settled(key, settled.set)
+        assert not settled.wait(0.05), "not published yet"
+        gate.set()
+        assert settled.wait(5)
+        row = store.load(key)
         assert row is not None
         assert bytes(row[1]) == b"r" * 64
+    finally:
+        store.close()
+
+
+def test_a_lazy_payload_is_read_only_for_a_save_that_happens() -> None:
+    store = CacheStore([RamTier(1 << 20)])
+    reads: list[int] = []
+
+    def payload() -> bytes:
+        reads.append(1)
+        return b"p" * 32
+
+    try:
+        assert store.save_sync(NS, PROMPT, payload, SaveReason.COLD, timeout_s=5)
+        assert store.save(NS, PROMPT, payload, SaveReason.FINISH) is None, "already stored"
+        assert len(reads) == 1, "the stored row's state was not read again"
         snap = store.counters.snapshot()
-        assert (snap["hits_resume"], snap["misses"]) == (1, 1)
+        assert (snap["saves_cold"], snap["saves_already_cached"]) == (1, 1)
     finally:
         store.close()
 
@@ -171,7 +191,7 @@ def test_many_threads_saving_and_loading(tmp_path: Path) -> None:
                     saved[bytes(cache_key(NS, tokens))] = payload
             peaks["ram"] = max(peaks["ram"], ram.used_bytes)
             peaks["disk"] = max(peaks["disk"], disk.used_bytes)
-            hit = store.lookup(NS, [t, i // 2, *PROMPT], max_tokens=10_000)
+            hit = store.longest_prefix(NS, [t, i // 2, *PROMPT], max_tokens=10_000)
             if hit is not None:
                 row = store.load(hit.key)
                 if row is not None and bytes(row[1]) != saved.get(bytes(hit.key), bytes(row[1])):
@@ -235,12 +255,12 @@ def test_a_reserved_save_is_in_flight_until_filled() -> None:
         assert key not in store
         assert not store.reserve(NS, PROMPT), "a key is reserved once"
         assert not store.drain(0.05), "drain waits for the reservation"
-        with ThreadPoolExecutor(1) as pool:
-            waited = pool.submit(store.wait_for, key, 5)
-            future = store.save(NS, PROMPT, b"r" * 100, SaveReason.FINISH)  # fills it: no "already in flight"
-            assert future is not None
-            assert future.result(timeout=5)
-            assert waited.result(5) is True
+        settled = threading.Event()
+        assert store.when_settled(key, settled.set)
+        future = store.save(NS, PROMPT, b"r" * 100, SaveReason.FINISH)  # fills it: no "already in flight"
+        assert future is not None
+        assert future.result(timeout=5)
+        assert settled.wait(5)
         assert store.drain(5)
         assert key in store
         assert not store.pending(key)
@@ -256,10 +276,11 @@ def test_a_released_reservation_wakes_its_waiters_with_nothing() -> None:
     key = cache_key(NS, PROMPT)
     try:
         assert store.reserve(NS, PROMPT)
-        with ThreadPoolExecutor(1) as pool:
-            waited = pool.submit(store.wait_for, key, 5)
-            store.release(NS, PROMPT)
-            assert waited.result(5) is False
+        settled = threading.Event()
+        assert store.when_settled(key, settled.set)
+        store.release(NS, PROMPT)
+        assert settled.wait(5)
+        assert key not in store
         assert store.drain(0.1)
         assert not store.pending(key)
         assert store.reserve(NS, PROMPT), "free to reserve again"

@@ -373,7 +373,8 @@ def test_a_worker_fault_during_admission_crashes_the_worker_and_answers_the_requ
 ) -> None:
     """A decode that fails while a request is being admitted (closing another reply) is the worker's fault: the
     worker crashes (its supervisor restarts it) and the request being admitted is answered, not lost."""
-    from erllama.model import worker as worker_module
+    from erllama.model.admission import Admitter
+    from erllama.model.apply import WorkerFault
 
     w = ModelWorker(StubBackend, name="fault")
     w.start()
@@ -382,9 +383,9 @@ def test_a_worker_fault_during_admission_crashes_the_worker_and_answers_the_requ
         try:
             raise RuntimeError("decode failed")
         except RuntimeError as exc:
-            raise worker_module._WorkerFault from exc
+            raise WorkerFault from exc
 
-    monkeypatch.setattr(w, "_admit_one", failing)
+    monkeypatch.setattr(Admitter, "admit", failing)
     handle = w.submit(GenerateRequest([5, 6, 7], max_tokens=2))
     events = list(handle.events(timeout_s=10))
     assert isinstance(events[-1], ErrorEvent)

@@ -147,7 +147,11 @@ def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
         first = run(w, text("a first turn that is long enough"), n=6)
         assert first.finish_key is not None
         assert store.pending(first.finish_key)
-        other = ModelWorker(lambda: StubBackend(**STUB), WorkerConfig(cache=store, policy=w._policy), name="other")  # type: ignore[arg-type]
+        other = ModelWorker(
+            lambda: StubBackend(**STUB),  # type: ignore[arg-type]
+            WorkerConfig(cache=store, policy=w._config.policy),
+            name="other",
+        )
         other.start()
         try:
             # another worker does not remember the key: it must wait for the save to learn the context
