@@ -5,7 +5,8 @@
 ``show`` reads from a GGUF header).
 """
 
+from erllama.store.download import Retries
 from erllama.store.names import ModelName
 from erllama.store.store import ModelEntry, ModelStore, PullEvent, default_home
 
-__all__ = ["ModelEntry", "ModelName", "ModelStore", "PullEvent", "default_home"]
+__all__ = ["ModelEntry", "ModelName", "ModelStore", "PullEvent", "Retries", "default_home"]

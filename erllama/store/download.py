@@ -10,6 +10,7 @@ next pull of the same file to continue.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -23,15 +24,27 @@ import httpx
 
 from erllama.errors import DownloadError, RefusedSourceError
 
-__all__ = ["ProgressFn", "download"]
+__all__ = ["ProgressFn", "Retries", "download"]
 
 ProgressFn = Callable[[int, int | None], None]
 """``progress(completed_bytes, total_bytes_or_None)``."""
 
 
-BACKOFF_S = 0.25
-"""First wait before a retry; it doubles with each failure in a row (a ``Retry-After`` may ask for longer)."""
-MAX_WAIT_S = 30.0
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retries:
+    """How a download retries.
+
+    Attributes:
+        attempts: failures in a row without new bytes before it gives up.
+        backoff_s: the first wait before a retry; it doubles with each failure in a row (a ``Retry-After`` may ask
+            for longer).
+        max_wait_s: the longest wait between two tries.
+    """
+
+    attempts: int = 4
+    backoff_s: float = 0.25
+    max_wait_s: float = 30.0
+
 
 # statuses that say "not now" rather than "no": retried like a dropped connection
 _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
@@ -127,19 +140,19 @@ def download(
     *,
     headers: Mapping[str, str] | None = None,
     progress: ProgressFn | None = None,
-    attempts: int = 4,
+    retries: Retries = Retries(),
     timeout_s: float = 30.0,
     client: httpx.Client | None = None,
 ) -> int:
     """Fetch ``url`` into ``partial``, continuing what an earlier attempt left there; returns the file's size.
 
     A dropped connection, a timeout or a "not now" status (408, 429, 5xx but 501/505) is retried, resuming, with a
-    doubling wait (at least what ``Retry-After`` asks, at most 30 s); ``attempts`` failures in a row without new
-    bytes give up.
+    doubling wait (at least what ``Retry-After`` asks, at most ``retries.max_wait_s``); ``retries.attempts``
+    failures in a row without new bytes give up.
 
     Raises:
-        DownloadError: the server refused (another 4xx), or the transfer failed ``attempts`` times in a row without
-            progress. The partial file is kept for a later call to continue.
+        DownloadError: the server refused (another 4xx), or the transfer failed ``retries.attempts`` times in a row
+            without progress. The partial file is kept for a later call to continue.
     """
     meta_path = partial.with_name(partial.name + ".json")
     own = client is None
@@ -188,14 +201,15 @@ def download(
             except (httpx.TransportError, _Transient) as exc:  # dropped, reset, timed out, busy: resume
                 now = partial.stat().st_size if partial.exists() else 0
                 failures = 0 if now > got_before else failures + 1
-                if failures >= attempts:
+                if failures >= retries.attempts:
                     raise DownloadError(
-                        f"GET {url} failed {attempts} times in a row ({exc}); {now} bytes kept, pull again to continue"
+                        f"GET {url} failed {retries.attempts} times in a row ({exc}); {now} bytes kept, "
+                        "pull again to continue"
                     ) from exc
-                wait = BACKOFF_S * 2**failures
+                wait = retries.backoff_s * 2**failures
                 if isinstance(exc, _Transient) and exc.retry_after is not None:
                     wait = max(wait, exc.retry_after)
-                time.sleep(min(wait, MAX_WAIT_S))
+                time.sleep(min(wait, retries.max_wait_s))
     finally:
         if own:
             http.close()

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from erllama.errors import ChecksumError, DownloadError, RefusedSourceError, UnknownModelError
 from erllama.store.catalog import CATALOG, PackagedModel, assemble, lookup
-from erllama.store.download import ProgressFn, check_target, download
+from erllama.store.download import ProgressFn, Retries, check_target, download
 from erllama.store.names import ModelName
 
 __all__ = ["CatalogSource", "FileSource", "Source", "UrlSource", "default_name", "resolve"]
@@ -64,7 +64,7 @@ class Source(Protocol):
     @property
     def license(self) -> str: ...
 
-    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None) -> None:
+    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None, retries: Retries) -> None:
         """Write the model's bytes to ``partial`` (continuing what is there when the source can)."""
         ...
 
@@ -106,7 +106,7 @@ class CatalogSource:
     def license(self) -> str:
         return self.model.license
 
-    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None) -> None:
+    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None, retries: Retries) -> None:
         assemble(self.model, partial, work_dir, progress)
 
     def verify(self, path: Path, sha256: str) -> None:
@@ -127,8 +127,8 @@ class UrlSource:
     kind: str = "https"
     license: str = ""
 
-    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None) -> None:
-        download(self.url, partial, headers=self.headers, progress=progress)
+    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None, retries: Retries) -> None:
+        download(self.url, partial, headers=self.headers, progress=progress, retries=retries)
 
     def verify(self, path: Path, sha256: str) -> None:
         _check_digest(sha256, self.sha256, self.spec)
@@ -154,7 +154,7 @@ class FileSource:
     size: int | None = None
     license: str = ""
 
-    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None) -> None:
+    def fetch(self, partial: Path, work_dir: Path, progress: ProgressFn | None, retries: Retries) -> None:
         total = self.path.stat().st_size
         done = 0
         with self.path.open("rb") as src, partial.open("wb") as dst:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from erllama.errors import ChecksumError, InvalidInputError, StoreError, UnknownModelError
+from erllama.store.download import Retries
 from erllama.store.names import ModelName
 from erllama.store.sources import Source, resolve
 
@@ -104,8 +105,11 @@ def _sha256(path: Path) -> str:
 class ModelStore:
     """The model store under ``root``. Safe to use from several processes at once (file locks)."""
 
-    def __init__(self, root: Path | None = None, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path | None = None, *, env: Mapping[str, str] | None = None, retries: Retries | None = None
+    ) -> None:
         self.env: Mapping[str, str] = os.environ if env is None else env
+        self.retries = retries or Retries()  # how downloads retry
         self.root = root if root is not None else default_home(self.env) / "models"
         self.manifests = self.root / "manifests"
         self.blobs = self.root / "blobs"
@@ -249,7 +253,7 @@ class ModelStore:
             for stale in self.incoming.glob(f"work-{key}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             with tempfile.TemporaryDirectory(dir=self.incoming, prefix=f"work-{key}-") as work:
-                source.fetch(partial, Path(work), moved)
+                source.fetch(partial, Path(work), moved, self.retries)
             say(PullEvent("verifying sha256 digest", digest=digest_label))
             try:
                 with partial.open("rb") as fh:

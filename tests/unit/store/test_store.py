@@ -24,6 +24,7 @@ from erllama.errors import (
     RefusedSourceError,
     UnknownModelError,
 )
+from erllama.store.download import Retries
 from erllama.store.names import ModelName
 from erllama.store.sources import resolve
 from erllama.store.store import ModelStore, PullEvent, default_home
@@ -48,17 +49,12 @@ def fs() -> Iterator[FileServer]:
         yield server
 
 
-@pytest.fixture(autouse=True)
-def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    from erllama.store import download
-
-    monkeypatch.setattr(download, "BACKOFF_S", 0.001)
-    monkeypatch.setattr(download, "MAX_WAIT_S", 0.05)
+QUICK = Retries(backoff_s=0.001, max_wait_s=0.05)  # the tests' servers fail on purpose: retry at once
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
-    return ModelStore(tmp_path / "models", env={})
+    return ModelStore(tmp_path / "models", env={}, retries=QUICK)
 
 
 # -- names and sources ---------------------------------------------------------------------------------------
@@ -250,7 +246,7 @@ def test_kill_during_download_leaves_no_model_and_the_next_pull_resumes(fs: File
         "ModelStore(Path(sys.argv[1]), env={}).pull(sys.argv[2])"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), f"{fs.url}/slow.gguf"], cwd=ROOT)
-    store = ModelStore(root, env={})
+    store = ModelStore(root, env={}, retries=QUICK)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         partials = list(store.incoming.glob("*.partial")) if store.incoming.is_dir() else []
@@ -341,7 +337,7 @@ def _hub_file(fs: FileServer, repo: str, path: str, body: bytes, *, lfs: bool = 
 
 
 def test_hf_pull_through_huggingface_hub(fs: FileServer, tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "models", env={"HF_ENDPOINT": fs.url})
+    store = ModelStore(tmp_path / "models", env={"HF_ENDPOINT": fs.url}, retries=QUICK)
     body = gguf_bytes(70_000, seed=7)
     _hub_file(fs, "someone/Some-GGUF", "Some-Model-Q4_K_M.gguf", body)
     _hub_file(fs, "someone/Some-GGUF", "small/plain.gguf", gguf_bytes(900, seed=8), lfs=False)
