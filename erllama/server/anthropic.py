@@ -25,7 +25,7 @@ from erllama.runtime import Completion
 from erllama.sampling import SamplerConfig
 from erllama.server.chat import ChatRun, End, Error, Params, Text, Thinking, collect, heartbeat, start_chat
 from erllama.server.errors import failure
-from erllama.server.state import ServerState
+from erllama.server.state import StateDep
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect
 
@@ -235,8 +235,7 @@ def _usage(c: Completion) -> dict[str, Any]:
 
 
 @router.post("/v1/messages/count_tokens")
-async def count_tokens(body: CountRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def count_tokens(body: CountRequest, state: StateDep) -> Any:
     model_id = await state.ensure_loaded(body.model)
     prepared = await asyncio.to_thread(
         state.chat.prepare,
@@ -251,8 +250,7 @@ async def count_tokens(body: CountRequest, request: Request) -> Any:
 
 
 @router.post("/v1/messages")
-async def messages(body: MessagesRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def messages(body: MessagesRequest, request: Request, state: StateDep) -> Any:
     if len(body.messages) > state.config.max_messages:
         return error_response(400, f"more than {state.config.max_messages} messages")
     run = await start_chat(

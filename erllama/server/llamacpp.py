@@ -43,7 +43,8 @@ from erllama.server.chat import (
     start_text,
 )
 from erllama.server.errors import failure
-from erllama.server.state import ServerState
+from erllama.server.openai_wire import ChatCompletionRequest, ChatMessage
+from erllama.server.state import ServerState, StateDep
 
 __all__ = ["router"]
 
@@ -184,13 +185,8 @@ class DetokenizeIn(BaseModel):
 class TemplateIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    messages: Annotated[list[openai.ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     model: str = ""
-
-
-def _state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.erllama
-    return state
 
 
 def _probs(lps: Sequence[TokenLogprob], post_sampling: bool = False) -> list[dict[str, Any]]:
@@ -310,8 +306,9 @@ async def _start(
     return runs, params
 
 
-async def _complete(request: Request, body: CompletionIn, prompts: Sequence[str | Sequence[str | int]]) -> Any:
-    state = _state(request)
+async def _complete(
+    request: Request, state: ServerState, body: CompletionIn, prompts: Sequence[str | Sequence[str | int]]
+) -> Any:
     if not prompts or any(not p for p in prompts):
         return error_response(400, "the prompt is empty")
     runs, params = await _start(state, body, prompts)
@@ -360,26 +357,24 @@ async def _sse(runs: list[ChatRun], body: CompletionIn, params: Params) -> Async
 
 @router.post("/completion")
 @router.post("/completions")
-async def completion(body: CompletionIn, request: Request) -> Any:
+async def completion(body: CompletionIn, request: Request, state: StateDep) -> Any:
     prompts = body.prompts()
-    return await _complete(request, body, prompts)
+    return await _complete(request, state, body, prompts)
 
 
 @router.post("/infill")
-async def infill(body: InfillIn, request: Request) -> Any:
-    state = _state(request)
+async def infill(body: InfillIn, request: Request, state: StateDep) -> Any:
     model_id = await state.ensure_loaded(body.model or None)
     prefix = "".join(f"{x.get('filename', '')}\n{x.get('text', '')}" for x in body.input_extra or ())
     prefix += body.input_prefix
     tokens = await asyncio.to_thread(fim_prompt, state, model_id, prefix, body.input_suffix)
     if isinstance(body.prompt, str) and body.prompt:
         tokens += await asyncio.to_thread(state.runtime.tokenize, model_id, body.prompt, add_special=False)
-    return await _complete(request, body, [tokens])
+    return await _complete(request, state, body, [tokens])
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeIn, request: Request) -> Any:
-    state = _state(request)
+async def tokenize(body: TokenizeIn, state: StateDep) -> Any:
     rt = state.runtime
     model_id = await state.ensure_loaded(body.model or None)
     tokens = await asyncio.to_thread(
@@ -398,16 +393,14 @@ async def tokenize(body: TokenizeIn, request: Request) -> Any:
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeIn, request: Request) -> Any:
-    state = _state(request)
+async def detokenize(body: DetokenizeIn, state: StateDep) -> Any:
     model_id = await state.ensure_loaded(body.model or None)
     text = await asyncio.to_thread(state.runtime.detokenize, model_id, body.tokens)
     return {"content": text}
 
 
 @router.post("/apply-template")
-async def apply_template(body: TemplateIn, request: Request) -> Any:
-    state = _state(request)
+async def apply_template(body: TemplateIn, state: StateDep) -> Any:
     model_id = await state.ensure_loaded(body.model or None)
     messages: list[Message] = [m.neutral() for m in body.messages]
     prepared = await asyncio.to_thread(state.chat.prepare, model_id, messages)
@@ -420,8 +413,7 @@ async def _queried_model(state: ServerState, request: Request) -> str:
 
 
 @router.get("/props")
-async def props(request: Request) -> Any:
-    state = _state(request)
+async def props(request: Request, state: StateDep) -> Any:
     model_id = await _queried_model(state, request)
     info = state.runtime.model_info(model_id)
     n_ctx = int(info.get("n_ctx_seq") or 0)
@@ -444,10 +436,9 @@ async def props(request: Request) -> Any:
 
 
 @router.get("/slots")
-async def slots(request: Request) -> Any:
+async def slots(request: Request, state: StateDep) -> Any:
     """Read-only: the model's sequences and how many run now (erllama schedules sequences itself; there is no
     slot to pin, save or restore: the KV cache does that for every prompt)."""
-    state = _state(request)
     model_id = await _queried_model(state, request)
     info = state.runtime.model_info(model_id)
     _, running = state.queue_depth(model_id)
@@ -477,10 +468,10 @@ def _as_llama_server(response: Any) -> Any:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: openai.ChatCompletionRequest, request: Request) -> Any:
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Any:
     """OpenAI's chat completions without the /v1 prefix, as llama-server serves them."""
     try:
-        response = await openai.chat_completions(body, request)
+        response = await openai.chat_completions(body, request, state)
     except ErllamaError as exc:
         response = openai.map_error(exc)
     return _as_llama_server(response)

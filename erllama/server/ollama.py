@@ -18,24 +18,19 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 import erllama
-from erllama.chat import ChatResult, Message, Tool, ToolCall
-from erllama.chat.schema import JSON_OBJECT_SCHEMA
-from erllama.chat.tools import new_call_id
+from erllama.chat import ChatResult, Message, Tool
 from erllama.errors import ErllamaError, InvalidInputError, UnknownModelError
 from erllama.runtime import Completion, TokenLogprob
-from erllama.sampling import SamplerConfig
 from erllama.server.chat import (
     ChatRun,
     End,
     Error,
-    Params,
     Text,
     Thinking,
     collect,
@@ -46,7 +41,15 @@ from erllama.server.chat import (
 )
 from erllama.server.errors import failure
 from erllama.server.models import file_digest
-from erllama.server.state import ManagedSource, ServerState
+from erllama.server.ollama_wire import (
+    ChatRequest,
+    CopyRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    ModelRef,
+)
+from erllama.server.state import ManagedSource, ServerState, StateDep
 from erllama.store.info import read_header, summarize
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect
@@ -85,144 +88,6 @@ def keep_alive_s(value: str | float | None) -> float | str | None:
             raise InvalidInputError(f"invalid keep_alive duration {value!r}")
         seconds = sum(float(amount) * _UNITS[unit or None] for amount, unit in _PIECE.findall(text))
     return None if seconds < 0 else seconds
-
-
-class Options(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    num_predict: int | None = None
-    temperature: Annotated[float | None, Field(ge=0.0)] = None
-    top_k: Annotated[int | None, Field(ge=0, lt=2**31)] = None
-    top_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
-    min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
-    typical_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    repeat_penalty: Annotated[float | None, Field(gt=0.0)] = None
-    repeat_last_n: Annotated[int | None, Field(ge=-1, lt=2**31)] = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-
-
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: Annotated[str, Field(min_length=1)]
-    options: Options | None = None
-    stream: bool = True
-    keep_alive: str | float | None = None
-    format: Literal["json", ""] | dict[str, Any] | None = None
-    think: bool | Literal["low", "medium", "high"] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] = 0
-
-    def params(self, default_max: int | None) -> Params:
-        o = self.options or Options()
-        sampling = SamplerConfig(
-            temperature=0.8 if o.temperature is None else o.temperature,
-            top_k=40 if o.top_k is None else o.top_k,
-            top_p=0.9 if o.top_p is None else o.top_p,
-            min_p=0.0 if o.min_p is None else o.min_p,
-            typical_p=1.0 if o.typical_p is None else o.typical_p,
-            repeat_penalty=1.1 if o.repeat_penalty is None else o.repeat_penalty,
-            penalty_last_n=64 if o.repeat_last_n is None else o.repeat_last_n,
-            presence_penalty=o.presence_penalty or 0.0,
-            frequency_penalty=o.frequency_penalty or 0.0,
-            seed=o.seed,
-        )
-        n = o.num_predict if o.num_predict is not None and o.num_predict >= 0 else default_max
-        return Params(n, list(o.stop or ()), sampling, bool(self.think), self.top_logprobs if self.logprobs else None)
-
-    def response_schema(self) -> dict[str, Any] | None:
-        if self.format == "json":
-            return dict(JSON_OBJECT_SCHEMA)
-        return self.format or None
-
-
-class GenerateRequest(_Base):
-    prompt: str = ""
-    suffix: str | None = None
-    system: str | None = None
-    raw: bool = False
-    context: list[int] | None = None
-    images: list[str] | None = None
-
-
-class FunctionCallIn(BaseModel):
-    name: str
-    arguments: dict[str, Any] = Field(default_factory=dict)
-
-
-class ToolCallIn(BaseModel):
-    function: FunctionCallIn
-
-
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
-    thinking: str | None = None
-    images: list[str] | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_name: str | None = None
-
-    def neutral(self) -> Message:
-        if self.images:
-            raise InvalidInputError("images are not supported by this model")
-        calls = tuple(
-            ToolCall(new_call_id(), c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
-            for c in self.tool_calls or ()
-        )
-        return Message(self.role, self.content, calls, name=self.tool_name, thinking=self.thinking)
-
-
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    name: Annotated[str, Field(min_length=1)]
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-
-
-class ToolDef(BaseModel):
-    type: Literal["function"] = "function"
-    function: FunctionDef
-
-
-class ChatRequest(_Base):
-    messages: list[ChatMessageIn] = Field(default_factory=list)
-    tools: list[ToolDef] | None = None
-
-
-class EmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: Annotated[str, Field(min_length=1)]
-    input: str | list[str] = ""
-    truncate: bool = True
-    keep_alive: str | float | None = None
-    dimensions: Annotated[int | None, Field(ge=1)] = None
-
-
-class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: Annotated[str, Field(min_length=1)]
-    prompt: str = ""
-    keep_alive: str | float | None = None
-
-
-class ModelRef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: Annotated[str, Field(min_length=1, validation_alias=AliasChoices("model", "name"))]
-    stream: bool = True
-
-
-class CopyRequest(BaseModel):
-    source: Annotated[str, Field(min_length=1)]
-    destination: Annotated[str, Field(min_length=1)]
 
 
 def _now() -> str:
@@ -319,8 +184,7 @@ async def version() -> dict[str, str]:
 
 
 @router.post("/api/generate")
-async def generate(body: GenerateRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def generate(body: GenerateRequest, request: Request, state: StateDep) -> Any:
     started = time.perf_counter()
     if not body.prompt and not body.system:
         done = await _load_or_unload(state, body.model, body.keep_alive)
@@ -371,8 +235,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 
 
 @router.post("/api/chat")
-async def chat(body: ChatRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def chat(body: ChatRequest, request: Request, state: StateDep) -> Any:
     started = time.perf_counter()
     if not body.messages:
         done = await _load_or_unload(state, body.model, body.keep_alive)
@@ -417,8 +280,7 @@ async def chat(body: ChatRequest, request: Request) -> Any:
 
 
 @router.post("/api/embed")
-async def embed(body: EmbedRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def embed(body: EmbedRequest, state: StateDep) -> Any:
     started = time.perf_counter()
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     model_id = await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
@@ -437,8 +299,7 @@ async def embed(body: EmbedRequest, request: Request) -> Any:
 
 
 @router.post("/api/embeddings")
-async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def embeddings(body: EmbeddingsRequest, state: StateDep) -> Any:
     model_id = await state.ensure_loaded(body.model, keep_alive_s(body.keep_alive))
     vector = await asyncio.to_thread(state.runtime.embed, model_id, body.prompt) if body.prompt else []
     return {"embedding": vector}
@@ -513,8 +374,7 @@ def _describe(state: ServerState, name: str) -> tuple[Path, dict[str, Any], dict
 
 
 @router.get("/api/tags")
-async def tags(request: Request) -> dict[str, Any]:
-    state: ServerState = request.app.state.erllama
+async def tags(state: StateDep) -> dict[str, Any]:
     out = []
     for name in sorted(state.available()):
         try:
@@ -527,9 +387,8 @@ async def tags(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/show")
-async def show(body: ModelRef, request: Request) -> Any:
+async def show(body: ModelRef, state: StateDep) -> Any:
     """What a model is, from its GGUF header: the model is not loaded (a UI shows every listed model)."""
-    state: ServerState = request.app.state.erllama
     path, summary, meta = await asyncio.to_thread(_describe, state, body.model)
     template = str(summary.get("chat_template", ""))
     capabilities = ["completion"]
@@ -557,8 +416,7 @@ _NEVER = "2318-01-01T00:00:00Z"  # as Ollama's API reports a model that never ex
 
 
 @router.get("/api/ps")
-async def ps(request: Request) -> dict[str, Any]:
-    state: ServerState = request.app.state.erllama
+async def ps(state: StateDep) -> dict[str, Any]:
     out = []
     for name, (model_id, expires) in sorted(state.loaded().items()):
         info = state.runtime.model_info(model_id)
@@ -594,8 +452,7 @@ def _managed(state: ServerState) -> ManagedSource:
 
 
 @router.post("/api/pull")
-async def pull(body: ModelRef, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def pull(body: ModelRef, state: StateDep) -> Any:
     source = _managed(state)
     steps: Iterator[dict[str, Any]] = source.pull(body.model)
     first = await asyncio.to_thread(next, steps)  # validates the name before the 200 goes out
@@ -623,8 +480,7 @@ async def pull(body: ModelRef, request: Request) -> Any:
 
 
 @router.delete("/api/delete")
-async def delete(body: ModelRef, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def delete(body: ModelRef, state: StateDep) -> Any:
     source = _managed(state)
     await state.unload(body.model)
     await asyncio.to_thread(source.delete, body.model)
@@ -632,7 +488,6 @@ async def delete(body: ModelRef, request: Request) -> Any:
 
 
 @router.post("/api/copy")
-async def copy(body: CopyRequest, request: Request) -> Any:
-    state: ServerState = request.app.state.erllama
+async def copy(body: CopyRequest, state: StateDep) -> Any:
     await asyncio.to_thread(_managed(state).copy, body.source, body.destination)
     return JSONResponse({}, status_code=200)

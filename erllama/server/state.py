@@ -12,7 +12,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
+
+from fastapi import Depends, Request
 
 from erllama.chat import ChatEngine
 from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
@@ -375,3 +377,13 @@ class ServerState:
             (t.name, t.used_bytes, t.budget_bytes, len(t)) for t in (cache.tiers if cache is not None else ())
         )
         return LiveView(queues, len(self.model_names()), tiers, self.runtime.counters())
+
+
+def server_state(request: Request) -> ServerState:
+    """The server's state, for a route (a FastAPI dependency: ``state: StateDep``)."""
+    state: ServerState = request.app.state.erllama
+    return state
+
+
+StateDep = Annotated[ServerState, Depends(server_state)]
+"""A route parameter of this type gets the server's state."""
