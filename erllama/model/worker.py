@@ -15,9 +15,9 @@ The loop runs in phases, every pass::
 * **apply** — :class:`~erllama.model.apply.Applier` samples, streams, ends replies, saves through the
   :class:`~erllama.model.cachelink.CacheLink` and frees sequences.
 
-Other threads only enqueue requests, read events and set cancel flags; a cancel is observed at the next pass, i.e.
-within one token or one prefill chunk, and frees the sequence. Phase, queue depth and in-flight count are plain
-attributes published by the worker, so readers never wait on it.
+Other threads only go through the :class:`~erllama.model.inbox.Inbox` (requests, calls, stop) and set cancel flags;
+a cancel is observed at the next pass, i.e. within one token or one prefill chunk, and frees the sequence. Phase,
+queue depth and in-flight count are plain attributes published by the worker, so readers never wait on it.
 """
 
 from __future__ import annotations
@@ -26,43 +26,25 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from erllama.cache.kvc import SaveReason
 from erllama.errors import WorkerStoppedError
+from erllama.model.adapters import AdapterSync
 from erllama.model.admission import Admitter
 from erllama.model.apply import Applier, WorkerFault
 from erllama.model.backend import BackendInfo, ModelBackend
 from erllama.model.cachelink import CacheHit, CacheLink, namespace_for
 from erllama.model.config import WorkerConfig
 from erllama.model.delivery import FlushPoint, Outbox, RequestHandle
-from erllama.model.events import (
-    AdmittedEvent,
-    DoneEvent,
-    ErrorEvent,
-    Event,
-    FinishReason,
-    Phase,
-    TokenEvent,
-)
+from erllama.model.events import FinishReason, Phase
+from erllama.model.inbox import Inbox
 from erllama.model.planner import PrefillCost, close_grace_s, gather_has_room, gather_wait_s, plan_step
 from erllama.model.request import GenerateRequest
 from erllama.model.sequences import SeqTable, Waiting
 
-__all__ = [
-    "AdmittedEvent",
-    "DoneEvent",
-    "ErrorEvent",
-    "Event",
-    "FinishReason",
-    "ModelWorker",
-    "Phase",
-    "RequestHandle",
-    "TokenEvent",
-]
+__all__ = ["ModelWorker"]
 
 log = logging.getLogger("erllama.worker")
 
@@ -78,9 +60,14 @@ class _Parts:
         self.outbox = Outbox()
         self.applier = Applier(backend, link, self.table, self.outbox, name=worker.name)
         self.admitter = Admitter(
-            backend=backend, link=link, table=self.table, outbox=self.outbox, applier=self.applier, wake=worker._nudge
+            backend=backend,
+            link=link,
+            table=self.table,
+            outbox=self.outbox,
+            applier=self.applier,
+            wake=worker.inbox.nudge,
         )
-        self.cost = PrefillCost(worker._batching)
+        self.cost = PrefillCost(worker.config.batching)
 
 
 class ModelWorker:
@@ -98,29 +85,21 @@ class ModelWorker:
         name: str = "model",
         on_exit: Callable[[BaseException | None], None] | None = None,
     ) -> None:
-        cfg = config or WorkerConfig()
         self.name = name
-        self._on_exit = on_exit
+        self.config = config or WorkerConfig()
+        self.inbox = Inbox()
         self.crash: BaseException | None = None
-        self._factory = backend_factory
-        self._config = cfg
-        self._batching = cfg.batching
-        self._adapter_handles: dict[str, object] = {}
-        self._inbox: deque[Waiting] = deque()
-        self._calls: deque[tuple[Callable[[ModelBackend], Any], Future[Any]]] = deque()
-        self._seq_calls: deque[tuple[Callable[[ModelBackend, int], Any], Future[Any]]] = deque()
-        self._wake = threading.Condition()
-        self._nudged = False  # a row a parked request waits for settled (under _wake)
-        self._stop = threading.Event()
-        self._ids = itertools.count(1)
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
-        self._parts: _Parts | None = None  # worker thread only
-        self._admitting: Waiting | None = None  # off the inbox, not running yet: answered too if the worker dies
         self.link: CacheLink | None = None  # set on the worker thread once the backend is loaded
         self.info: BackendInfo | None = None
         self.phase = Phase.IDLE
         self.ticks = 0
+        self._factory = backend_factory
+        self._on_exit = on_exit
+        self._adapters = AdapterSync(self.config.adapters, self.config.salt) if self.config.adapters else None
+        self._ids = itertools.count(1)
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._parts: _Parts | None = None  # worker thread only
         self._thread = threading.Thread(target=self._main, name=f"erllama-worker-{name}", daemon=True)
 
     # -- caller side ----------------------------------------------------------------------------------------------
@@ -134,7 +113,7 @@ class ModelWorker:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._inbox)
+        return len(self.inbox)
 
     @property
     def in_flight(self) -> int:
@@ -156,40 +135,32 @@ class ModelWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._thread.is_alive() and not self.inbox.stopped
 
     def submit(self, request: GenerateRequest) -> RequestHandle:
         """Queue a request; events arrive on the returned handle: an AdmittedEvent once it passed its checks and
         holds a sequence (or an ErrorEvent), then TokenEvents and the final DoneEvent or ErrorEvent. A prompt
         that leaves no room in the context is refused (PromptTooLongError); see :class:`GenerateRequest`."""
         handle = RequestHandle(next(self._ids))
-        deadline = time.monotonic() + self._config.policy.session_resume_wait_ms / 1000.0
-        with self._wake:
-            # checked under the lock the worker drains the inbox with, so no request can slip in after the drain
-            if self._stop.is_set() or not self._thread.is_alive():
-                handle.fail(WorkerStoppedError(f"worker {self.name} is not running"))
-                return handle
-            self._inbox.append(Waiting(handle, request, deadline))
-            self._wake.notify()
+        deadline = time.monotonic() + self.config.policy.session_resume_wait_ms / 1000.0
+        if not self.inbox.put(Waiting(handle, request, deadline), running=self._thread.is_alive()):
+            handle.fail(WorkerStoppedError(f"worker {self.name} is not running"))
         return handle
 
     def call(self, fn: Callable[[ModelBackend], _T], timeout_s: float | None = 60.0) -> _T:
         """Run ``fn(backend)`` on the worker thread between two steps and return its result (or raise its error)."""
-        result: _T = self._queue_call(self._calls, fn, timeout_s)
+        result: _T = self._call(fn, False, timeout_s)
         return result
 
     def call_with_seq(self, fn: Callable[[ModelBackend, int], _T], timeout_s: float | None = 60.0) -> _T:
         """Like :meth:`call`, with an empty sequence lent to ``fn`` (waits for one to be free; emptied after)."""
-        result: _T = self._queue_call(self._seq_calls, fn, timeout_s)
+        result: _T = self._call(fn, True, timeout_s)
         return result
 
-    def _queue_call(self, calls: deque[tuple[Any, Future[Any]]], fn: Any, timeout_s: float | None) -> Any:
-        future: Future[Any] = Future()
-        with self._wake:
-            if self._stop.is_set() or not self._thread.is_alive():
-                raise WorkerStoppedError(f"worker {self.name} is not running")
-            calls.append((fn, future))
-            self._wake.notify()
+    def _call(self, fn: Callable[..., Any], with_seq: bool, timeout_s: float | None) -> Any:
+        future = self.inbox.call(fn, with_seq=with_seq, running=self._thread.is_alive())
+        if future is None:
+            raise WorkerStoppedError(f"worker {self.name} is not running")
         return future.result(timeout_s)
 
     def reapply_adapters(self, timeout_s: float = 60.0) -> None:
@@ -202,17 +173,9 @@ class ModelWorker:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the current step, shutdown-save and fail what is left, close the backend on its own thread."""
-        self._stop.set()
-        with self._wake:
-            self._wake.notify()
+        self.inbox.stop()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-
-    def _nudge(self) -> None:
-        """Wake the loop: a row a parked request waits for is settled (called on a writer thread)."""
-        with self._wake:
-            self._nudged = True
-            self._wake.notify()
 
     # -- worker thread: lifecycle ----------------------------------------------------------------------------------
 
@@ -220,11 +183,11 @@ class ModelWorker:
         try:
             backend = self._factory()
             self.info = backend.info
-            if self._config.cache is not None:
-                ns = namespace_for(backend.info, salt=self._config.salt)
-                self.link = CacheLink(self._config.cache, self._config.policy, ns)
+            if self.config.cache is not None:
+                ns = namespace_for(backend.info, salt=self.config.salt)
+                self.link = CacheLink(self.config.cache, self.config.policy, ns)
             parts = self._parts = _Parts(self, backend, self.link)
-            if self._config.adapters is not None:
+            if self._adapters is not None:
                 try:
                     self._apply_adapters(backend)
                 except BaseException:
@@ -246,8 +209,7 @@ class ModelWorker:
             stopped.__cause__ = exc
             self._fail_all(parts, stopped)
         finally:
-            with self._wake:
-                self._stop.set()  # refuse new requests before draining the inbox
+            self.inbox.stop()  # refuse new requests before draining the inbox
             if self.crash is None:
                 self._shutdown_save()
             self._fail_all(parts, WorkerStoppedError(f"worker {self.name} stopped"))
@@ -259,22 +221,9 @@ class ModelWorker:
                     self._on_exit(self.crash)
 
     def _apply_adapters(self, backend: ModelBackend) -> None:
-        provider = self._config.adapters
-        specs = list(provider()) if provider is not None else []
-        handles = self._adapter_handles
-        for path, _, _ in specs:
-            if path not in handles:
-                handles[path] = backend.load_adapter(path)
-        backend.set_adapters([(handles[path], scale) for path, _, scale in specs])
-        wanted = {path for path, _, _ in specs}
-        for path in [p for p in handles if p not in wanted]:
-            backend.free_adapter(handles.pop(path))
-        if self.link is not None:
-            adapters = [(fp, scale) for _, fp, scale in specs]
-            self.link.namespace = namespace_for(backend.info, adapters, self._config.salt)
-        if self._parts is not None:
-            for r in self._parts.table.running.values():
-                r.cache.enabled = False  # its KV mixes two adapter settings: never restore or save it
+        if self._adapters is not None:
+            running = self._parts.table.running.values() if self._parts is not None else ()
+            self._adapters.apply(backend, self.link, [r.cache for r in running])
 
     def _save_live(self, reason: SaveReason, timeout_s: float) -> int:
         parts = self._parts
@@ -284,7 +233,7 @@ class ModelWorker:
 
     def _shutdown_save(self) -> None:
         try:
-            self._save_live(SaveReason.SHUTDOWN, self._config.shutdown_save_timeout_s)
+            self._save_live(SaveReason.SHUTDOWN, self.config.shutdown_save_timeout_s)
         except Exception:  # a failed shutdown save must not keep the backend from being freed
             log.exception("worker %s: shutdown save failed", self.name)
 
@@ -296,18 +245,10 @@ class ModelWorker:
                 self.link.on_fail(r)  # its end went out already; its finish row will not be written
         parts.table.running.clear()
         parts.table.in_flight = parts.table.pending_len = 0
-        with self._wake:
-            waiting = list(self._inbox)
-            if self._admitting is not None:
-                waiting.insert(0, self._admitting)
-                self._admitting = None
-            self._inbox.clear()
-            calls: list[tuple[Any, Future[Any]]] = [*self._calls, *self._seq_calls]
-            self._calls.clear()
-            self._seq_calls.clear()
+        waiting, futures = self.inbox.drain()
         for w in waiting:
             w.handle.fail(exc)
-        for _, future in calls:
+        for future in futures:
             future.set_exception(WorkerStoppedError(f"worker {self.name} stopped"))
 
     # -- worker thread: the loop -------------------------------------------------------------------------------------
@@ -315,44 +256,34 @@ class ModelWorker:
     def _loop(self, parts: _Parts) -> None:
         running = parts.table.running
         try:
-            while not self._stop.is_set():
+            while not self.inbox.stopped:
                 self._run_calls(parts)
                 parked = self._admit(parts)
                 self._cancel(parts)
                 if running:
                     if not parked:
                         self._gather(parts)
-                    if self._close_grace(parts):
-                        continue
-                    self._step(parts)
+                    if not self._close_grace(parts):
+                        self._step(parts)
                     continue
-                self._idle(parts, parked)
+                parts.outbox.flush(FlushPoint.IDLE)
+                self.phase = Phase.IDLE
+                self.inbox.wait_idle(self.config.idle_wait_s, parked=parked)
             parts.applier.close([r for r in running.values() if r.ended])
         finally:
             parts.outbox.flush(FlushPoint.IDLE)
 
     def _run_calls(self, parts: _Parts) -> None:
-        backend, free = parts.backend, parts.table.free
-        while True:
-            fn: Callable[[ModelBackend], Any] | None = None
-            seq_fn: Callable[[ModelBackend, int], Any] | None = None
-            seq_id = -1
-            with self._wake:
-                if self._calls:
-                    fn, future = self._calls.popleft()
-                elif self._seq_calls and free:
-                    seq_fn, future = self._seq_calls.popleft()
-                    seq_id = free.take()
-                else:
-                    return
+        while (call := self.inbox.next_call(parts.table.free)) is not None:
+            fn, seq_fn, seq_id, future = call
             parts.outbox.flush(FlushPoint.CALL)  # a call may take a while
             try:
                 if future.set_running_or_notify_cancel():
                     if seq_fn is not None:
-                        backend.seq_truncate(seq_id, 0)
-                        future.set_result(seq_fn(backend, seq_id))
+                        parts.backend.seq_truncate(seq_id, 0)
+                        future.set_result(seq_fn(parts.backend, seq_id))
                     elif fn is not None:
-                        future.set_result(fn(backend))
+                        future.set_result(fn(parts.backend))
             except Exception as exc:  # noqa: BLE001 - the caller of call() gets it
                 future.set_exception(exc)
             finally:
@@ -364,11 +295,7 @@ class ModelWorker:
         written). A request whose admission fails is answered with the error alone; the worker goes on."""
         parked: list[Waiting] = []
         try:
-            while parts.table.free:
-                with self._wake:
-                    if not self._inbox:
-                        break
-                    w = self._admitting = self._inbox.popleft()
+            while parts.table.free and (w := self.inbox.next_request()) is not None:
                 try:
                     parts.admitter.admit(w, parked)
                 except WorkerFault as fault:
@@ -377,11 +304,10 @@ class ModelWorker:
                 except Exception as exc:  # noqa: BLE001 - that request's failure, not the worker's
                     parts.admitter.reject(w, exc)
                 finally:
-                    self._admitting = None
+                    self.inbox.admitted()
         finally:
             if parked:  # (a crash too: what is parked must be in the inbox to be answered)
-                with self._wake:
-                    self._inbox.extendleft(reversed(parked))
+                self.inbox.park(parked)
         return bool(parked)
 
     def _cancel(self, parts: _Parts) -> None:
@@ -393,66 +319,38 @@ class ModelWorker:
 
     def _gather(self, parts: _Parts) -> None:
         """Dynamic batching (planner.gather_wait_s): admit requests arriving within the wait into this step."""
-        table, n_batch, rules = parts.table, parts.backend.info.n_batch, self._batching
+        table, n_batch, rules = parts.table, parts.backend.info.n_batch, self.config.batching
         seqs = list(table.running.values())
         wait = gather_wait_s(
             seqs, n_batch=n_batch, free_seqs=bool(table.free), s_per_token=parts.cost.s_per_token, rules=rules
         )
-        if wait <= 0:
-            return
         deadline = time.perf_counter() + wait
-        while table.free and gather_has_room(seqs, n_batch=n_batch, rules=rules) and not self._stop.is_set():
-            with self._wake:
-                left = deadline - time.perf_counter()
-                if not self._inbox and (left <= 0 or self._calls or self._seq_calls):
-                    return
-                if not self._inbox:
-                    self._wake.wait(left)
-                    continue
-            if self._admit(parts):
-                return  # a request is parked: the row it needs is being written
+        while wait > 0 and table.free and gather_has_room(seqs, n_batch=n_batch, rules=rules):
+            if self.inbox.stopped or not self.inbox.wait_for_request(deadline) or self._admit(parts):
+                return  # (admit: a request is parked, the row it needs is being written)
             seqs = list(table.running.values())
 
     def _close_grace(self, parts: _Parts) -> bool:
         """With only ended replies left to close, wait out the close grace for a new request (planner.close_grace_s),
         waking for it at once. True when it waited."""
         running = list(parts.table.running.values())
-        left = close_grace_s(running, [r.t_closing for r in running], time.monotonic(), self._batching)
+        left = close_grace_s(running, [r.t_closing for r in running], time.monotonic(), self.config.batching)
         if left <= 0:
             return False
         parts.outbox.flush(FlushPoint.IDLE)
-        with self._wake:
-            if self._inbox or self._calls or self._seq_calls or self._stop.is_set():
-                return False
-            self._wake.wait(left)
-        return True
+        return self.inbox.wait_grace(left)
 
     def _step(self, parts: _Parts) -> None:
         """plan → flush → decode → apply."""
         table = parts.table
+        rules = self.config.batching
         plan = plan_step(
-            list(table.running.values()),
-            n_batch=parts.backend.info.n_batch,
-            free_seqs=bool(table.free),
-            rules=self._batching,
+            list(table.running.values()), n_batch=parts.backend.info.n_batch, free_seqs=bool(table.free), rules=rules
         )
         self.phase = plan.phase
-        parts.outbox.flush(FlushPoint.DECODE)  # the last step's tokens go out now: the loops run while this decode
+        parts.outbox.flush(FlushPoint.DECODE)  # the last step's tokens go out: the loops run while this decode
         t0 = time.perf_counter()  # holds no GIL
         rows = parts.backend.decode(plan.items)
         parts.cost.record(plan.n_tokens, time.perf_counter() - t0)
         self.ticks += 1
         parts.applier.apply(plan, rows)
-
-    def _idle(self, parts: _Parts, parked: bool) -> None:
-        parts.outbox.flush(FlushPoint.IDLE)
-        self.phase = Phase.IDLE
-        with self._wake:
-            idle = (parked or not self._inbox) and not self._calls and not self._seq_calls
-            if idle and not self._stop.is_set() and not self._nudged:
-                wait = self._config.idle_wait_s
-                if parked:  # woken by the row's save; at the latest when the first parked request stops waiting
-                    now = time.monotonic()
-                    wait = min([wait, *(max(w.deadline - now, 0.0) + 0.001 for w in self._inbox)])
-                self._wake.wait(wait)
-            self._nudged = False

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from erllama._native import ContextConfig
-from erllama.model import LlamaBackend, SamplerConfig
+from erllama.model import FinishReason, LlamaBackend, SamplerConfig
 from erllama.model.request import GenerateRequest
-from erllama.model.worker import FinishReason, ModelWorker
+from erllama.model.worker import ModelWorker
 
 pytestmark = pytest.mark.native
 

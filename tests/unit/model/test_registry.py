@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from erllama.errors import ModelExistsError, UnknownModelError
-from erllama.model import StubBackend
+from erllama.model import FinishReason, StubBackend
 from erllama.model.registry import Registry
 from erllama.model.request import GenerateRequest
 from erllama.model.supervisor import ModelStatus
-from erllama.model.worker import FinishReason
 
 
 def test_ids_duplicates_and_unload() -> None:

@@ -7,10 +7,9 @@ import time
 import pytest
 
 from erllama.errors import WorkerStoppedError
-from erllama.model import StubBackend
+from erllama.model import ErrorEvent, FinishReason, StubBackend
 from erllama.model.request import GenerateRequest
 from erllama.model.supervisor import ModelStatus, Supervisor
-from erllama.model.worker import ErrorEvent, FinishReason
 
 
 def wait_for(predicate: object, timeout_s: float = 10.0) -> None:

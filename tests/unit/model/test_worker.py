@@ -10,10 +10,21 @@ from collections.abc import Iterator
 import pytest
 
 from erllama.errors import DecodeError, InvalidInputError, RequestFailedError, WorkerStoppedError
-from erllama.model import BatchingConfig, DecodeItem, SamplerConfig, StubBackend
+from erllama.model import (
+    AdmittedEvent,
+    BatchingConfig,
+    DecodeItem,
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    Phase,
+    SamplerConfig,
+    StubBackend,
+    TokenEvent,
+)
 from erllama.model.config import WorkerConfig
 from erllama.model.request import GenerateRequest
-from erllama.model.worker import AdmittedEvent, DoneEvent, ErrorEvent, FinishReason, ModelWorker, Phase, TokenEvent
+from erllama.model.worker import ModelWorker
 
 
 def reference(prompt: list[int], n: int, **stub_kw: object) -> list[int]:

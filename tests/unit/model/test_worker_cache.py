@@ -15,10 +15,10 @@ from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
 from erllama.cache.kvc import RowMeta
 from erllama.cache.tier import Payload
 from erllama.errors import InvalidInputError, StateError
-from erllama.model import BatchingConfig, DecodeItem, StubBackend
+from erllama.model import BatchingConfig, DecodeItem, DoneEvent, FinishReason, StubBackend, TokenEvent
 from erllama.model.config import WorkerConfig
 from erllama.model.request import GenerateRequest
-from erllama.model.worker import DoneEvent, FinishReason, ModelWorker, TokenEvent
+from erllama.model.worker import ModelWorker
 
 from .test_worker import reference
 
@@ -149,7 +149,7 @@ def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
         assert store.pending(first.finish_key)
         other = ModelWorker(
             lambda: StubBackend(**STUB),  # type: ignore[arg-type]
-            WorkerConfig(cache=store, policy=w._config.policy),
+            WorkerConfig(cache=store, policy=w.config.policy),
             name="other",
         )
         other.start()
