@@ -29,9 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from erllama.cache.filetier import FileTier
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import RowMeta, SaveReason
-from erllama.cache.tier import FileTier, RamTier, Tier
+from erllama.cache.tier import RamTier, Tier
 
 NS = Namespace("5" * 64, "Q4_1", ctx_params_hash({"n_ctx": 8192}))
 

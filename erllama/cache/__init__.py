@@ -4,6 +4,7 @@ Pure Python: nothing here touches native code, so the cache is built and propert
 """
 
 from erllama.cache.counters import Counters, HitKind
+from erllama.cache.filetier import FileTier
 from erllama.cache.index import PrefixHit, PrefixIndex
 from erllama.cache.key import (
     BLOCK_TOKENS,
@@ -21,7 +22,7 @@ from erllama.cache.key import (
 from erllama.cache.kvc import RowMeta, SaveReason, read_meta, read_row
 from erllama.cache.policy import SavePolicy, Veto, allows_continued_save, allows_final_save, cold_save_point
 from erllama.cache.store import CacheStore
-from erllama.cache.tier import FileTier, RamTier, Tier
+from erllama.cache.tier import RamTier, Tier
 from erllama.cache.writer import SaveWriter
 
 __all__ = [

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from erllama.cache.counters import Counters
+from erllama.cache.filetier import FileTier
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
-from erllama.cache.tier import FileTier
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ CHILD = r"""
 import sys, time
 from erllama.cache.kvc import RowMeta, SaveReason
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
-from erllama.cache.tier import FileTier
+from erllama.cache.filetier import FileTier
 ns = Namespace("9" * 64, "Q4_1", ctx_params_hash({"n_ctx": 4096}))
 tier = FileTier([sys.argv[1]], 1 << 40)
 i = int(sys.argv[2])

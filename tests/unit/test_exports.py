@@ -10,7 +10,7 @@ import pytest
 PACKAGES = {
     "erllama._native": ["batch", "context", "loader", "model", "sampler"],
     "erllama.testing": ["fetch", "serving", "tiny"],
-    "erllama.cache": ["counters", "index", "key", "policy", "store", "tier", "writer"],
+    "erllama.cache": ["counters", "filetier", "index", "key", "policy", "store", "tier", "writer"],
     "erllama.pressure": ["sampler", "scheduler"],
     "erllama.model": [
         "backend",

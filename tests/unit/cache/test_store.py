@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from erllama.cache.counters import Counters
+from erllama.cache.filetier import FileTier
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import SaveReason
 from erllama.cache.store import CacheStore
-from erllama.cache.tier import FileTier, RamTier
+from erllama.cache.tier import RamTier
 from erllama.cache.writer import SaveWriter
 
 NS = Namespace("ef" * 32, "Q4_1", ctx_params_hash({"n_ctx": 4096}))

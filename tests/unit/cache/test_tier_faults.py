@@ -17,8 +17,9 @@ import xxhash
 
 from erllama.cache import CacheStore, kvc
 from erllama.cache.counters import Counters
+from erllama.cache.filetier import FileTier
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
-from erllama.cache.tier import FileTier, RamTier, Tier
+from erllama.cache.tier import RamTier, Tier
 
 NS = Namespace("ef" * 32, "Q4_1", ctx_params_hash({"n_ctx": 2048}))
 PAYLOAD = 2000

@@ -11,8 +11,9 @@ import pytest
 
 from erllama.cache import kvc
 from erllama.cache.counters import Counters
+from erllama.cache.filetier import FileTier
 from erllama.cache.key import Namespace, cache_key, ctx_params_hash
-from erllama.cache.tier import FileTier, RamTier, Tier
+from erllama.cache.tier import RamTier, Tier
 
 NS = Namespace("cd" * 32, "Q4_1", ctx_params_hash({"n_ctx": 2048}))
 
