@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import os
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +29,14 @@ from erllama.cache.counters import Counters
 from erllama.cache.key import CacheKey
 from erllama.cache.kvc import SaveReason
 from erllama.errors import InvalidInputError, NoGpuError, PromptTooLongError, UnknownModelError
+from erllama.model.adapters import AdapterInfo, AdapterSet
 from erllama.model.backend import BackendInfo, ModelBackend, SamplerConfig, TokenLogprob, token_logprob
 from erllama.model.batching import BatchingConfig
 from erllama.model.config import WorkerConfig
-from erllama.model.registry import Registry
+from erllama.model.registry import LoadedModel, Registry
 from erllama.model.request import GenerateRequest
 from erllama.model.speculative import verify_draft
-from erllama.model.supervisor import ModelStatus, Supervisor
+from erllama.model.supervisor import ModelStatus
 from erllama.model.worker import ModelWorker
 from erllama.pressure import PressureScheduler
 from erllama.stream import (
@@ -81,30 +80,11 @@ class ModelSummary:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class AdapterInfo:
-    name: str
-    path: str
-    scale: float
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class VramInfo:
     total_b: int
     free_b: int
     used_b: int
     devices: tuple[str, ...]
-
-
-@dataclasses.dataclass(slots=True)
-class _Model:
-    supervisor: Supervisor
-    path: str | None
-    adapters: dict[str, AdapterInfo] = dataclasses.field(default_factory=dict)
-    adapter_fps: dict[str, str] = dataclasses.field(default_factory=dict)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-
-    def adapter_specs(self) -> list[tuple[str, str, float]]:
-        return [(a.path, self.adapter_fps[a.path], a.scale) for a in self.adapters.values()]
 
 
 class Runtime:
@@ -134,9 +114,6 @@ class Runtime:
         self.policy = policy or SavePolicy()
         self.scheduler = scheduler
         self._registry = Registry()
-        self._models: dict[str, _Model] = {}
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
 
     def __enter__(self) -> Runtime:
         return self
@@ -189,29 +166,29 @@ class Runtime:
         else:
             assert backend is not None
             factory = backend
-        entry_box: list[_Model] = []
+        adapters = AdapterSet()
         config = WorkerConfig(
             cache=self.cache,
             policy=policy or self.policy,
             salt=salt,
             batching=BatchingConfig(batch_wait_s=batch_wait_s) if batching is None else batching,
-            adapters=lambda: entry_box[0].adapter_specs() if entry_box else [],
+            adapters=adapters.specs,
         )
         model_id = self._registry.load(
-            factory, model_id, max_restarts=max_restarts, window_s=window_s, worker_config=config
+            factory,
+            model_id,
+            max_restarts=max_restarts,
+            window_s=window_s,
+            worker_config=config,
+            path=os.fspath(path) if path is not None else None,
+            adapters=adapters,
         )
-        entry = _Model(self._registry.get(model_id), os.fspath(path) if path is not None else None)
-        entry_box.append(entry)
-        with self._lock:
-            self._models[model_id] = entry
         if self.scheduler is not None and self.cache is not None:
             self.scheduler.register("system", model_id, self.cache.evict_bytes)
         return model_id
 
     def unload(self, model_id: str) -> None:
         """Stop the model: live sequences get a shutdown save, then its native memory is freed."""
-        with self._lock:
-            self._models.pop(model_id, None)
         if self.scheduler is not None:
             self.scheduler.unregister("system", model_id)
         self._registry.unload(model_id)
@@ -226,12 +203,8 @@ class Runtime:
         if self.cache is not None and self._owns_cache:
             self.cache.close()
 
-    def _entry(self, model_id: str) -> _Model:
-        with self._lock:
-            entry = self._models.get(model_id)
-        if entry is None:
-            raise UnknownModelError(f"no model with id {model_id!r} is loaded")
-        return entry
+    def _entry(self, model_id: str) -> LoadedModel:
+        return self._registry.entry(model_id)
 
     def _worker(self, model_id: str) -> ModelWorker:
         return self._entry(model_id).supervisor.running_worker()
@@ -240,8 +213,7 @@ class Runtime:
         return sorted(self._registry.list())
 
     def list_models(self) -> list[ModelSummary]:
-        with self._lock:
-            entries = dict(self._models)
+        entries = self._registry.entries()
         return [ModelSummary(mid, e.supervisor.status.value, e.path) for mid, e in sorted(entries.items())]
 
     def model_info(self, model_id: str) -> dict[str, Any]:
@@ -253,7 +225,7 @@ class Runtime:
             "path": entry.path,
             "status": entry.supervisor.status.value,
             "restarts": entry.supervisor.restart_count,
-            "adapters": [dataclasses.asdict(a) for a in entry.adapters.values()],
+            "adapters": [dataclasses.asdict(a) for a in entry.adapters.list()],
         }
         if info is not None:
             out.update(dataclasses.asdict(info))
@@ -485,38 +457,27 @@ class Runtime:
         if not Path(p).is_file():
             raise InvalidInputError(f"no adapter file at {p}")
         name = name or Path(p).stem
-        with entry.lock:
-            if name in entry.adapters:
-                raise InvalidInputError(f"adapter {name!r} is already loaded on {model_id}")
-            entry.adapter_fps[p] = fingerprint(p, FingerprintMode.SAFE)
-            entry.adapters[name] = AdapterInfo(name, p, float(scale))
-            self._reapply(entry, lambda: entry.adapters.pop(name))
+        with entry.adapters.lock:
+            undo = entry.adapters.add(AdapterInfo(name, p, float(scale)), fingerprint(p, FingerprintMode.SAFE))
+            self._reapply(entry, undo)
         return name
 
     def set_adapter_scale(self, model_id: str, name: str, scale: float) -> None:
         entry = self._entry(model_id)
-        with entry.lock:
-            old = self._adapter(entry, name)
-            entry.adapters[name] = dataclasses.replace(old, scale=float(scale))
-            self._reapply(entry, lambda: entry.adapters.__setitem__(name, old))
+        with entry.adapters.lock:
+            self._reapply(entry, entry.adapters.set_scale(name, float(scale)))
 
     def unload_adapter(self, model_id: str, name: str) -> None:
         entry = self._entry(model_id)
-        with entry.lock:
-            old = self._adapter(entry, name)
-            del entry.adapters[name]
-            self._reapply(entry, lambda: entry.adapters.__setitem__(name, old))
+        with entry.adapters.lock:
+            self._reapply(entry, entry.adapters.remove(name))
 
     def list_adapters(self, model_id: str) -> list[AdapterInfo]:
-        return list(self._entry(model_id).adapters.values())
+        return self._entry(model_id).adapters.list()
 
     @staticmethod
-    def _adapter(entry: _Model, name: str) -> AdapterInfo:
-        if name not in entry.adapters:
-            raise InvalidInputError(f"no adapter named {name!r}")
-        return entry.adapters[name]
-
-    def _reapply(self, entry: _Model, undo: Callable[[], object]) -> None:
+    def _reapply(entry: LoadedModel, undo: Callable[[], object]) -> None:
+        """Have the worker apply the adapters as they are now; undo the change if it cannot."""
         try:
             entry.supervisor.running_worker().reapply_adapters()
         except BaseException:

@@ -6,10 +6,11 @@ text helpers) are pure Python, in :mod:`erllama.sampling` and :mod:`erllama.text
 """
 
 from erllama._native.batch import Batch
-from erllama._native.context import Context, ContextConfig, FlashAttention, KVType
+from erllama._native.context import Context
 from erllama._native.grammar import json_schema_to_grammar
 from erllama._native.loader import CpuVariant, GpuDevice, Library, abi_mismatches, cpu_variants, library, loaded_library
 from erllama._native.model import LoraAdapter, Model, ModelConfig, ModelInfo
+from erllama._native.params import ContextConfig, FlashAttention, KVType
 from erllama._native.sampler import Sampler, sample_rows
 from erllama._native.selfcheck import SmokeSpec, Verdict, prove_build, prove_variant
 

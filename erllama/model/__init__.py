@@ -30,7 +30,7 @@ from erllama.model.planner import (
     gather_wait_s,
     plan_step,
 )
-from erllama.model.registry import Registry
+from erllama.model.registry import LoadedModel, Registry
 from erllama.model.request import GenerateRequest
 from erllama.model.speculative import verify_draft
 from erllama.model.stop import StopMatcher, first_stop
@@ -68,6 +68,7 @@ __all__ = [
     "FlushPoint",
     "GenerateRequest",
     "LlamaBackend",
+    "LoadedModel",
     "ModelBackend",
     "ModelStatus",
     "ModelWorker",

@@ -1,17 +1,70 @@
-"""``AdapterSync``: keeps a backend's LoRA adapters (and the cache namespace they are part of) in step with what the
-runtime's adapter provider asks for, on the worker thread between two steps."""
+"""A model's LoRA adapters: :class:`AdapterSet`, what the runtime attached (by name, with scales), and
+:class:`AdapterSync`, which keeps the backend's adapters (and the cache namespace they are part of) in step with it,
+on the worker thread between two steps."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Callable, Iterable, Sequence
 
+from erllama.errors import InvalidInputError
 from erllama.model.backend import ModelBackend
 from erllama.model.cachelink import CacheLink, SeqCache, namespace_for
 
-__all__ = ["AdapterSync"]
+__all__ = ["AdapterInfo", "AdapterSet", "AdapterSync"]
 
 AdapterSpecs = Callable[[], Sequence[tuple[str, str, float]]]
 """The provider: the adapters to apply now, ``(path, fingerprint, scale)`` each."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    name: str
+    path: str
+    scale: float
+
+
+Undo = Callable[[], object]
+
+
+class AdapterSet:
+    """The adapters attached to one model, by name. Changes are made under :attr:`lock` and return how to undo them
+    (the runtime undoes a change its worker could not apply)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._by_name: dict[str, AdapterInfo] = {}
+        self._fingerprints: dict[str, str] = {}  # path -> file fingerprint (part of the cache namespace)
+
+    def specs(self) -> list[tuple[str, str, float]]:
+        """What the worker applies: ``(path, fingerprint, scale)`` of each adapter."""
+        return [(a.path, self._fingerprints[a.path], a.scale) for a in list(self._by_name.values())]
+
+    def list(self) -> list[AdapterInfo]:
+        return list(self._by_name.values())
+
+    def get(self, name: str) -> AdapterInfo:
+        if name not in self._by_name:
+            raise InvalidInputError(f"no adapter named {name!r}")
+        return self._by_name[name]
+
+    def add(self, info: AdapterInfo, fingerprint: str) -> Undo:
+        if info.name in self._by_name:
+            raise InvalidInputError(f"adapter {info.name!r} is already loaded")
+        self._fingerprints[info.path] = fingerprint
+        self._by_name[info.name] = info
+        return lambda: self._by_name.pop(info.name)
+
+    def set_scale(self, name: str, scale: float) -> Undo:
+        old = self.get(name)
+        self._by_name[name] = dataclasses.replace(old, scale=scale)
+        return lambda: self._by_name.__setitem__(name, old)
+
+    def remove(self, name: str) -> Undo:
+        old = self.get(name)
+        del self._by_name[name]
+        return lambda: self._by_name.__setitem__(name, old)
 
 
 class AdapterSync:

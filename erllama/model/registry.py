@@ -1,4 +1,4 @@
-"""``Registry``: the loaded models of a process, by id, each under its own supervisor.
+"""``Registry``: the loaded models of a process, by id, each under its own supervisor — the one map of them.
 
 Ids are explicit or generated (``model-1``, ``model-2``, ...); loading an id twice is an error. Unloading stops the
 supervisor, which stops the worker, which closes the backend on its own thread.
@@ -7,24 +7,35 @@ supervisor, which stops the worker, which closes the backend on its own thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
 from collections.abc import Callable
 
 from erllama.errors import ModelExistsError, UnknownModelError
+from erllama.model.adapters import AdapterSet
 from erllama.model.backend import ModelBackend
 from erllama.model.config import WorkerConfig
 from erllama.model.supervisor import ModelStatus, Supervisor
 
-__all__ = ["Registry"]
+__all__ = ["LoadedModel", "Registry"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A loaded model: its supervisor, the file it was loaded from (None for a custom backend), its adapters."""
+
+    supervisor: Supervisor
+    path: str | None = None
+    adapters: AdapterSet = dataclasses.field(default_factory=AdapterSet)
 
 
 class Registry:
-    """Thread-safe map of model id -> Supervisor."""
+    """Thread-safe map of model id -> :class:`LoadedModel`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._models: dict[str, Supervisor] = {}
+        self._models: dict[str, LoadedModel] = {}
         self._ids = itertools.count(1)
 
     def load(
@@ -35,8 +46,11 @@ class Registry:
         max_restarts: int = 3,
         window_s: float = 60.0,
         worker_config: WorkerConfig | None = None,
+        path: str | None = None,
+        adapters: AdapterSet | None = None,
     ) -> str:
-        """Start a supervised worker for the model; returns its id."""
+        """Start a supervised worker for the model; returns its id. ``path`` and ``adapters`` are recorded with it
+        (``adapters``: the set its worker config's adapter provider reads)."""
         with self._lock:
             if model_id is None:
                 model_id = next(f"model-{n}" for n in self._ids if f"model-{n}" not in self._models)
@@ -49,7 +63,7 @@ class Registry:
                 window_s=window_s,
                 worker_config=worker_config,
             )
-            self._models[model_id] = sup
+            self._models[model_id] = LoadedModel(sup, path, adapters or AdapterSet())
         try:
             sup.start()
         except BaseException:
@@ -58,23 +72,30 @@ class Registry:
             raise
         return model_id
 
-    def get(self, model_id: str) -> Supervisor:
+    def entry(self, model_id: str) -> LoadedModel:
         with self._lock:
-            sup = self._models.get(model_id)
-        if sup is None:
+            entry = self._models.get(model_id)
+        if entry is None:
             raise UnknownModelError(f"no model with id {model_id!r} is loaded")
-        return sup
+        return entry
+
+    def get(self, model_id: str) -> Supervisor:
+        return self.entry(model_id).supervisor
 
     def unload(self, model_id: str) -> None:
         with self._lock:
-            sup = self._models.pop(model_id, None)
-        if sup is None:
+            entry = self._models.pop(model_id, None)
+        if entry is None:
             raise UnknownModelError(f"no model with id {model_id!r} is loaded")
-        sup.stop()
+        entry.supervisor.stop()
+
+    def entries(self) -> dict[str, LoadedModel]:
+        with self._lock:
+            return dict(self._models)
 
     def list(self) -> dict[str, ModelStatus]:
         with self._lock:
-            return {model_id: sup.status for model_id, sup in self._models.items()}
+            return {model_id: entry.supervisor.status for model_id, entry in self._models.items()}
 
     def shutdown(self) -> None:
         """Unload every model."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erllama._native import library, selfcheck
+from erllama._native import library, selfcheck, smoke
 
 pytestmark = pytest.mark.native
 
@@ -36,17 +36,17 @@ def test_the_kernels_in_use_passed_their_self_check(native: None) -> None:
 
 
 def test_the_reference_is_independent_and_tight() -> None:
-    ref = selfcheck.reference_logits()
-    spec = selfcheck.SmokeSpec()
+    ref = smoke.reference_logits()
+    spec = smoke.SmokeSpec()
     assert ref.shape[0] == spec.n_prompt
     assert np.all(np.isfinite(ref))
     # another seed's weights are a different model: the comparison cannot pass by accident
-    other = selfcheck.reference_logits(selfcheck.SmokeSpec(seed=spec.seed + 7))
-    assert selfcheck.relative_error(other, ref) > 20 * selfcheck.TOLERANCE
+    other = smoke.reference_logits(smoke.SmokeSpec(seed=spec.seed + 7))
+    assert smoke.relative_error(other, ref) > 20 * selfcheck.TOLERANCE
     # what a kernel with half its blocks' scales lost would produce is far outside the tolerance
     damaged = ref.copy()
     damaged[:, ::2] *= 0.5
-    assert selfcheck.relative_error(damaged, ref) > 4 * selfcheck.TOLERANCE
+    assert smoke.relative_error(damaged, ref) > 4 * selfcheck.TOLERANCE
 
 
 def _copy_build(tmp_path: Path) -> Path:
@@ -73,7 +73,7 @@ def _load_in_child(lib_dir: Path, tmp_path: Path, **env: str) -> subprocess.Comp
     for key in (selfcheck.FAULT_ENV, selfcheck.SKIP_ENV, "ERLLAMA_CPU_VARIANT"):
         if key not in env:
             full.pop(key, None)
-    shutil.copytree(selfcheck.smoke_model().parent, tmp_path / "selfcheck", dirs_exist_ok=True)
+    shutil.copytree(smoke.smoke_model().parent, tmp_path / "selfcheck", dirs_exist_ok=True)
     return subprocess.run(
         [sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300, check=False
     )

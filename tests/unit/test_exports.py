@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 PACKAGES = {
-    "erllama._native": ["batch", "context", "loader", "model", "sampler"],
+    "erllama._native": ["batch", "context", "loader", "model", "params", "sampler"],
     "erllama.testing": ["fetch", "serving", "tiny"],
     "erllama.cache": ["counters", "filetier", "index", "key", "policy", "store", "tier", "writer"],
     "erllama.pressure": ["sampler", "scheduler"],
