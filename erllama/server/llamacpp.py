@@ -27,23 +27,10 @@ from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion, TokenLogprob
 from erllama.sampling import SamplerConfig
 from erllama.server import openai
-from erllama.server.chat import (
-    ChatRun,
-    End,
-    Error,
-    Params,
-    PromptParts,
-    Text,
-    collect,
-    fim_markers,
-    fim_prompt,
-    llama_timings,
-    resolve_prompt,
-    split_prompts,
-    start_text,
-)
+from erllama.server.chat import ChatRun, End, Error, Params, Text, collect, llama_timings, start_text
 from erllama.server.errors import failure
 from erllama.server.openai_wire import ChatCompletionRequest, ChatMessage
+from erllama.server.prompts import PromptParts, fim_markers, fim_prompt, resolve_prompt, split_prompts
 from erllama.server.state import ServerState, StateDep
 
 __all__ = ["router"]

@@ -27,18 +27,7 @@ import erllama
 from erllama.chat import ChatResult, Message, Tool
 from erllama.errors import ErllamaError, InvalidInputError, UnknownModelError
 from erllama.runtime import Completion, TokenLogprob
-from erllama.server.chat import (
-    ChatRun,
-    End,
-    Error,
-    Text,
-    Thinking,
-    collect,
-    fim_prompt,
-    start_chat,
-    start_text,
-    truncate_embedding,
-)
+from erllama.server.chat import ChatRun, End, Error, Text, Thinking, collect, start_chat, start_text
 from erllama.server.errors import failure
 from erllama.server.models import file_digest
 from erllama.server.ollama_wire import (
@@ -49,6 +38,7 @@ from erllama.server.ollama_wire import (
     GenerateRequest,
     ModelRef,
 )
+from erllama.server.prompts import fim_prompt, truncate_embedding
 from erllama.server.state import ManagedSource, ServerState, StateDep
 from erllama.store.info import read_header, summarize
 

@@ -24,25 +24,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from erllama.chat import ChatResult, Tool
 from erllama.errors import ErllamaError, InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion, TokenLogprob
-from erllama.server.chat import (
-    ChatRun,
-    End,
-    Error,
-    Event,
-    Text,
-    collect,
-    llama_timings,
-    resolve_prompt,
-    start_chat_choices,
-    start_text,
-    truncate_embedding,
-)
+from erllama.server.chat import ChatRun, End, Error, Event, Text, collect, llama_timings, start_chat_choices, start_text
 from erllama.server.errors import failure
 from erllama.server.openai_wire import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
 )
+from erllama.server.prompts import resolve_prompt, truncate_embedding
 from erllama.server.state import ServerState, StateDep
 
 __all__ = ["router"]  # wire types and helpers stay inside the dialect

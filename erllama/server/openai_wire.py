@@ -13,11 +13,8 @@ from erllama.chat import Message, ToolCall
 from erllama.chat.schema import JSON_OBJECT_SCHEMA
 from erllama.errors import InvalidInputError
 from erllama.sampling import SamplerConfig
-from erllama.server.chat import (
-    Params,
-    PromptParts,
-    split_prompts,
-)
+from erllama.server.chat import Params
+from erllama.server.prompts import PromptParts, split_prompts
 
 __all__ = [
     "ChatCompletionRequest",
