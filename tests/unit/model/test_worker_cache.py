@@ -139,7 +139,7 @@ def test_parent_key_continues_the_previous_context(store: CacheStore) -> None:
     assert store.counters.snapshot()["hits_resume"] == 1
 
 
-def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
+def test_parent_key_waits_for_an_in_flight_finish_save_and_is_woken_by_it(tmp_path: Path) -> None:
     release = threading.Event()
     store = CacheStore([SlowRam(lambda: release.wait(5))])
     w = make_worker(store, SavePolicy(min_tokens=8, cold_min_tokens=8, session_resume_wait_ms=5000))
@@ -147,9 +147,12 @@ def test_parent_key_waits_for_an_in_flight_finish_save(tmp_path: Path) -> None:
         first = run(w, text("a first turn that is long enough"), n=6)
         assert first.finish_key is not None
         assert store.pending(first.finish_key)
+        # it may wait a minute, and idles a minute between looks at its inbox: only the save's completion wakes it
+        # in time for the 10 s result below (no polling)
+        patient = dataclasses.replace(w.config.policy, session_resume_wait_ms=60_000)
         other = ModelWorker(
             lambda: StubBackend(**STUB),  # type: ignore[arg-type]
-            WorkerConfig(cache=store, policy=w.config.policy),
+            WorkerConfig(cache=store, policy=patient, idle_wait_s=60.0),
             name="other",
         )
         other.start()
