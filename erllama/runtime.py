@@ -142,8 +142,8 @@ class Runtime:
     ) -> str:
         """Load a GGUF (``path``) or a custom backend (``backend``, a factory run on the worker thread) as a
         supervised worker; returns the model id (``model_id`` or a generated one). ``batch_wait_s`` caps how long
-        the worker holds a prefill for requests arriving with it (see ``erllama.model.planner.gather_wait_s``; 0 disables);
-        ``batching`` sets every batching rule instead (:class:`erllama.model.batching.BatchingConfig`)."""
+        the worker holds a prefill for requests arriving with it (see ``erllama.model.planner.gather_wait_s``; 0
+        disables); ``batching`` sets every batching rule instead (:class:`erllama.model.batching.BatchingConfig`)."""
         if (path is None) == (backend is None):
             raise InvalidInputError("load_model needs exactly one of path and backend")
         factory: Callable[[], ModelBackend]
