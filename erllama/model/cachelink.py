@@ -324,8 +324,8 @@ class CacheLink:
         saved = False
         if c.enabled and save and seq.fed > c.last_save:
             context = seq.tokens[: seq.fed]
-            key = self._save(backend, seq.seq_id, context, SaveReason.FINISH)  # fills the reservation, if held
-            self._finishing[key] = (tuple(context), seq.n_prompt)
+            self._save(backend, seq.seq_id, context, SaveReason.FINISH)  # fills the reservation, if held
+            self._finishing[self.key(context)] = (tuple(context), seq.n_prompt)
             saved = True
         if c.reserved and not saved:
             self.store.release(self.namespace, seq.tokens)
@@ -356,11 +356,10 @@ class CacheLink:
             c.last_save = seq.fed
         return saved
 
-    def _save(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason) -> CacheKey:
+    def _save(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], reason: SaveReason) -> None:
         """Hand the sequence's state to the store's writer; its copy is read (on this thread) only when the store
         wants the row (a reserved row always)."""
         self.store.save(self.namespace, tokens, _state_of(backend, seq_id), reason)
-        return self.key(tokens)
 
 
 def _state_of(backend: ModelBackend, seq_id: int) -> Callable[[], memoryview]:
