@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         help="sampler seed of requests that give none, so a prompt samples the same reply each time"
         " (default: a fresh seed per request)",
     )
+    srv.add_argument("--owned-by", default="erllama", help="owned_by of the models /v1/models lists (default: erllama)")
 
     pull = sub.add_parser("pull", parents=[common], help="fetch a model into the store")
     pull.add_argument("source", help="catalog name (smollm2:135m), hf://owner/repo/file.gguf, https:// URL, or path")

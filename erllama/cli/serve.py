@@ -64,6 +64,7 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
         strict_max_tokens=args.strict_max_tokens,
         model_fallback=args.model_fallback,
         default_seed=None if args.seed is None or args.seed < 0 else args.seed,
+        owned_by=args.owned_by,
     )
     store = ModelStore(env=env)
     source: ModelSource = ModelDirectory(Path(args.models_dir), load) if args.models_dir else StoreSource(store, load)

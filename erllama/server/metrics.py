@@ -1,7 +1,8 @@
 """Prometheus metrics of the daemon (``GET /metrics``), on a registry of its own per app.
 
 Request-level series are recorded by the routes; model and cache series are read at scrape time: queue depth and
-running requests per model, models loaded, bytes / rows / budget per cache tier, and every counter of the
+running requests per model (also under vLLM's names, with its prefix-cache token counters, for gateways), models
+loaded, bytes / rows / budget per cache tier, and every counter of the
 runtime's cache (hits / misses by kind, saves by reason, evictions, latencies).
 """
 
@@ -58,11 +59,18 @@ class _Live(Collector):
         view = self._view()
         waiting = GaugeMetricFamily("erllama_queue_waiting", "Requests waiting for a model slot", labels=["model"])
         running = GaugeMetricFamily("erllama_requests_running", "Requests running on a model", labels=["model"])
+        # the same, under the names vLLM exports: gateways and routers (vllm-router, SGLang's gateway, llm-d) read them
+        v_running = GaugeMetricFamily("vllm:num_requests_running", "Requests running", labels=["model_name"])
+        v_waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting", labels=["model_name"])
         for name, w, r in view.queues:
             waiting.add_metric([name], w)
             running.add_metric([name], r)
+            v_waiting.add_metric([name], w)
+            v_running.add_metric([name], r)
         yield waiting
         yield running
+        yield v_waiting
+        yield v_running
         yield GaugeMetricFamily("erllama_models_loaded", "Models loaded", value=view.models)
         build = _loaded_library()
         if build is not None:
@@ -112,6 +120,16 @@ class Metrics:
             "erllama_ttft_seconds", "Time to the first token", ["model"], buckets=_LATENCY_BUCKETS, registry=registry
         )
         self.tokens = Counter("erllama_tokens", "Tokens by kind", ["model", "kind"], registry=registry)
+        # vLLM's prefix-cache series, in tokens: prompt tokens looked up, and those served from the cache
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            ["model_name"],
+            registry=registry,
+        )
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache", ["model_name"], registry=registry
+        )
         self.finished = Counter(
             "erllama_generations", "Generations by finish reason", ["model", "reason"], registry=registry
         )
@@ -126,5 +144,7 @@ class Metrics:
         self.tokens.labels(model, "prompt").inc(s.prompt_tokens)
         self.tokens.labels(model, "cached").inc(s.restored_tokens)
         self.tokens.labels(model, "completion").inc(s.generated_tokens)
+        self.prefix_queries.labels(model).inc(s.prompt_tokens)
+        self.prefix_hits.labels(model).inc(s.restored_tokens)
         self.ttft.labels(model).observe(s.ttft_s)
         self.finished.labels(model, completion.finish_reason).inc()

@@ -171,7 +171,7 @@ async def get_model(model_id: str, request: Request, state: StateDep) -> Any:
 
 
 def _model_card(name: str, state: ServerState) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": state.started, "owned_by": "erllama"}
+    return {"id": name, "object": "model", "created": state.started, "owned_by": state.config.owned_by}
 
 
 @router.post("/v1/chat/completions")

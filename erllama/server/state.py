@@ -57,6 +57,7 @@ class ServerConfig:
             and settings then sample the same reply, streamed or not. None (the default): a fresh seed each time.
         ping_period_s: a streamed Anthropic reply sends a ``ping`` after this long without an event (a long
             prefill), as Anthropic's API does, so proxies and clients do not time the stream out.
+        owned_by: the ``owned_by`` of every model ``/v1/models`` lists (gateways route on it).
     """
 
     api_key: str | None = None
@@ -73,6 +74,7 @@ class ServerConfig:
     model_fallback: Literal["missing", "any", "none"] = "missing"
     default_seed: int | None = None
     ping_period_s: float = 10.0
+    owned_by: str = "erllama"
 
 
 class ModelSource(Protocol):

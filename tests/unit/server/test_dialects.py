@@ -317,6 +317,27 @@ def test_metrics_exposition(srt: Runtime) -> None:
     assert 'erllama_cache_tier_bytes{tier="ram"}' in text
     assert 'erllama_queue_waiting{model="hermes"} 0.0' in text
     assert "erllama_models_loaded 1.0" in text
+    # vLLM's names, which gateways read: the same queues, and the prefix cache in prompt tokens
+    assert 'vllm:num_requests_waiting{model_name="hermes"} 0.0' in text
+    assert 'vllm:num_requests_running{model_name="hermes"} 0.0' in text
+
+    def value(series: str) -> float:
+        return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(series + " ")))
+
+    prompt = value('erllama_tokens_total{kind="prompt",model="hermes"}')
+    cached = value('erllama_tokens_total{kind="cached",model="hermes"}')
+    assert value('vllm:prefix_cache_queries_total{model_name="hermes"}') == prompt > 0
+    assert value('vllm:prefix_cache_hits_total{model_name="hermes"}') == cached > 0, "the second request hit"
+
+
+def test_owned_by_is_configurable(srt: Runtime) -> None:
+    app = create_app(srt, {"hermes": "hermes"}, ServerConfig(owned_by="acme-gateway"))
+    cards = json.loads(asyncio.run(_get(app, "/v1/models")))["data"]
+    assert [c["owned_by"] for c in cards] == ["acme-gateway"]
+    assert (
+        json.loads(asyncio.run(_get(create_app(srt, {"hermes": "hermes"}), "/v1/models")))["data"][0]["owned_by"]
+        == "erllama"
+    )
 
 
 @pytest.fixture
