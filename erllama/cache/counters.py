@@ -73,6 +73,8 @@ TIER_COUNTERS = frozenset(
         "bytes",
         "rows",
         "read_only_roots",
+        "rows_learned",  # a shared tier: rows other processes published, and rows they deleted
+        "rows_gone",
         "save",  # latencies
         "load",
     }

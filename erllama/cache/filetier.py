@@ -2,7 +2,8 @@
 shareable between processes) and ``disk`` are both file tiers. The life of a row (reservation, write, rename,
 publish, eviction) is drawn once, in :mod:`erllama.cache.tier`; this module adds the files: crash-safe writes
 (temp file, fsync, rename, fsync of the directory), the startup scan that registers rows and removes dead writers'
-temp files, read-only roots, and rows found corrupt on load.
+temp files, read-only roots, rows found corrupt on load, and (``shared=True``) roots that several processes use at
+once: each learns the rows the others publish and forgets the rows they delete.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -40,6 +42,17 @@ class FileTier(TierBase):
     are refused and counted (``<name>_refused_read_only``), and the ``<name>_read_only_roots`` gauge says so. A
     row that fails to load for any reason is dropped and counted; the request goes on cold. Rows and directories
     are created owner-only (0600 / 0700): they hold prompts' token ids.
+
+    **Shared roots** (``shared=True``: one directory on NFS, or on one machine, used by several erllama processes —
+    a cluster's replicas). Every publish and every deletion appends the name of the fan-out directory it changed to
+    ``<root>/.journal`` (three bytes, ``O_APPEND``); :meth:`refresh` stats that one file and, when it grew, reads
+    the new lines and lists only the directories they name, registering rows that other processes published (from
+    their self-describing headers) and forgetting rows they deleted. A new journal (one is started past 1 MiB) or one that
+    could not be read makes the next refresh list every fan-out directory. Each process enforces its budget over
+    every row it knows of, its own and the others', by deleting the least recently used files; two processes
+    evicting at once may delete a little more than needed, never a row being read (an open file stays readable
+    after unlink) and never a partial one (rows appear by rename). A row that vanished between the index and the
+    load is a miss, and the request goes on cold.
     """
 
     def __init__(
@@ -51,6 +64,7 @@ class FileTier(TierBase):
         name: str = "disk",
         compress_level: int | None = None,
         fsync: bool = True,
+        shared: bool = False,
     ) -> None:
         if not roots:
             raise InvalidInputError("a file tier needs at least one root directory")
@@ -58,6 +72,9 @@ class FileTier(TierBase):
         self.roots = [Path(r) for r in roots]
         self.compress_level = compress_level
         self.fsync = fsync
+        self.shared = shared
+        self._refresh_lock = threading.Lock()
+        self._journal_at: dict[Path, tuple[int, int]] = {}  # root -> (inode, bytes read) of its journal
         self._where: dict[CacheKey, Path] = {}
         self._root_bytes = dict.fromkeys(self.roots, 0)
         self._read_only: set[Path] = set()
@@ -124,6 +141,7 @@ class FileTier(TierBase):
         Rows the budget cannot hold (a smaller budget than last time) are deleted, least recently used first."""
         found: list[tuple[float, RowMeta, int, Path]] = []
         for root in self.roots:
+            self._journal_at[root] = _inode_size(root / _JOURNAL)
             if root not in self._read_only:
                 self._scan_tmp(root)
             for path in self._row_paths(root):
@@ -231,6 +249,8 @@ class FileTier(TierBase):
             os.replace(tmp, final)
             if self.fsync:
                 _fsync_dir(final.parent)
+            if self.shared:
+                _journal(root, final.parent.name)
         except OSError as exc:
             _unlink_quietly(tmp)
             self._b.release(size)
@@ -288,15 +308,117 @@ class FileTier(TierBase):
         path = self._where.pop(key, None)
         if path is not None:
             self._root_bytes[self._root_of(path)] -= size
-            _unlink_quietly(path)
+            self._unlink(path)
+
+    def _unlink(self, path: Path) -> None:
+        if _unlink_quietly(path) and self.shared:
+            _journal(self._root_of(path), path.parent.name)
 
     def remove(self, key: CacheKey) -> bool:
         path = self._forget(key)
         if path is None:
             return False
-        _unlink_quietly(path)
+        self._unlink(path)
         notify_dropped(self.on_drop, [key])
         return True
+
+    # -- shared roots -------------------------------------------------------------------------------------------
+
+    def refresh(self) -> list[RowMeta]:
+        """Learn what other processes did to shared roots since the last look: the rows they published (returned,
+        and registered here) and the rows they deleted (forgotten here, announced through ``on_drop``). One stat
+        per root when nothing changed; a no-op (an empty list) for a tier that is not shared."""
+        if not self.shared:
+            return []
+        learned: list[RowMeta] = []
+        with self._refresh_lock:
+            for root in self.roots:
+                fans = self._journal_news(root)
+                if fans is None or fans:
+                    learned.extend(self._relist(root, fans))
+        return learned
+
+    def _journal_news(self, root: Path) -> set[str] | None:
+        """The fan-out directories the journal names since the last look (empty: nothing changed); None: list
+        them all (the journal was cut, or cannot be read)."""
+        path = root / _JOURNAL
+        inode, at = self._journal_at.get(root, (0, 0))
+        now, size = _inode_size(path)
+        if (now, size) == (inode, at):
+            return set()
+        if now != inode or size < at:  # a new journal: what happened before it is only in the directories
+            self._journal_at[root] = (now, size)
+            return None
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(at)
+                news = fh.read(size - at)
+        except OSError:
+            return None
+        done = news.rfind(b"\n") + 1  # a line still being appended is read next time
+        self._journal_at[root] = (inode, at + done)
+        return {line.decode("ascii", "replace") for line in news[:done].split(b"\n") if len(line) == 2}
+
+    def _relist(self, root: Path, fans: set[str] | None) -> list[RowMeta]:
+        if fans is None:
+            try:
+                fans = {e.name for e in os.scandir(root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)}
+            except OSError as exc:
+                self._skip(root, exc.strerror or str(exc))
+                return []
+        by_fan: dict[Path, dict[str, CacheKey]] = {}
+        for key, path in list(self._where.items()):
+            by_fan.setdefault(path.parent, {})[path.name] = key
+        learned: list[RowMeta] = []
+        for fan in sorted(root / name for name in fans):
+            try:
+                names = {e.name for e in os.scandir(fan) if e.name.endswith(".kvc")}
+            except FileNotFoundError:
+                names = set()
+            except OSError as exc:
+                self._skip(fan, exc.strerror or str(exc))
+                continue
+            known = by_fan.get(fan, {})
+            for name in known.keys() - names:  # deleted by another process
+                key = known[name]
+                if self._forget(key) is not None:
+                    self._b.counters.incr(f"{self.name}_rows_gone")
+                    notify_dropped(self.on_drop, [key])
+            for name in sorted(names - known.keys()):
+                meta = self._adopt(fan / name)
+                if meta is not None:
+                    learned.append(meta)
+        return learned
+
+    def _adopt(self, path: Path) -> RowMeta | None:
+        """Register a row another process published (its header read once); None when it is gone, unreadable,
+        already known or over the budget."""
+        try:
+            meta, size = kvc.read_meta(path)
+            if kvc.file_name(meta.key) != path.name:
+                raise CorruptCacheFileError("file name does not match its key", str(path))
+        except FileNotFoundError:
+            return None
+        except CorruptCacheFileError as exc:  # a partial file never appears (rename); this one is damaged
+            self._b.counters.incr("corrupt_files")
+            log.warning("cache tier %s: ignored %s", self.name, exc)
+            return None
+        except OSError as exc:
+            self._skip(path, exc.strerror or str(exc))
+            return None
+        if meta.key in self._where:
+            return None
+        evicted = self._b.reserve(meta.key, size)
+        if evicted is None:
+            return None
+        for victim, victim_size in evicted:
+            self._delete_file(victim, victim_size)
+        notify_dropped(self.on_drop, [k for k, _ in evicted])
+        self._where[meta.key] = path
+        self._root_bytes[self._root_of(path)] += size
+        self._b.commit(meta.key, size)
+        self._b.counters.incr(f"{self.name}_rows_learned")
+        return meta
 
     def evict(self, n_bytes: int) -> int:
         freed = 0
@@ -371,6 +493,37 @@ def _unlink_quietly(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+_JOURNAL = ".journal"  # a shared root's change log: one line per publish or deletion, naming its fan-out directory
+_JOURNAL_CUT = 1 << 20
+
+
+def _inode_size(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 0, 0
+    return st.st_ino, st.st_size
+
+
+def _journal(root: Path, fan: str) -> None:
+    """Append ``fan`` to the root's journal; past 1 MiB, an empty journal is renamed over it (a new inode: readers
+    then list every fan-out directory once). Failures are ignored: the others learn at the next journaled change."""
+    path = root / _JOURNAL
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.write(fd, fan.encode("ascii") + b"\n")
+            full = os.fstat(fd).st_size > _JOURNAL_CUT
+        finally:
+            os.close(fd)
+        if full:
+            fresh = root / "tmp" / f"journal.{_WRITER_ID}.{uuid.uuid4().hex[:8]}.tmp"
+            os.close(os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.replace(fresh, path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,7 +30,7 @@ from erllama.cache.key import (
     token_array,
 )
 
-__all__ = ["PrefixHit", "PrefixIndex"]
+__all__ = ["PrefixHit", "PrefixIndex", "RouteSummary"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,49 @@ class PrefixHit:
 
     key: CacheKey
     n_tokens: int
+
+
+def _link_id(link: bytes) -> int:
+    return int.from_bytes(link[:8], "little")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSummary:
+    """A compact, token-exact picture of one cache for a router: the namespace roots its rows start from, the
+    first 8 bytes of every chain link some row runs through, and the first 8 bytes of every row key.
+
+    :meth:`shared_tokens` walks a prompt's block chain against it: the number of tokens (whole blocks) a stored
+    row shares with the prompt, which the cache can restore instead of computing (a prefix hit, or a longer row
+    cut back). Links are hashes of exact token blocks, so a match means equal tokens; 64-bit prefixes make a false
+    match of one link about 2^-64, and it would only cost a routing choice, never a wrong restore (the cache
+    itself compares full keys). Every namespace present counts (a router does not know which adapters a request
+    will run with); a replica serves one model, so in practice there is one root, or one per adapter set.
+    """
+
+    roots: frozenset[bytes] = frozenset()
+    links: frozenset[int] = frozenset()
+    keys: frozenset[int] = frozenset()
+    n_rows: int = 0
+
+    def shared_tokens(self, tokens: Sequence[int] | npt.NDArray[np.integer], *, chains: dict[bytes, list[int]]) -> int:
+        """Tokens of ``tokens`` some row of this cache shares with it (a multiple of ``BLOCK_TOKENS``).
+        ``chains`` memoises the prompt's link ids per root across summaries (one hashing walk per root)."""
+        best = 0
+        for root in self.roots:
+            ids = chains.get(root)
+            if ids is None:
+                ids = chains[root] = [_link_id(link) for link in block_chain(root, tokens)]
+            depth = 0
+            for link in ids:
+                if link not in self.links:
+                    break
+                depth += 1
+            best = max(best, depth * BLOCK_TOKENS)
+        return best
+
+    def holds(self, key: CacheKey) -> bool:
+        """Whether the cache holds (very likely) the row ``key``."""
+        return _link_id(key) in self.keys
 
 
 @dataclass(slots=True)
@@ -101,6 +144,21 @@ class PrefixIndex:
             if not tails:
                 del self._anchors[anchor]
             return True
+
+    def summary(self, max_links: int = 1 << 16) -> RouteSummary:
+        """A :class:`RouteSummary` of the rows, newest first until ``max_links`` links are taken."""
+        roots: set[bytes] = set()
+        links: set[int] = set()
+        keys: set[int] = set()
+        with self._lock:
+            rows = list(self._rows.items())
+        for key, row in reversed(rows):
+            if len(links) >= max_links:
+                break
+            roots.add(row.links[0])
+            links.update(_link_id(link) for link in row.links[1:])
+            keys.add(_link_id(key))
+        return RouteSummary(frozenset(roots), frozenset(links), frozenset(keys), len(rows))
 
     def n_tokens(self, key: CacheKey) -> int | None:
         row = self._rows.get(key)

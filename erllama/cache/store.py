@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from erllama.cache.counters import Counters
-from erllama.cache.index import PrefixHit, PrefixIndex
+from erllama.cache.index import PrefixHit, PrefixIndex, RouteSummary
 from erllama.cache.key import CacheKey, Namespace, cache_key
 from erllama.cache.kvc import RowMeta, SaveReason
 from erllama.cache.tier import Payload, Tier
@@ -88,12 +88,28 @@ class CacheStore:
         self, namespace: Namespace, tokens: Sequence[int] | npt.NDArray[np.integer], max_tokens: int | None = None
     ) -> PrefixHit | None:
         """The longest stored row that is a prefix of ``tokens`` (at most ``max_tokens`` long); counts nothing (the
-        caller counts the hit it makes of it)."""
+        caller counts the hit it makes of it). Rows other processes published to a shared tier are learned first."""
+        self.refresh()
         return self.index.longest_prefix(namespace, tokens, max_tokens=max_tokens)
 
     def deepest_shared(self, namespace: Namespace, tokens: Sequence[int], max_tokens: int) -> PrefixHit | None:
         """The stored row sharing the longest common prefix with ``tokens`` (see PrefixIndex.deepest_shared)."""
         return self.index.deepest_shared(namespace, tokens, max_tokens=max_tokens)
+
+    def refresh(self) -> int:
+        """Register the rows other processes published to shared tiers (and forget those they deleted) since the
+        last look; returns how many were learned. One stat per shared root when nothing changed."""
+        learned = 0
+        for tier in self.tiers:
+            for meta in tier.refresh():
+                self.index.add(meta.namespace, meta.tokens)
+                learned += 1
+        return learned
+
+    def summary(self, max_links: int = 1 << 16) -> RouteSummary:
+        """What a router needs to know of this cache (see :class:`~erllama.cache.index.RouteSummary`)."""
+        self.refresh()
+        return self.index.summary(max_links)
 
     def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
         """The row from the fastest tier that has it (promoting it upwards), or None."""

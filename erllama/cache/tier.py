@@ -85,6 +85,10 @@ class Tier(Protocol):
 
     def metas(self) -> list[RowMeta]: ...
 
+    def refresh(self) -> list[RowMeta]:
+        """Rows other processes published to this tier since the last call (a shared file tier); else []."""
+        ...
+
 
 class Budget:
     """LRU order, sizes, pins and reservations of one tier. All methods take the tier's lock themselves."""
@@ -261,6 +265,9 @@ class RamTier(TierBase):
 
     def metas(self) -> list[RowMeta]:
         return [meta for meta, _ in list(self._rows.values())]
+
+    def refresh(self) -> list[RowMeta]:
+        return []  # this process's memory: nobody else publishes here
 
 
 def notify_dropped(hook: DropHook | None, keys: list[CacheKey]) -> None:
