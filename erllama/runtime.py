@@ -26,7 +26,7 @@ from typing import Any
 
 from erllama.cache import CacheStore, FingerprintMode, RamTier, SavePolicy, fingerprint
 from erllama.cache.counters import Counters
-from erllama.cache.key import CacheKey
+from erllama.cache.key import CacheKey, Namespace
 from erllama.cache.kvc import SaveReason
 from erllama.errors import InvalidInputError, NoGpuError, PromptTooLongError, UnknownModelError
 from erllama.model.adapters import AdapterInfo, AdapterSet
@@ -411,6 +411,12 @@ class Runtime:
         """How many leading tokens of ``tokens`` are cached for this model (its current adapters included)."""
         link = self._worker(model_id).link
         return link.probe([int(t) for t in tokens]) if link is not None and tokens else 0
+
+    def cache_namespace(self, model_id: str) -> Namespace | None:
+        """The cache namespace the model's requests run in now (its file, KV layout, adapters); None without a
+        cache. Rows of other namespaces are never restored into it."""
+        link = self._worker(model_id).link
+        return None if link is None else link.namespace
 
     def counters(self) -> dict[str, float]:
         return self.cache.counters.snapshot() if self.cache is not None else Counters().snapshot()

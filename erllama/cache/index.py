@@ -30,7 +30,7 @@ from erllama.cache.key import (
     token_array,
 )
 
-__all__ = ["PrefixHit", "PrefixIndex", "RouteSummary"]
+__all__ = ["PrefixHit", "PrefixIndex", "RouteSummary", "link_ids"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,16 @@ class PrefixHit:
 
 def _link_id(link: bytes) -> int:
     return int.from_bytes(link[:8], "little")
+
+
+def link_ids(
+    root: bytes, tokens: Sequence[int] | npt.NDArray[np.integer], chains: dict[bytes, list[int]]
+) -> list[int]:
+    """The ids (first 8 bytes) of ``tokens``' chain links from ``root``, memoised in ``chains`` per root."""
+    ids = chains.get(root)
+    if ids is None:
+        ids = chains[root] = [_link_id(link) for link in block_chain(root, tokens)]
+    return ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +78,8 @@ class RouteSummary:
         ``chains`` memoises the prompt's link ids per root across summaries (one hashing walk per root)."""
         best = 0
         for root in self.roots:
-            ids = chains.get(root)
-            if ids is None:
-                ids = chains[root] = [_link_id(link) for link in block_chain(root, tokens)]
             depth = 0
-            for link in ids:
+            for link in link_ids(root, tokens, chains):
                 if link not in self.links:
                     break
                 depth += 1

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jinja2
 
@@ -29,7 +29,6 @@ from erllama.chat.tools import (
 )
 from erllama.chat.types import ChatResult, Message, Tool, ToolChoice
 from erllama.errors import InvalidInputError
-from erllama.runtime import Runtime
 
 __all__ = ["ChatEngine", "PreparedChat"]
 
@@ -72,11 +71,23 @@ def _cut_after(prompt: str, content: str) -> str:
     return prompt[: at + len(text)]
 
 
+class TemplateHost(Protocol):
+    """What the engine needs of a model: its metadata (``chat_template``, ``bos_text``, ``eos_text``) and
+    llama.cpp's built-in templates. A :class:`~erllama.runtime.Runtime` is one; so is a vocabulary-only model
+    (the cluster's ingress renders prompts to route them without loading weights)."""
+
+    def model_info(self, model_id: str) -> dict[str, Any]: ...
+
+    def apply_chat_template(
+        self, model_id: str, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True
+    ) -> str: ...
+
+
 class ChatEngine:
     """Chat templates, tools and structured output over one :class:`~erllama.runtime.Runtime`. Thread-safe;
     :meth:`prepare` may block (template rendering on the model's worker), so call it off the event loop."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: TemplateHost) -> None:
         self._runtime = runtime
         self._templates: dict[tuple[str, str, str], ChatTemplate | None] = {}
         self._lock = threading.Lock()

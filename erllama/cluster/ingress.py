@@ -1,0 +1,133 @@
+"""The ingress: the deployment behind Ray's HTTP proxy. It reads each request, finds the prompt's token ids (with
+the model's vocabulary only; :mod:`erllama.cluster.prompts`), and forwards the request to a model replica through
+a handle whose router places it (:mod:`erllama.cluster.router`), streaming the replica's response back unchanged.
+
+Ray's proxy cannot do this itself: it routes before it has read the body. The ingress holds no model and no state
+but the vocabulary; run as many as the proxy's traffic needs.
+
+Faults: when the replica dies before the response has started (nothing was sent to the client), the request is
+sent again, to another replica; after, the stream ends with an error in the dialect's own form (an SSE ``error``
+event, an Ollama ``{"error": ...}`` line) and the client sees a clean end, not a hang.
+
+(No ``from __future__ import annotations`` here: Ray Serve's class-based ingress hands FastAPI the methods'
+annotations as they are, and FastAPI must see ``Request`` itself, not its name.)
+"""
+
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from erllama.cluster.bridge import Forwarded, ResponseStart
+from erllama.cluster.config import ClusterConfig
+from erllama.cluster.placement import Route
+from erllama.cluster.replica import REPLICA_HEADER, resolve_model
+
+__all__ = ["Ingress"]
+
+log = logging.getLogger("erllama.cluster")
+
+_ATTEMPTS = 3
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer"}
+_REPLICA_GONE = (RayActorError, RayTaskError, ConnectionError)
+
+async def _body(stream: Any, path: str) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for chunk in stream:
+            yield chunk
+        finished = True
+    except _REPLICA_GONE as exc:
+        log.warning("a replica died while streaming %s: %s", path, exc)
+        yield _stream_error(path, "the replica serving this request failed; send it again")
+        finished = True
+    finally:
+        if not finished:
+            stream.cancel()  # the client went away: the replica's app sees a disconnect and stops generating
+
+
+def _stream_error(path: str, message: str) -> bytes:
+    """The dialect's own mid-stream error."""
+    if path.startswith("/v1/messages"):
+        event = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return f"event: error\ndata: {json.dumps(event)}\n\n".encode()
+    if path.startswith("/api/"):
+        return (json.dumps({"error": message}) + "\n").encode()
+    return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 503}})}\n\n".encode()
+
+
+def _unavailable(path: str, message: str) -> JSONResponse:
+    if path.startswith("/v1/messages"):
+        return JSONResponse({"type": "error", "error": {"type": "overloaded_error", "message": message}}, 529)
+    if path.startswith("/api/"):
+        return JSONResponse({"error": message}, 503)
+    return JSONResponse({"error": {"message": message, "type": "server_error", "code": 503}}, 503)
+
+
+# Helpers above the class: Ray pickles the ingress class by value, with only the globals defined before it.
+app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, replicas: DeploymentHandle, config: ClusterConfig) -> None:
+        from erllama.cluster.prompts import RoutingPrompts, VocabModel
+
+        self._replicas = replicas.options(stream=True)
+        self._route = config.router == "prefix"
+        self._prompts: RoutingPrompts | None = None
+        if self._route:
+            _, path = resolve_model(config.model)
+            self._prompts = RoutingPrompts(VocabModel(path))
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    async def forward(self, path: str, request: Request) -> Response:
+        body = await request.body()
+        route = await self._route_of("/" + path, request, body)
+        headers = tuple(
+            (k, v) for k, v in request.headers.raw if k.lower() != b"host"
+        ) + ((b"host", b"localhost"),)  # the replica's app is reached only through here
+        forwarded = Forwarded(
+            method=request.method,
+            path="/" + path,
+            query=request.url.query.encode("latin-1"),
+            headers=headers,
+            body=body,
+            client=(request.client.host, request.client.port) if request.client else None,
+        )
+        failure: BaseException | None = None
+        for _ in range(_ATTEMPTS):
+            stream = self._replicas.forward.remote(forwarded, route=route)
+            try:
+                start = await stream.__anext__()
+            except StopAsyncIteration:
+                return Response(status_code=502)
+            except _REPLICA_GONE as exc:  # nothing was sent yet: another replica may take it
+                failure = exc
+                log.warning("a replica failed before answering %s /%s; sending it again: %s", request.method, path, exc)
+                await asyncio.sleep(0.1)
+                continue
+            assert isinstance(start, ResponseStart)
+            out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in start.headers if k.lower() not in _HOP_BY_HOP]
+            response = StreamingResponse(_body(stream, "/" + path), status_code=start.status)
+            response.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
+            return response
+        return _unavailable("/" + path, f"no replica could take the request: {failure}")
+
+    async def _route_of(self, path: str, request: Request, body: bytes) -> Route | None:
+        pin = request.headers.get(REPLICA_HEADER)
+        if self._prompts is None:
+            return Route(pin=pin) if pin else None
+        tokens = await asyncio.to_thread(self._prompts.tokens, path, body) if request.method == "POST" else None
+        data = np.asarray(tokens, dtype="<i4").tobytes() if tokens else b""
+        return Route(tokens=data, pin=pin)

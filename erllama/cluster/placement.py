@@ -1,0 +1,164 @@
+"""Where a request should run: the pure decision of the cluster's router (no Ray in here, so it is tested alone).
+
+Each replica reports a :class:`~erllama.cache.index.RouteSummary` of its cache (token-exact chain links) and the
+router adds what it sent there itself since (a row is saved when its request ends; the next turn of a conversation
+may arrive before the replica's next report). For every candidate the router estimates the work a request would
+wait for and do there, in prompt tokens:
+
+    cost(r) = (prompt tokens r's cache does not hold) + tokens_per_request × (requests in flight on r)
+
+and ranks candidates by it, cheapest first. A replica holding the prompt wins while it is not much busier than the
+others; as its queue grows, an idle replica that must prefill becomes cheaper, and the prefix gets a second home.
+Two rules come before the cost:
+
+* a request pinned to one replica (``x-erllama-replica``), or resuming a row by ``parent_key``, goes where that
+  replica or row is, when it is a candidate;
+* the load guard: when the cheapest replica has ``imbalance`` or more requests in flight beyond the least busy
+  one, the request falls back to the power of two choices (two random candidates, Ray takes the shorter queue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Hashable, Sequence
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from erllama.cache.index import RouteSummary, link_ids
+from erllama.cache.key import BLOCK_TOKENS as _BLOCK
+from erllama.cache.key import CacheKey
+
+__all__ = ["Candidate", "Placement", "PlacementConfig", "Route"]
+
+R = TypeVar("R", bound=Hashable)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """What the router knows of a request: its prompt's token ids (int32 little-endian bytes; empty when the
+    ingress could not tell them), a ``parent_key`` it resumes, a replica it is pinned to."""
+
+    tokens: bytes = b""
+    parent_key: CacheKey | None = None
+    pin: str | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens) // 4
+
+    def token_ids(self) -> np.ndarray:
+        return np.frombuffer(self.tokens, dtype="<i4")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    """``tokens_per_request``: what one request in flight costs the ones behind it, in prompt tokens;
+    ``imbalance``: in-flight requests beyond the least busy replica at which the load guard takes over;
+    ``recent_ttl_s``: how long what the router sent somewhere counts as cached there without a report saying so."""
+
+    tokens_per_request: int = 512
+    imbalance: int = 8
+    recent_ttl_s: float = 120.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidate(Generic[R]):
+    """One replica as the router sees it: its id, its name (what a pin names), its last report, its load."""
+
+    id: R
+    name: str
+    summary: RouteSummary
+    in_flight: int
+
+
+class Placement(Generic[R]):
+    """The router's memory (what it sent where) and its ranking. Not thread-safe: one router, one event loop."""
+
+    def __init__(self, config: PlacementConfig | None = None, *, rng: random.Random | None = None) -> None:
+        self.config = config or PlacementConfig()
+        self._rng = rng or random.Random()
+        self._recent: dict[R, dict[int, float]] = {}  # replica -> chain link id -> when a prompt through it was sent
+
+    def rank(self, route: Route | None, candidates: Sequence[Candidate[R]]) -> list[list[R]]:
+        """Candidates in ranks, most preferred first (Ray tries a rank's members by queue length)."""
+        if not candidates:
+            return []
+        if route is not None and route.pin:
+            pinned = [c.id for c in candidates if c.name == route.pin or str(c.id) == route.pin]
+            if pinned:
+                return [pinned]
+        by_load = sorted(candidates, key=lambda c: c.in_flight)
+        if route is not None and route.parent_key is not None:
+            holders = [c for c in by_load if c.summary.holds(route.parent_key)]
+            if holders:
+                return [[holders[0].id], [c.id for c in by_load if c is not holders[0]]]
+        if route is None or not route.n_tokens:
+            return self._two_choices(candidates)
+        cost = self.costs(route, candidates)
+        ranked = sorted(candidates, key=lambda c: (cost[c.id], c.in_flight))
+        if ranked[0].in_flight - by_load[0].in_flight >= self.config.imbalance:
+            return self._two_choices(candidates)
+        return [[c.id] for c in ranked]
+
+    def costs(self, route: Route, candidates: Sequence[Candidate[R]]) -> dict[R, int]:
+        """The estimated cost of the request on each candidate, in prompt tokens (see the module's docstring)."""
+        tokens = route.token_ids()
+        chains: dict[bytes, list[int]] = {}
+        now = time.monotonic()
+        roots = frozenset().union(*(c.summary.roots for c in candidates))
+        out: dict[R, int] = {}
+        for c in candidates:
+            held = c.summary.shared_tokens(tokens, chains=chains)
+            recent = self._recent.get(c.id)
+            if recent:
+                held = max(held, self._recent_depth(recent, roots, tokens, chains, now))
+            out[c.id] = max(0, len(tokens) - held) + self.config.tokens_per_request * c.in_flight
+        return out
+
+    def sent(self, route: Route | None, replica: R, roots: frozenset[bytes]) -> None:
+        """Remember that ``route``'s prompt went to ``replica``: its rows will be there once it ends."""
+        if route is None or not route.n_tokens or not roots:
+            return
+        now = time.monotonic()
+        recent = self._recent.setdefault(replica, {})
+        chains: dict[bytes, list[int]] = {}
+        for root in roots:
+            for link in link_ids(root, route.token_ids(), chains):
+                recent[link] = now
+        self._expire(now)
+
+    def forget(self, replica: R) -> None:
+        """A replica died or left: what was sent there is gone with it."""
+        self._recent.pop(replica, None)
+
+    def _recent_depth(
+        self, recent: dict[int, float], roots: frozenset[bytes], tokens: np.ndarray, chains: dict[bytes, list[int]],
+        now: float,
+    ) -> int:
+        best = 0
+        for root in roots:
+            depth = 0
+            for link in link_ids(root, tokens, chains):
+                when = recent.get(link)
+                if when is None or now - when > self.config.recent_ttl_s:
+                    break
+                depth += 1
+            best = max(best, depth)
+        return best * _BLOCK
+
+    def _expire(self, now: float) -> None:
+        ttl = self.config.recent_ttl_s
+        for recent in self._recent.values():
+            if len(recent) > _EXPIRE_AT:
+                for link in [k for k, t in recent.items() if now - t > ttl]:
+                    del recent[link]
+
+    def _two_choices(self, candidates: Sequence[Candidate[R]]) -> list[list[R]]:
+        pair = self._rng.sample(list(candidates), min(2, len(candidates)))
+        return [[c.id for c in pair]]
+
+
+_EXPIRE_AT = 4096  # links remembered per replica before expired ones are swept

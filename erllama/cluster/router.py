@@ -1,0 +1,84 @@
+"""``PrefixRouter``: Ray Serve's ``RequestRouter`` for the model deployment, placing each request on the replica
+whose cache holds the longest token-exact prefix of its prompt (see :mod:`erllama.cluster.placement` for the
+rule; this module only adapts it to Ray's interface). It runs inside the ingress, in the handle that calls the
+replicas, and reads the replicas' reports from ``RunningReplica.routing_stats``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from erllama.cache.index import RouteSummary
+from erllama.cluster.placement import Candidate, Placement, PlacementConfig, Route
+
+__all__ = ["PrefixRouter"]
+
+_EMPTY = RouteSummary()
+_MAX_UNROUTED = 10_000
+
+
+class PrefixRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]  # Ray's classes are untyped
+    """Token-exact prefix placement with a load guard; the power of two choices when a request says nothing."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._placement: Placement[ReplicaID] = Placement(PlacementConfig(**kwargs))
+        self._in_flight: dict[ReplicaID, int] = {}
+        self._routes: dict[str, Route] = {}  # internal request id -> its route, until it is routed
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        route = _route_of(pending_request)
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        candidates = [
+            Candidate(
+                id=r.replica_id,
+                name=str((r.routing_stats or {}).get("name") or r.replica_id.unique_id),
+                summary=(r.routing_stats or {}).get("summary") or _EMPTY,
+                in_flight=self._load(r),
+            )
+            for r in candidate_replicas
+        ]
+        if pending_request is not None and route is not None:
+            if len(self._routes) > _MAX_UNROUTED:  # requests cancelled before routing leave theirs behind
+                self._routes.clear()
+            self._routes[pending_request.metadata.internal_request_id] = route
+        return [[by_id[i] for i in rank] for rank in self._placement.rank(route, candidates)]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
+        route = self._routes.pop(pending_request.metadata.internal_request_id, None)
+        replica = self.curr_replicas.get(replica_id)
+        summary = (replica.routing_stats or {}).get("summary") if replica is not None else None
+        roots = summary.roots if isinstance(summary, RouteSummary) else frozenset()
+        self._placement.sent(route, replica_id, roots)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        left = self._in_flight.get(replica_id, 0) - 1
+        if left > 0:
+            self._in_flight[replica_id] = left
+        else:
+            self._in_flight.pop(replica_id, None)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._in_flight.pop(replica_id, None)
+        self._placement.forget(replica_id)
+
+    def _load(self, replica: RunningReplica) -> int:
+        queued = self.replica_queue_len_cache.get(replica.replica_id)
+        return max(self._in_flight.get(replica.replica_id, 0), queued or 0)
+
+
+def _route_of(pending: PendingRequest | None) -> Route | None:
+    if pending is None:
+        return None
+    route = pending.kwargs.get("route")
+    return route if isinstance(route, Route) else None
