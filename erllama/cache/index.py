@@ -45,9 +45,7 @@ def _link_id(link: bytes) -> int:
     return int.from_bytes(link[:8], "little")
 
 
-def link_ids(
-    root: bytes, tokens: Sequence[int] | npt.NDArray[np.integer], chains: dict[bytes, list[int]]
-) -> list[int]:
+def link_ids(root: bytes, tokens: Sequence[int] | npt.NDArray[np.integer], chains: dict[bytes, list[int]]) -> list[int]:
     """The ids (first 8 bytes) of ``tokens``' chain links from ``root``, memoised in ``chains`` per root."""
     ids = chains.get(root)
     if ids is None:

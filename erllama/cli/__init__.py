@@ -103,6 +103,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--owned-by", default="erllama", help="owned_by of the models /v1/models lists (default: erllama)")
 
+    cluster = sub.add_parser("cluster", help="serve a model as replicas on a Ray Serve cluster (erllama[cluster])")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")
+    csrv = csub.add_parser("serve", help="deploy the model's replicas and serve them over HTTP until stopped")
+    csrv.add_argument("--model", required=True, help="a GGUF path present on every node, or a store model")
+    csrv.add_argument("--name", help="the model's name in requests (default: --model)")
+    csrv.add_argument("--replicas", type=int, default=2, help="model replicas (default: 2)")
+    csrv.add_argument("--autoscale", nargs=2, type=int, metavar=("MIN", "MAX"), help="let Ray scale the replicas")
+    csrv.add_argument("--address", help="a running Ray cluster (ray://host:10001, or auto); default: start one here")
+    csrv.add_argument("--host", default="127.0.0.1", help="address of Ray's HTTP proxy")
+    csrv.add_argument("--port", type=int, default=8000)
+    csrv.add_argument("--router", choices=["prefix", "default"], default="prefix",
+                      help="erllama's token-exact prefix router (default) or Ray's power of two choices")  # fmt: skip
+    csrv.add_argument("--threads", type=int, default=1, help="CPU threads per replica")
+    csrv.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    csrv.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded per replica (-1: all)")
+    csrv.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    csrv.add_argument("--ctx", type=int, default=4096, help="context tokens per sequence")
+    csrv.add_argument("--parallel", type=int, default=4, help="sequences decoded together per replica")
+    csrv.add_argument("--ram-cache-mb", type=int, default=2048, help="RAM tier budget per replica")
+    csrv.add_argument("--disk-cache-mb", type=int, default=8192, help="disk tier budget per replica; 0: none")
+    csrv.add_argument("--kv-dir", help="disk tier directory on every node (default: $ERLLAMA_CACHE_DIR/kv-cluster)")
+    csrv.add_argument("--private-kv", action="store_true", help="one disk tier directory per replica, not shared")
+
     pull = sub.add_parser("pull", parents=[common], help="fetch a model into the store")
     pull.add_argument("source", help="catalog name (smollm2:135m), hf://owner/repo/file.gguf, https:// URL, or path")
     pull.add_argument("--name", help="install under this name:tag (default: the source's name)")
@@ -178,6 +201,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         if args.command == "serve":
             return serve(args, env, out)
+        if args.command == "cluster":
+            from erllama.cli.cluster import cluster_serve
+
+            return cluster_serve(args, env, out)
         host = args.host or env.get("ERLLAMA_HOST") or DEFAULT_HOST
         with Daemon(host, api_key=env.get("ERLLAMA_API_KEY")) as daemon:
             return table[args.command](args, env, out, daemon)

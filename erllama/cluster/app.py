@@ -13,7 +13,7 @@ Started by ``erllama cluster serve``, or by Ray's own tools from a config file::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 from ray.serve import Application
@@ -35,6 +35,8 @@ def build(config: ClusterConfig) -> Application:
         "health_check_period_s": 5.0,
         "graceful_shutdown_timeout_s": 60.0,
     }
+    if config.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = config.max_replicas_per_node
     if config.autoscale is not None:
         options["autoscaling_config"] = AutoscalingConfig(
             min_replicas=config.autoscale[0],
@@ -44,14 +46,20 @@ def build(config: ClusterConfig) -> Application:
     else:
         options["num_replicas"] = config.replicas
     if config.router == "prefix":
-        options["request_router_config"] = RequestRouterConfig(
-            request_router_class="erllama.cluster.router:PrefixRouter",
-            request_router_kwargs={"tokens_per_request": config.tokens_per_request, "imbalance": config.imbalance},
-            request_routing_stats_period_s=config.stats_period_s,
-            request_routing_stats_timeout_s=max(5.0, 5 * config.stats_period_s),
+        options["request_router_config"] = RequestRouterConfig.model_validate(
+            {
+                "request_router_class": "erllama.cluster.router:PrefixRouter",
+                "request_router_kwargs": {
+                    "tokens_per_request": config.tokens_per_request,
+                    "imbalance": config.imbalance,
+                },
+                "request_routing_stats_period_s": config.stats_period_s,
+                "request_routing_stats_timeout_s": max(5.0, 5 * config.stats_period_s),
+            }
         )
-    replicas = serve.deployment(ModelReplica).options(**options).bind(config)
-    return Ingress.bind(replicas, config)
+    model: Any = serve.deployment(ModelReplica)  # Ray's decorators are typed loosely
+    ingress: Any = Ingress
+    return cast(Application, ingress.bind(model.options(**options).bind(config), config))
 
 
 def app_builder(args: Mapping[str, Any]) -> Application:

@@ -73,7 +73,7 @@ async def run_request(
     async def send(message: Message) -> None:
         await sent.put(message)
 
-    task = asyncio.create_task(app(scope, receive, send))
+    task: asyncio.Task[None] = asyncio.ensure_future(app(scope, receive, send))
     try:
         while True:
             getter = asyncio.ensure_future(sent.get())
@@ -96,9 +96,10 @@ async def run_request(
                     return
     finally:
         gone.set()
-        if not task.done():
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(task), 30.0)
+        # the app ends on its own (its response was complete, or it saw the disconnect); an error it raised after
+        # answering (a 500 it had already sent) was logged by the server's middleware
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), 30.0)
 
 
 class Lifespan:
@@ -118,10 +119,12 @@ class Lifespan:
         async def send(message: Message) -> None:
             await self._from_app.put(message)
 
-        self._task = asyncio.create_task(self._app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+        self._task = asyncio.ensure_future(self._app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
         await self._to_app.put({"type": "lifespan.startup"})
         reply = await self._from_app.get()
         if reply["type"] != "lifespan.startup.complete":
+            with contextlib.suppress(Exception):
+                await self._task
             raise RuntimeError(f"the app's startup failed: {reply.get('message', reply['type'])}")
 
     async def stop(self) -> None:

@@ -32,6 +32,7 @@ class ClusterConfig:
         tokens_per_request / imbalance: the router's load terms (see :mod:`erllama.cluster.placement`).
         max_ongoing: requests Ray sends one replica at once (its own queue holds the rest).
         gpu_layers / replica_gpus: layers offloaded and GPUs Ray reserves per replica (0: CPU).
+        max_replicas_per_node: at most this many replicas on one node (None: Ray decides).
     """
 
     model: str
@@ -55,6 +56,7 @@ class ClusterConfig:
     max_ongoing: int = 32
     gpu_layers: int = 0
     replica_gpus: float = 0.0
+    max_replicas_per_node: int | None = None
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

@@ -13,7 +13,6 @@ event, an Ollama ``{"error": ...}`` line) and the client sees a clean end, not a
 annotations as they are, and FastAPI must see ``Request`` itself, not its name.)
 """
 
-
 import asyncio
 import json
 import logging
@@ -25,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from erllama.cluster.bridge import Forwarded, ResponseStart
 from erllama.cluster.config import ClusterConfig
@@ -39,6 +38,7 @@ log = logging.getLogger("erllama.cluster")
 _ATTEMPTS = 3
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer"}
 _REPLICA_GONE = (RayActorError, RayTaskError, ConnectionError)
+
 
 async def _body(stream: Any, path: str) -> AsyncIterator[bytes]:
     finished = False
@@ -80,7 +80,7 @@ app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, replicas: DeploymentHandle, config: ClusterConfig) -> None:
+    def __init__(self, replicas: DeploymentHandle[Any], config: ClusterConfig) -> None:
         from erllama.cluster.prompts import RoutingPrompts, VocabModel
 
         self._replicas = replicas.options(stream=True)
@@ -94,9 +94,8 @@ class Ingress:
     async def forward(self, path: str, request: Request) -> Response:
         body = await request.body()
         route = await self._route_of("/" + path, request, body)
-        headers = tuple(
-            (k, v) for k, v in request.headers.raw if k.lower() != b"host"
-        ) + ((b"host", b"localhost"),)  # the replica's app is reached only through here
+        # the replica's app is reached only through here: it answers to "localhost"
+        headers = (*((k, v) for k, v in request.headers.raw if k.lower() != b"host"), (b"host", b"localhost"))
         forwarded = Forwarded(
             method=request.method,
             path="/" + path,
@@ -107,7 +106,7 @@ class Ingress:
         )
         failure: BaseException | None = None
         for _ in range(_ATTEMPTS):
-            stream = self._replicas.forward.remote(forwarded, route=route)
+            stream: DeploymentResponseGenerator[Any] = self._replicas.forward.remote(forwarded, route=route)  # type: ignore[assignment]  # stream=True
             try:
                 start = await stream.__anext__()
             except StopAsyncIteration:

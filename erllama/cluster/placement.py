@@ -5,11 +5,12 @@ router adds what it sent there itself since (a row is saved when its request end
 may arrive before the replica's next report). For every candidate the router estimates the work a request would
 wait for and do there, in prompt tokens:
 
-    cost(r) = (prompt tokens r's cache does not hold) + tokens_per_request × (requests in flight on r)
+    cost(r) = (prompt tokens r's cache does not hold) + tokens_per_request * (requests in flight on r)
 
 and ranks candidates by it, cheapest first. A replica holding the prompt wins while it is not much busier than the
 others; as its queue grows, an idle replica that must prefill becomes cheaper, and the prefix gets a second home.
-Two rules come before the cost:
+A request no replica holds any block of is placed by load alone (the power of two choices, as Ray's default
+router), and equal costs are broken at random. Two rules come before the cost:
 
 * a request pinned to one replica (``x-erllama-replica``), or resuming a row by ``parent_key``, goes where that
   replica or row is, when it is a candidate;
@@ -97,26 +98,32 @@ class Placement(Generic[R]):
                 return [[holders[0].id], [c.id for c in by_load if c is not holders[0]]]
         if route is None or not route.n_tokens:
             return self._two_choices(candidates)
-        cost = self.costs(route, candidates)
-        ranked = sorted(candidates, key=lambda c: (cost[c.id], c.in_flight))
+        cost, held = self.costs(route, candidates)
+        if not any(held.values()):  # nobody holds any of it: balance load alone
+            return self._two_choices(candidates)
+        order = {c.id: self._rng.random() for c in candidates}  # equal costs: no replica is always first
+        ranked = sorted(candidates, key=lambda c: (cost[c.id], c.in_flight, order[c.id]))
         if ranked[0].in_flight - by_load[0].in_flight >= self.config.imbalance:
             return self._two_choices(candidates)
         return [[c.id] for c in ranked]
 
-    def costs(self, route: Route, candidates: Sequence[Candidate[R]]) -> dict[R, int]:
-        """The estimated cost of the request on each candidate, in prompt tokens (see the module's docstring)."""
+    def costs(self, route: Route, candidates: Sequence[Candidate[R]]) -> tuple[dict[R, int], dict[R, int]]:
+        """The estimated cost of the request on each candidate, in prompt tokens (see the module's docstring), and
+        the prompt tokens each holds."""
         tokens = route.token_ids()
         chains: dict[bytes, list[int]] = {}
         now = time.monotonic()
         roots = frozenset().union(*(c.summary.roots for c in candidates))
-        out: dict[R, int] = {}
+        cost: dict[R, int] = {}
+        held: dict[R, int] = {}
         for c in candidates:
-            held = c.summary.shared_tokens(tokens, chains=chains)
+            n = c.summary.shared_tokens(tokens, chains=chains)
             recent = self._recent.get(c.id)
             if recent:
-                held = max(held, self._recent_depth(recent, roots, tokens, chains, now))
-            out[c.id] = max(0, len(tokens) - held) + self.config.tokens_per_request * c.in_flight
-        return out
+                n = max(n, self._recent_depth(recent, roots, tokens, chains, now))
+            held[c.id] = n
+            cost[c.id] = max(0, len(tokens) - n) + self.config.tokens_per_request * c.in_flight
+        return cost, held
 
     def sent(self, route: Route | None, replica: R, roots: frozenset[bytes]) -> None:
         """Remember that ``route``'s prompt went to ``replica``: its rows will be there once it ends."""
@@ -135,7 +142,11 @@ class Placement(Generic[R]):
         self._recent.pop(replica, None)
 
     def _recent_depth(
-        self, recent: dict[int, float], roots: frozenset[bytes], tokens: np.ndarray, chains: dict[bytes, list[int]],
+        self,
+        recent: dict[int, float],
+        roots: frozenset[bytes],
+        tokens: np.ndarray,
+        chains: dict[bytes, list[int]],
         now: float,
     ) -> int:
         best = 0

@@ -96,10 +96,8 @@ class RoutingPrompts:
         if path == "/v1/messages":
             from erllama.server.anthropic import MessagesRequest
 
-            msgs = MessagesRequest.model_validate(data)
-            return self._render(
-                msgs.neutral(), tools=msgs.tool_list(), tool_choice=msgs.choice(), continue_final=True
-            )
+            anth = MessagesRequest.model_validate(data)
+            return self._render(anth.neutral(), tools=anth.tool_list(), tool_choice=anth.choice(), continue_final=True)
         if path == "/api/chat":
             from erllama.server.ollama_wire import ChatRequest
 

@@ -62,7 +62,8 @@ class ModelReplica:
         self.name = replica_name or _replica_name()
         self.config = config
         name, path = resolve_model(config.model)
-        self.served = config.name or (name if config.model.endswith(".gguf") or os.sep in config.model else config.model)
+        given_path = config.model.endswith(".gguf") or os.sep in config.model
+        self.served = config.name or (name if given_path else config.model)
         tiers: list[Tier] = [RamTier(config.ram_cache_mb << 20)]
         if config.disk_cache_mb > 0:
             tiers.append(FileTier([kv_root(config, self.name)], config.disk_cache_mb << 20, shared=True))

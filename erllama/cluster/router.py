@@ -24,7 +24,7 @@ _EMPTY = RouteSummary()
 _MAX_UNROUTED = 10_000
 
 
-class PrefixRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]  # Ray's classes are untyped
+class PrefixRouter(FIFOMixin, RequestRouter):
     """Token-exact prefix placement with a load guard; the power of two choices when a request says nothing."""
 
     def initialize_state(self, **kwargs: Any) -> None:
