@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.types import ASGIApp, Message
@@ -40,7 +40,7 @@ class ResponseStart:
 
 async def run_request(
     app: ASGIApp, request: Forwarded, *, extra_headers: tuple[tuple[bytes, bytes], ...] = ()
-) -> AsyncIterator[ResponseStart | bytes]:
+) -> AsyncGenerator[ResponseStart | bytes, None]:
     """Run ``request`` through ``app``; yields the response's start (with ``extra_headers`` added), then its
     body chunks. Closing the iterator early disconnects the request inside the app and waits for the app to end."""
     scope: dict[str, Any] = {

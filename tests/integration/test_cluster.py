@@ -63,9 +63,9 @@ def cluster(smollm2_path: Path, native: None, tmp_path_factory: pytest.TempPathF
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
-        nodes.shutdown()
+        nodes.shutdown()  # type: ignore[no-untyped-call]
 
 
 def _replicas(base: str) -> list[str]:
@@ -131,7 +131,8 @@ def test_a_conversation_stays_on_one_replica_and_hits(cluster: str) -> None:
         )
         where.add(raw.headers[REPLICA_HEADER])
         reply = raw.parse()
-        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        assert reply.usage is not None
+        assert reply.usage.prompt_tokens_details is not None
         cached.append(reply.usage.prompt_tokens_details.cached_tokens or 0)
         messages.append({"role": "assistant", "content": reply.choices[0].message.content})
     assert len(where) == 1, f"the turns were spread over {where}"
@@ -193,14 +194,20 @@ def test_a_replica_killed_mid_stream_ends_that_stream_only_and_comes_back(cluste
     calm_thread = threading.Thread(target=calm)
     calm_thread.start()
     chunks = 0
-    with pytest.raises(openai.APIError, match="replica"):
+
+    def read_until_it_fails() -> None:
+        nonlocal chunks
         for _ in raw.parse():
             chunks += 1
             if chunks == 3:
                 ray.kill(ray.get_actor(f"SERVE_REPLICA::erllama#ModelReplica#{a}", namespace="serve"))
+
+    with pytest.raises(openai.APIError, match="replica"):
+        read_until_it_fails()
     assert 3 <= chunks < 600
     calm_thread.join(120)
-    assert other.get("status") == 200 and "[DONE]" in other.get("text", ""), f"the other stream: {other}"
+    assert other.get("status") == 200, f"the other stream: {other}"
+    assert "[DONE]" in other.get("text", ""), f"the other stream: {other}"
 
     # failures before a response starts are sent again: every request succeeds while Ray replaces the replica
     with httpx.Client(base_url=cluster, timeout=120) as c:
@@ -210,7 +217,8 @@ def test_a_replica_killed_mid_stream_ends_that_stream_only_and_comes_back(cluste
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         deployment = serve.status().applications["erllama"].deployments["ModelReplica"]
-        if deployment.status == "HEALTHY" and deployment.replica_states.get("RUNNING", 0) == 2:
+        running = {getattr(k, "value", k): v for k, v in deployment.replica_states.items()}.get("RUNNING", 0)
+        if deployment.status == "HEALTHY" and running == 2:
             break
         time.sleep(1)
     else:
