@@ -48,11 +48,12 @@ class FileTier(TierBase):
     ``<root>/.journal`` (three bytes, ``O_APPEND``); :meth:`refresh` stats that one file and, when it grew, reads
     the new lines and lists only the directories they name, registering rows that other processes published (from
     their self-describing headers) and forgetting rows they deleted. A new journal (one is started past 1 MiB) or
-    one that could not be read makes the next refresh list every fan-out directory. Each process enforces its
-    budget over every row it knows of, its own and the others', by deleting the least recently used files; two processes
-    evicting at once may delete a little more than needed, never a row being read (an open file stays readable
-    after unlink) and never a partial one (rows appear by rename). A row that vanished between the index and the
-    load is a miss, and the request goes on cold.
+    one that could not be read makes the next refresh list every fan-out directory, and so does a refresh a minute
+    after the last full listing (``relist_s``; on NFS, appends from several clients are not atomic: a line may be lost). Each
+    process enforces its budget over every row it knows of, its own and the others', by deleting the least
+    recently used files; two processes evicting at once may delete a little more than needed, never a row being
+    read (an open file stays readable after unlink) and never a partial one (rows appear by rename). A row that
+    vanished between the index and the load is a miss, and the request goes on cold.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class FileTier(TierBase):
         compress_level: int | None = None,
         fsync: bool = True,
         shared: bool = False,
+        relist_s: float = 60.0,
     ) -> None:
         if not roots:
             raise InvalidInputError("a file tier needs at least one root directory")
@@ -73,8 +75,10 @@ class FileTier(TierBase):
         self.compress_level = compress_level
         self.fsync = fsync
         self.shared = shared
+        self.relist_s = relist_s
         self._refresh_lock = threading.Lock()
         self._journal_at: dict[Path, tuple[int, int]] = {}  # root -> (inode, bytes read) of its journal
+        self._listed_at = time.monotonic()  # the last full listing (the startup scan is one)
         self._where: dict[CacheKey, Path] = {}
         self._root_bytes = dict.fromkeys(self.roots, 0)
         self._read_only: set[Path] = set()
@@ -332,8 +336,13 @@ class FileTier(TierBase):
             return []
         learned: list[RowMeta] = []
         with self._refresh_lock:
+            relist = time.monotonic() - self._listed_at >= self.relist_s
+            if relist:
+                self._listed_at = time.monotonic()
             for root in self.roots:
                 fans = self._journal_news(root)
+                if relist:
+                    fans = None
                 if fans is None or fans:
                     learned.extend(self._relist(root, fans))
         return learned

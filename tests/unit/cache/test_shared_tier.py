@@ -99,6 +99,24 @@ def test_a_cut_journal_makes_the_next_look_list_every_directory(tmp_path: Path) 
         b.close()
 
 
+def test_a_lost_journal_line_is_made_good_by_the_periodic_full_listing(tmp_path: Path) -> None:
+    a = _store(tmp_path)
+    assert a.save_sync(NS, [1, 2, 3], b"o" * 1000, SaveReason.FINISH, timeout_s=10)  # the journal exists
+    trusting = _store(tmp_path)
+    listing = CacheStore([FileTier([tmp_path], 1 << 22, shared=True, relist_s=0.0)])
+    try:
+        journal = tmp_path / ".journal"
+        before = journal.read_bytes()
+        assert a.save_sync(NS, PROMPT[:40], b"x" * 1000, SaveReason.FINISH, timeout_s=10)
+        lost = before + b"\0" * (journal.stat().st_size - len(before))
+        journal.write_bytes(lost)  # its line is lost (NFS): same file, same size
+        assert listing.longest_prefix(NS, PROMPT) is not None
+        assert trusting.longest_prefix(NS, PROMPT) is None, "only the journal told it, and said nothing"
+    finally:
+        for store in (a, trusting, listing):
+            store.close()
+
+
 def test_a_tier_that_is_not_shared_does_not_look(tmp_path: Path) -> None:
     a, b = _store(tmp_path), _store(tmp_path, shared=False)
     try:
