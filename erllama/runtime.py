@@ -412,6 +412,13 @@ class Runtime:
         link = self._worker(model_id).link
         return link.probe([int(t) for t in tokens]) if link is not None and tokens else 0
 
+    def kv_usage(self, model_id: str) -> float:
+        """The share of the model's KV cells the running requests hold, 0..1 (vLLM's ``kv_cache_usage_perc``)."""
+        worker = self._worker(model_id)
+        info = worker.info
+        cells = info.n_ctx_seq * info.n_seq_max if info is not None else 0
+        return min(1.0, worker.kv_used / cells) if cells > 0 else 0.0
+
     def cache_namespace(self, model_id: str) -> Namespace | None:
         """The cache namespace the model's requests run in now (its file, KV layout, adapters); None without a
         cache. Rows of other namespaces are never restored into it."""

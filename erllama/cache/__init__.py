@@ -5,7 +5,7 @@ Pure Python: nothing here touches native code, so the cache is built and propert
 
 from erllama.cache.counters import Counters, HitKind
 from erllama.cache.filetier import FileTier
-from erllama.cache.index import PrefixHit, PrefixIndex
+from erllama.cache.index import PrefixHit, PrefixIndex, RouteSummary, link_ids
 from erllama.cache.key import (
     BLOCK_TOKENS,
     KEY_SCHEME,
@@ -39,6 +39,7 @@ __all__ = [
     "PrefixHit",
     "PrefixIndex",
     "RamTier",
+    "RouteSummary",
     "RowMeta",
     "SavePolicy",
     "SaveReason",
@@ -52,6 +53,7 @@ __all__ = [
     "cold_save_point",
     "ctx_params_hash",
     "fingerprint",
+    "link_ids",
     "prefix_keys",
     "read_meta",
     "read_row",

@@ -48,12 +48,12 @@ class FileTier(TierBase):
     ``<root>/.journal`` (three bytes, ``O_APPEND``); :meth:`refresh` stats that one file and, when it grew, reads
     the new lines and lists only the directories they name, registering rows that other processes published (from
     their self-describing headers) and forgetting rows they deleted. A new journal (one is started past 1 MiB) or
-    one that could not be read makes the next refresh list every fan-out directory, and so does a refresh a minute
-    after the last full listing (``relist_s``; on NFS, appends from several clients are not atomic: a line may be lost). Each
-    process enforces its budget over every row it knows of, its own and the others', by deleting the least
-    recently used files; two processes evicting at once may delete a little more than needed, never a row being
-    read (an open file stays readable after unlink) and never a partial one (rows appear by rename). A row that
-    vanished between the index and the load is a miss, and the request goes on cold.
+    one that could not be read makes the next refresh list every fan-out directory, and so does a refresh
+    ``relist_s`` (a minute) after the last full listing (on NFS, appends from several clients are not atomic: a
+    line may be lost). Each process enforces its budget over every row it knows of, its own and the others', by
+    deleting the least recently used files; two processes evicting at once may delete a little more than needed,
+    never a row being read (an open file stays readable after unlink) and never a partial one (rows appear by
+    rename). A row that vanished between the index and the load is a miss, and the request goes on cold.
     """
 
     def __init__(

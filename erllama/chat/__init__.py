@@ -4,7 +4,7 @@
 forces and parses tool calls; ``engine`` ties them to a runtime.
 """
 
-from erllama.chat.engine import ChatEngine, PreparedChat
+from erllama.chat.engine import ChatEngine, PreparedChat, TemplateHost
 from erllama.chat.schema import JSON_OBJECT_SCHEMA
 from erllama.chat.template import ChatTemplate, TemplateRenderError
 from erllama.chat.tools import ToolStreamFilter, parse_tool_calls
@@ -18,6 +18,7 @@ __all__ = [
     "Message",
     "PreparedChat",
     "Role",
+    "TemplateHost",
     "TemplateRenderError",
     "Tool",
     "ToolCall",

@@ -30,7 +30,7 @@ from erllama.chat.tools import (
 from erllama.chat.types import ChatResult, Message, Tool, ToolChoice
 from erllama.errors import InvalidInputError
 
-__all__ = ["ChatEngine", "PreparedChat"]
+__all__ = ["ChatEngine", "PreparedChat", "TemplateHost"]
 
 log = logging.getLogger("erllama.chat")
 

@@ -5,9 +5,10 @@ a handle whose router places it (:mod:`erllama.cluster.router`), streaming the r
 Ray's proxy cannot do this itself: it routes before it has read the body. The ingress holds no model and no state
 but the vocabulary; run as many as the proxy's traffic needs.
 
-Faults: when the replica dies before the response has started (nothing was sent to the client), the request is
-sent again, to another replica; after, the stream ends with an error in the dialect's own form (an SSE ``error``
-event, an Ollama ``{"error": ...}`` line) and the client sees a clean end, not a hang.
+Faults: when the replica dies before the response's first body bytes (nothing was sent to the client: the status
+and headers are held until then), the request is sent again, to another replica; after, the stream ends with an
+error in the dialect's own form (an SSE ``error`` event, an Ollama ``{"error": ...}`` line) and the client sees a
+clean end, not a hang.
 
 (No ``from __future__ import annotations`` here: Ray Serve's class-based ingress hands FastAPI the methods'
 annotations as they are, and FastAPI must see ``Request`` itself, not its name.)
@@ -40,9 +41,12 @@ _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b
 _REPLICA_GONE = (RayActorError, RayTaskError, ConnectionError)
 
 
-async def _body(stream: Any, path: str) -> AsyncIterator[bytes]:
+async def _body(first: bytes | None, stream: Any, path: str) -> AsyncIterator[bytes]:
+    if first is None:  # the response had no body
+        return
     finished = False
     try:
+        yield first
         async for chunk in stream:
             yield chunk
         finished = True
@@ -107,19 +111,19 @@ class Ingress:
         failure: BaseException | None = None
         for _ in range(_ATTEMPTS):
             stream: DeploymentResponseGenerator[Any] = self._replicas.forward.remote(forwarded, route=route)  # type: ignore[assignment]  # stream=True
-            try:
+            try:  # held until the body's first bytes: until then nothing was sent, and another replica may take it
                 start = await stream.__anext__()
+                first: bytes | None = await anext(stream, None)
             except StopAsyncIteration:
                 return Response(status_code=502)
-            except _REPLICA_GONE as exc:  # nothing was sent yet: another replica may take it
+            except _REPLICA_GONE as exc:
                 failure = exc
                 log.warning("a replica failed before answering %s /%s; sending it again: %s", request.method, path, exc)
                 await asyncio.sleep(0.1)
                 continue
             assert isinstance(start, ResponseStart)
-            out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in start.headers if k.lower() not in _HOP_BY_HOP]
-            response = StreamingResponse(_body(stream, "/" + path), status_code=start.status)
-            response.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out]
+            response = StreamingResponse(_body(first, stream, "/" + path), status_code=start.status)
+            response.raw_headers = [(k, v) for k, v in start.headers if k.lower() not in _HOP_BY_HOP]
             return response
         return _unavailable("/" + path, f"no replica could take the request: {failure}")
 

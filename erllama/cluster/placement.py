@@ -166,6 +166,8 @@ class Placement(Generic[R]):
             if len(recent) > _EXPIRE_AT:
                 for link in [k for k, t in recent.items() if now - t > ttl]:
                     del recent[link]
+            if len(recent) > _RECENT_MAX:  # a flood within the TTL: the replicas' reports carry the truth anyway
+                recent.clear()
 
     def _two_choices(self, candidates: Sequence[Candidate[R]]) -> list[list[R]]:
         pair = self._rng.sample(list(candidates), min(2, len(candidates)))
@@ -173,3 +175,4 @@ class Placement(Generic[R]):
 
 
 _EXPIRE_AT = 4096  # links remembered per replica before expired ones are swept
+_RECENT_MAX = 1 << 18  # links remembered per replica at most (~20 MB)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve.request_router import (
-    FIFOMixin,
     PendingRequest,
     ReplicaID,
     RequestRouter,
@@ -24,8 +23,11 @@ _EMPTY = RouteSummary()
 _MAX_UNROUTED = 10_000
 
 
-class PrefixRouter(FIFOMixin, RequestRouter):
-    """Token-exact prefix placement with a load guard; the power of two choices when a request says nothing."""
+class PrefixRouter(RequestRouter):
+    """Token-exact prefix placement with a load guard; the power of two choices when a request says nothing.
+
+    Not FIFO: with Ray's ``FIFOMixin`` a replica chosen for one request goes to the oldest waiting one, which
+    would undo the placement; without it, Ray gives the chosen replica to the request it was chosen for."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._placement: Placement[ReplicaID] = Placement(PlacementConfig(**kwargs))

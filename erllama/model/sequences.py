@@ -86,12 +86,14 @@ class FreeSeqs:
 @dataclasses.dataclass(slots=True)
 class SeqTable:
     """The running requests by sequence id (in admission order) and the free ids: what the admission, the step and
-    its application share on the worker thread. ``in_flight`` and ``pending_len`` are published for other threads."""
+    its application share on the worker thread. ``in_flight``, ``pending_len`` and ``kv_used`` are published for
+    other threads."""
 
     running: dict[int, Running]
     free: FreeSeqs
     in_flight: int = 0
     pending_len: int = 0  # prompt tokens still to prefill over the running requests
+    kv_used: int = 0  # context tokens in the KV cache over the running requests
 
     @classmethod
     def of(cls, n_seq: int) -> SeqTable:
@@ -111,6 +113,7 @@ class SeqTable:
 
     def count_pending(self) -> None:
         self.pending_len = sum(r.n_prompt - r.fed for r in self.running.values() if r.fed < r.n_prompt)
+        self.kv_used = sum(r.fed for r in self.running.values())
 
 
 def reply_room(n_prompt: int, max_tokens: int | None, n_ctx: int, fit: bool) -> int | None:

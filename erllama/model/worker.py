@@ -125,6 +125,11 @@ class ModelWorker:
         return self._parts.table.pending_len if self._parts is not None else 0
 
     @property
+    def kv_used(self) -> int:
+        """Context tokens the running requests hold in the KV cache (as of the last step)."""
+        return self._parts.table.kv_used if self._parts is not None else 0
+
+    @property
     def last_hit(self) -> CacheHit | None:
         return self._parts.admitter.last_hit if self._parts is not None else None
 

@@ -40,6 +40,7 @@ class LiveView:
 
     Attributes:
         queues: per loaded model, its served name, requests waiting for a slot and requests running.
+        kv_usage: per loaded model, its served name and the share of its KV cells in use (0..1).
         models: how many models the daemon can serve by name.
         tiers: per cache tier, its name, bytes held, byte budget and rows.
         counters: the runtime cache's counters.
@@ -49,6 +50,7 @@ class LiveView:
     models: int = 0
     tiers: tuple[tuple[str, int, int, int], ...] = ()
     counters: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    kv_usage: tuple[tuple[str, float], ...] = ()
 
 
 class _Live(Collector):
@@ -67,10 +69,14 @@ class _Live(Collector):
             running.add_metric([name], r)
             v_waiting.add_metric([name], w)
             v_running.add_metric([name], r)
+        v_kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cells in use, 0..1", labels=["model_name"])
+        for name, share in view.kv_usage:
+            v_kv.add_metric([name], share)
         yield waiting
         yield running
         yield v_waiting
         yield v_running
+        yield v_kv
         yield GaugeMetricFamily("erllama_models_loaded", "Models loaded", value=view.models)
         build = _loaded_library()
         if build is not None:

@@ -33,6 +33,7 @@ PACKAGES = {
     "erllama": ["api", "runtime", "stream"],
     "erllama.server": ["anthropic", "app", "models", "ollama", "openai", "state"],  # chat, metrics: internal
     "erllama.chat": ["engine", "schema", "template", "tools", "types"],
+    "erllama.cluster": ["config"],  # app, bridge, ingress, placement, prompts, replica, router: by their modules
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -342,3 +343,22 @@ def test_models_register_an_evict_hook_with_the_pressure_scheduler() -> None:
     finally:
         runtime.close()
         store.close()
+
+
+def test_kv_usage_is_the_share_of_cells_running_requests_hold(rt: Runtime) -> None:
+    slow = rt.load_model(backend=lambda: stub(step_delay_s=0.002), model_id="slow")
+    assert rt.kv_usage(slow) == 0.0
+    stream = rt.infer(slow, "go on for a long time", max_tokens=3000)
+    for event in stream:
+        if isinstance(event, TextDelta):
+            break
+    info = rt.model_info(slow)
+    seen = rt.kv_usage(slow)
+    assert 0.0 < seen <= 1.0
+    assert seen * info["n_ctx_seq"] * info["n_seq_max"] >= len(rt.tokenize(slow, "go on for a long time"))
+    stream.cancel()
+    for _ in range(400):
+        if not rt.in_flight(slow):
+            break
+        time.sleep(0.005)
+    assert rt.kv_usage(slow) == 0.0, "a finished request holds no cells"

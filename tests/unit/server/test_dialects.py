@@ -320,6 +320,7 @@ def test_metrics_exposition(srt: Runtime) -> None:
     # vLLM's names, which gateways read: the same queues, and the prefix cache in prompt tokens
     assert 'vllm:num_requests_waiting{model_name="hermes"} 0.0' in text
     assert 'vllm:num_requests_running{model_name="hermes"} 0.0' in text
+    assert 'vllm:kv_cache_usage_perc{model_name="hermes"} 0.0' in text, "idle: no cells held"
 
     def value(series: str) -> float:
         return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(series + " ")))
