@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import random
@@ -79,6 +80,7 @@ class Result:
 @dataclass
 class Run:
     router: str
+    ram_mb: int
     results: list[Result] = field(default_factory=list)
 
     def share(self, workload: str | None = None) -> float:
@@ -181,7 +183,12 @@ async def multi_round(base: str, system: str, turns: list[list[str]], out: Run) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concurrency", type=int, default=4, help="clients sending the shared-prefix prompts")
+    ap.add_argument("--concurrency", type=int, default=2, help="clients sending the shared-prefix prompts")
+    ap.add_argument(
+        "--ram-cache-mb",
+        default="4096,128",
+        help="each replica's RAM tier, one run per value: 4096 holds every row (~25 MB each), 128 about five",
+    )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per replica")
     ap.add_argument("--disk", action="store_true", help="give the replicas one shared disk tier")
     ap.add_argument("--routers", default="prefix,default")
@@ -211,12 +218,12 @@ def main() -> None:
 
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     nodes.add_node(num_cpus=2)
-    ray.init(address=nodes.address, logging_level="error", log_to_driver=False)
+    ray.init(address=nodes.address, logging_level=logging.ERROR, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8321})
     base = "http://127.0.0.1:8321"
     runs: list[Run] = []
     try:
-        for router in args.routers.split(","):
+        for ram_mb, router in [(int(m), r) for m in args.ram_cache_mb.split(",") for r in args.routers.split(",")]:
             kv = tempfile.mkdtemp(prefix="erllama-bench-kv-")
             config = ClusterConfig(
                 model=str(model),
@@ -226,53 +233,59 @@ def main() -> None:
                 threads=args.threads,
                 ctx=2048,
                 parallel=4,
-                ram_cache_mb=4096,
+                ram_cache_mb=ram_mb,
                 disk_cache_mb=4096 if args.disk else 0,
                 kv_dir=kv,
-                router=router,  # type: ignore[arg-type]
+                router=router,
                 stats_period_s=0.5,
             )
             serve.run(build(config), name="erllama", route_prefix="/")
-            run = Run(router)
+            run = Run(router, ram_mb)
             t0 = time.perf_counter()
             asyncio.run(shared_prefix(base, docs, questions, args.concurrency, run))
             asyncio.run(multi_round(base, system, turns, run))
-            print(f"[{router}] {len(run.results)} requests in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"[{router}, {ram_mb} MB] {len(run.results)} requests in {time.perf_counter() - t0:.1f} s", flush=True
+            )
             runs.append(run)
             serve.delete("erllama")
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
-        nodes.shutdown()
+        nodes.shutdown()  # type: ignore[no-untyped-call]
         vocab.close()
     report(runs)
 
 
 def report(runs: list[Run]) -> None:
-    print(f"\nCPU: {platform.processor() or platform.machine()} ({_cpu_name()}), {os.cpu_count()} CPUs; two replicas")
-    head = f"{'router':8} {'workload':14} {'cached share':>12} {'mean TTFT ms':>13} {'p99 TTFT ms':>12}"
-    print(head)
-    for run in runs:
-        for w in ("shared-prefix", "multi-round", None):
-            mean, p99 = run.ttft(w)
-            print(f"{run.router:8} {w or 'all':14} {100 * run.share(w):11.1f}% {1e3 * mean:13.1f} {1e3 * p99:12.1f}")
-    for run in runs:
-        loads = run.loads()
-        median = statistics.median(loads.values())
-        print(
-            f"{run.router:8} requests per replica {sorted(loads.values())},"
-            f" max / median {max(loads.values()) / median:.2f};"
-            f" prompt tokens computed per replica {sorted(run.computed().values())}"
-        )
-    by = {r.router: r for r in runs}
-    if "prefix" in by and "default" in by:
-        ours, peer = by["prefix"], by["default"]
-        print(
-            f"\nprefix vs default: cached share {100 * ours.share():.1f}% vs {100 * peer.share():.1f}% "
-            f"({100 * (ours.share() - peer.share()):+.1f} points; target +30); "
-            f"p99 TTFT {ours.ttft()[1] / peer.ttft()[1]:.2f}x default's (target <= 1); "
-            f"mean TTFT {ours.ttft()[0] / peer.ttft()[0]:.2f}x"
-        )
+    print(f"\nCPU: {_cpu_name()}, {os.cpu_count()} CPUs; two replicas, one thread each")
+    for ram_mb in sorted({r.ram_mb for r in runs}, reverse=True):
+        group = [r for r in runs if r.ram_mb == ram_mb]
+        print(f"\nRAM tier {ram_mb} MB per replica")
+        print(f"{'router':8} {'workload':14} {'cached share':>12} {'mean TTFT ms':>13} {'p99 TTFT ms':>12}")
+        for run in group:
+            for w in ("shared-prefix", "multi-round", None):
+                mean, p99 = run.ttft(w)
+                print(
+                    f"{run.router:8} {w or 'all':14} {100 * run.share(w):11.1f}% {1e3 * mean:13.1f} {1e3 * p99:12.1f}"
+                )
+        for run in group:
+            loads = run.loads()
+            median = statistics.median(loads.values())
+            print(
+                f"{run.router:8} requests per replica {sorted(loads.values())},"
+                f" max / median {max(loads.values()) / median:.2f};"
+                f" prompt tokens computed per replica {sorted(run.computed().values())}"
+            )
+        by = {r.router: r for r in group}
+        if "prefix" in by and "default" in by:
+            ours, peer = by["prefix"], by["default"]
+            print(
+                f"prefix vs default: cached share {100 * ours.share():.1f}% vs {100 * peer.share():.1f}% "
+                f"({100 * (ours.share() - peer.share()):+.1f} points; target +30); "
+                f"p99 TTFT {ours.ttft()[1] / peer.ttft()[1]:.2f}x default's (target <= 1); "
+                f"mean TTFT {ours.ttft()[0] / peer.ttft()[0]:.2f}x"
+            )
 
 
 def _cpu_name() -> str:

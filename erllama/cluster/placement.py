@@ -5,10 +5,15 @@ router adds what it sent there itself since (a row is saved when its request end
 may arrive before the replica's next report). For every candidate the router estimates the work a request would
 wait for and do there, in prompt tokens:
 
-    cost(r) = (prompt tokens r's cache does not hold) + tokens_per_request * (requests in flight on r)
+    cost(r) = (prompt tokens r's cache does not hold)
+            + (prompt tokens r still has to compute for the requests the router sent it that have not ended)
+            + tokens_per_request * (requests in flight on r)
 
-and ranks candidates by it, cheapest first. A replica holding the prompt wins while it is not much busier than the
-others; as its queue grows, an idle replica that must prefill becomes cheaper, and the prefix gets a second home.
+and ranks candidates by it, cheapest first. The second term is the router's own ledger: each request it sends adds
+the tokens it expected the replica to compute (what that replica did not hold then), and its end takes them off;
+the third is the decode work of each request in flight, in prompt-token equivalents. A replica holding the prompt
+therefore wins while the prefills queued ahead of it cost less than computing the prompt elsewhere; behind a long
+cold prefill, an idle replica becomes cheaper, and the prefix gets a second home.
 A request no replica holds any block of is placed by load alone (the power of two choices, as Ray's default
 router), and equal costs are broken at random. Two rules come before the cost:
 
@@ -56,11 +61,12 @@ class Route:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PlacementConfig:
-    """``tokens_per_request``: what one request in flight costs the ones behind it, in prompt tokens;
+    """``tokens_per_request``: what one request in flight costs the ones behind it besides its prefill (its decode
+    steps), in prompt tokens;
     ``imbalance``: in-flight requests beyond the least busy replica at which the load guard takes over;
     ``recent_ttl_s``: how long what the router sent somewhere counts as cached there without a report saying so."""
 
-    tokens_per_request: int = 512
+    tokens_per_request: int = 64
     imbalance: int = 8
     recent_ttl_s: float = 120.0
 
@@ -82,6 +88,8 @@ class Placement(Generic[R]):
         self.config = config or PlacementConfig()
         self._rng = rng or random.Random()
         self._recent: dict[R, dict[int, float]] = {}  # replica -> chain link id -> when a prompt through it was sent
+        self._backlog: dict[R, int] = {}  # replica -> prompt tokens it must compute for requests still open
+        self._open: dict[str, tuple[R, int]] = {}  # request id -> (its replica, the tokens it added to the backlog)
 
     def rank(self, route: Route | None, candidates: Sequence[Candidate[R]]) -> list[list[R]]:
         """Candidates in ranks, most preferred first (Ray tries a rank's members by queue length)."""
@@ -122,24 +130,53 @@ class Placement(Generic[R]):
             if recent:
                 n = max(n, self._recent_depth(recent, roots, tokens, chains, now))
             held[c.id] = n
-            cost[c.id] = max(0, len(tokens) - n) + self.config.tokens_per_request * c.in_flight
+            cost[c.id] = (
+                max(0, len(tokens) - n) + self._backlog.get(c.id, 0) + self.config.tokens_per_request * c.in_flight
+            )
         return cost, held
 
-    def sent(self, route: Route | None, replica: R, roots: frozenset[bytes]) -> None:
-        """Remember that ``route``'s prompt went to ``replica``: its rows will be there once it ends."""
-        if route is None or not route.n_tokens or not roots:
+    def sent(self, request_id: str, route: Route | None, replica: Candidate[R]) -> None:
+        """Remember that the request went to ``replica``: the tokens it must compute there join its backlog until
+        :meth:`ended`, and its prompt's rows will be there once it ends."""
+        if route is None or not route.n_tokens:
             return
+        _, held = self.costs(route, [replica])
+        todo = max(0, route.n_tokens - held[replica.id])
+        self._backlog[replica.id] = self._backlog.get(replica.id, 0) + todo
+        self._open[request_id] = (replica.id, todo)
+        if len(self._open) > _OPEN_MAX:  # ends the router never heard of: start the ledger again
+            self._open.clear()
+            self._backlog.clear()
         now = time.monotonic()
-        recent = self._recent.setdefault(replica, {})
+        recent = self._recent.setdefault(replica.id, {})
         chains: dict[bytes, list[int]] = {}
-        for root in roots:
+        for root in replica.summary.roots:
             for link in link_ids(root, route.token_ids(), chains):
                 recent[link] = now
         self._expire(now)
 
+    def ended(self, request_id: str) -> None:
+        """The request ended (or failed): its tokens leave its replica's backlog."""
+        opened = self._open.pop(request_id, None)
+        if opened is None:
+            return
+        replica, todo = opened
+        left = self._backlog.get(replica, 0) - todo
+        if left > 0:
+            self._backlog[replica] = left
+        else:
+            self._backlog.pop(replica, None)
+
+    def backlog(self, replica: R) -> int:
+        """Prompt tokens ``replica`` must still compute for the requests the router sent it (its ledger)."""
+        return self._backlog.get(replica, 0)
+
     def forget(self, replica: R) -> None:
         """A replica died or left: what was sent there is gone with it."""
         self._recent.pop(replica, None)
+        self._backlog.pop(replica, None)
+        for request_id in [k for k, (r, _) in self._open.items() if r == replica]:
+            del self._open[request_id]
 
     def _recent_depth(
         self,
@@ -176,3 +213,4 @@ class Placement(Generic[R]):
 
 _EXPIRE_AT = 4096  # links remembered per replica before expired ones are swept
 _RECENT_MAX = 1 << 18  # links remembered per replica at most (~20 MB)
+_OPEN_MAX = 1 << 16  # requests in the backlog ledger at most

@@ -39,15 +39,7 @@ class PrefixRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         route = _route_of(pending_request)
         by_id = {r.replica_id: r for r in candidate_replicas}
-        candidates = [
-            Candidate(
-                id=r.replica_id,
-                name=str((r.routing_stats or {}).get("name") or r.replica_id.unique_id),
-                summary=(r.routing_stats or {}).get("summary") or _EMPTY,
-                in_flight=self._load(r),
-            )
-            for r in candidate_replicas
-        ]
+        candidates = [self._candidate(r) for r in candidate_replicas]
         if pending_request is not None and route is not None:
             if len(self._routes) > _MAX_UNROUTED:  # requests cancelled before routing leave theirs behind
                 self._routes.clear()
@@ -56,13 +48,14 @@ class PrefixRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self._in_flight[replica_id] = self._in_flight.get(replica_id, 0) + 1
-        route = self._routes.pop(pending_request.metadata.internal_request_id, None)
+        request_id = pending_request.metadata.internal_request_id
+        route = self._routes.pop(request_id, None)
         replica = self.curr_replicas.get(replica_id)
-        summary = (replica.routing_stats or {}).get("summary") if replica is not None else None
-        roots = summary.roots if isinstance(summary, RouteSummary) else frozenset()
-        self._placement.sent(route, replica_id, roots)
+        if replica is not None:
+            self._placement.sent(request_id, route, self._candidate(replica))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._placement.ended(internal_request_id)
         left = self._in_flight.get(replica_id, 0) - 1
         if left > 0:
             self._in_flight[replica_id] = left
@@ -73,6 +66,16 @@ class PrefixRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
         self._placement.forget(replica_id)
+
+    def _candidate(self, replica: RunningReplica) -> Candidate[ReplicaID]:
+        stats = replica.routing_stats or {}
+        summary = stats.get("summary")
+        return Candidate(
+            id=replica.replica_id,
+            name=str(stats.get("name") or replica.replica_id.unique_id),
+            summary=summary if isinstance(summary, RouteSummary) else _EMPTY,
+            in_flight=self._load(replica),
+        )
 
     def _load(self, replica: RunningReplica) -> int:
         queued = self.replica_queue_len_cache.get(replica.replica_id)

@@ -92,7 +92,8 @@ def test_what_was_sent_counts_as_cached_until_a_report_says_so() -> None:
     turn2 = [*turn1, *range(200, 300)]
     cands = _cands(("a", EMPTY, 0), ("b", EMPTY, 0))
     first = p.rank(_route(turn1), cands)[0][:1]  # nobody holds it: two choices; say Ray took the first
-    p.sent(_route(turn1), first[0], frozenset({ROOT}))
+    p.sent("r1", _route(turn1), next(c for c in cands if c.id == first[0]))
+    p.ended("r1")
     assert p.rank(_route(turn2), cands)[0] == first, "the next turn follows the first before any report"
     p.forget(first[0][0])
     costs, held = p.costs(_route(turn2), cands)
@@ -117,3 +118,25 @@ def test_equal_costs_are_broken_at_random() -> None:
     held = _summary(SYSTEM)
     firsts = {p.rank(_route(SYSTEM), _cands(("a", held, 0), ("b", held, 0)))[0][0] for _ in range(40)}
     assert firsts == {"a", "b"}
+
+
+def test_the_backlog_of_prefills_sent_counts_until_they_end() -> None:
+    p: Placement[str] = Placement(PlacementConfig(tokens_per_request=0))
+    held = _summary(SYSTEM)
+    a, b = _cands(("a", held, 0), ("b", EMPTY, 0))
+    other = list(range(9000, 10000))  # 1,000 tokens nobody holds
+    p.sent("cold", _route(other), a)  # a must compute all of it
+    assert p.backlog("a") == 1000
+    prompt = [*SYSTEM, *range(64)]  # a holds 512 of its 576 tokens, but is busy with a 1,000-token prefill
+    assert p.rank(_route(prompt), [a, b])[0] == ["b"], "64 + 1,000 queued on a costs more than 576 on b"
+    p.sent("hit", _route(prompt), a)
+    assert p.backlog("a") == 1064, "a held the rest: only 64 more"
+    p.ended("cold")
+    assert p.backlog("a") == 64
+    assert p.rank(_route(prompt), [a, b])[0] == ["a"]
+    p.ended("hit")
+    p.ended("hit")  # twice, or never sent: nothing happens
+    assert p.backlog("a") == 0
+    p.sent("x", _route(other), b)
+    p.forget("b")
+    assert p.backlog("b") == 0
