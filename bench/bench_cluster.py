@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import random
 import statistics
 import tempfile

@@ -23,11 +23,18 @@ from erllama.cluster.config import ClusterConfig
 from erllama.cluster.ingress import Ingress
 from erllama.cluster.replica import ModelReplica
 
-__all__ = ["app_builder", "build"]
+__all__ = ["app_builder", "build", "replica_options"]
 
 
 def build(config: ClusterConfig) -> Application:
     """The application for ``config``."""
+    model: Any = serve.deployment(ModelReplica)  # Ray's decorators are typed loosely
+    ingress: Any = Ingress
+    return cast(Application, ingress.bind(model.options(**replica_options(config)).bind(config), config))
+
+
+def replica_options(config: ClusterConfig) -> dict[str, Any]:
+    """The model deployment's Ray Serve options for ``config``."""
     options: dict[str, Any] = {
         "name": "ModelReplica",
         "max_ongoing_requests": config.max_ongoing,
@@ -57,9 +64,7 @@ def build(config: ClusterConfig) -> Application:
                 "request_routing_stats_timeout_s": max(5.0, 5 * config.stats_period_s),
             }
         )
-    model: Any = serve.deployment(ModelReplica)  # Ray's decorators are typed loosely
-    ingress: Any = Ingress
-    return cast(Application, ingress.bind(model.options(**options).bind(config), config))
+    return options
 
 
 def app_builder(args: Mapping[str, Any]) -> Application:

@@ -51,7 +51,7 @@ class ClusterConfig:
     shared_kv: bool = True
     router: Literal["prefix", "default"] = "prefix"
     stats_period_s: float = 1.0
-    tokens_per_request: int = 512
+    tokens_per_request: int = 64
     imbalance: int = 8
     max_ongoing: int = 32
     gpu_layers: int = 0
