@@ -11,9 +11,12 @@ wait for and do there, in prompt tokens:
 
 and ranks candidates by it, cheapest first. The second term is the router's own ledger: each request it sends adds
 the tokens it expected the replica to compute (what that replica did not hold then), and its end takes them off;
-the third is the decode work of each request in flight, in prompt-token equivalents. A replica holding the prompt
-therefore wins while the prefills queued ahead of it cost less than computing the prompt elsewhere; behind a long
-cold prefill, an idle replica becomes cheaper, and the prefix gets a second home.
+the third is the decode work of each request in flight, in prompt-token equivalents. A prompt the router sent
+counts as held by its replica from the moment its request ends (its rows are saved then) until the replica's
+reports include it: a request sharing a prefix still being computed would compute it as well. A replica holding
+the prompt therefore wins while the prefills queued ahead of it cost less than computing the prompt elsewhere;
+behind a long cold prefill, an idle replica becomes cheaper, and the prefix gets a second home.
+
 A request no replica holds any block of is placed by load alone (the power of two choices, as Ray's default
 router), and equal costs are broken at random. Two rules come before the cost:
 
@@ -81,6 +84,14 @@ class Candidate(Generic[R]):
     in_flight: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Open(Generic[R]):
+    replica: R
+    todo: int
+    route: Route
+    roots: frozenset[bytes]
+
+
 class Placement(Generic[R]):
     """The router's memory (what it sent where) and its ranking. Not thread-safe: one router, one event loop."""
 
@@ -89,7 +100,7 @@ class Placement(Generic[R]):
         self._rng = rng or random.Random()
         self._recent: dict[R, dict[int, float]] = {}  # replica -> chain link id -> when a prompt through it was sent
         self._backlog: dict[R, int] = {}  # replica -> prompt tokens it must compute for requests still open
-        self._open: dict[str, tuple[R, int]] = {}  # request id -> (its replica, the tokens it added to the backlog)
+        self._open: dict[str, _Open[R]] = {}  # request id -> what it added to its replica's backlog
 
     def rank(self, route: Route | None, candidates: Sequence[Candidate[R]]) -> list[list[R]]:
         """Candidates in ranks, most preferred first (Ray tries a rank's members by queue length)."""
@@ -136,36 +147,37 @@ class Placement(Generic[R]):
         return cost, held
 
     def sent(self, request_id: str, route: Route | None, replica: Candidate[R]) -> None:
-        """Remember that the request went to ``replica``: the tokens it must compute there join its backlog until
-        :meth:`ended`, and its prompt's rows will be there once it ends."""
+        """Remember that the request went to ``replica``: the tokens it must compute there join the replica's
+        backlog until :meth:`ended`."""
         if route is None or not route.n_tokens:
             return
         _, held = self.costs(route, [replica])
         todo = max(0, route.n_tokens - held[replica.id])
         self._backlog[replica.id] = self._backlog.get(replica.id, 0) + todo
-        self._open[request_id] = (replica.id, todo)
+        self._open[request_id] = _Open(replica.id, todo, route, replica.summary.roots)
         if len(self._open) > _OPEN_MAX:  # ends the router never heard of: start the ledger again
             self._open.clear()
             self._backlog.clear()
-        now = time.monotonic()
-        recent = self._recent.setdefault(replica.id, {})
-        chains: dict[bytes, list[int]] = {}
-        for root in replica.summary.roots:
-            for link in link_ids(root, route.token_ids(), chains):
-                recent[link] = now
-        self._expire(now)
 
     def ended(self, request_id: str) -> None:
-        """The request ended (or failed): its tokens leave its replica's backlog."""
+        """The request ended (or failed): its tokens leave its replica's backlog, and its prompt counts as held
+        there (its rows are saved as it ends) until the replica's reports say so themselves. Not before: a request
+        with the same prefix sent while the first is still computing it would compute it too."""
         opened = self._open.pop(request_id, None)
         if opened is None:
             return
-        replica, todo = opened
-        left = self._backlog.get(replica, 0) - todo
+        left = self._backlog.get(opened.replica, 0) - opened.todo
         if left > 0:
-            self._backlog[replica] = left
+            self._backlog[opened.replica] = left
         else:
-            self._backlog.pop(replica, None)
+            self._backlog.pop(opened.replica, None)
+        now = time.monotonic()
+        recent = self._recent.setdefault(opened.replica, {})
+        chains: dict[bytes, list[int]] = {}
+        for root in opened.roots:
+            for link in link_ids(root, opened.route.token_ids(), chains):
+                recent[link] = now
+        self._expire(now)
 
     def backlog(self, replica: R) -> int:
         """Prompt tokens ``replica`` must still compute for the requests the router sent it (its ledger)."""
@@ -175,7 +187,7 @@ class Placement(Generic[R]):
         """A replica died or left: what was sent there is gone with it."""
         self._recent.pop(replica, None)
         self._backlog.pop(replica, None)
-        for request_id in [k for k, (r, _) in self._open.items() if r == replica]:
+        for request_id in [k for k, o in self._open.items() if o.replica == replica]:
             del self._open[request_id]
 
     def _recent_depth(

@@ -93,6 +93,8 @@ def test_what_was_sent_counts_as_cached_until_a_report_says_so() -> None:
     cands = _cands(("a", EMPTY, 0), ("b", EMPTY, 0))
     first = p.rank(_route(turn1), cands)[0][:1]  # nobody holds it: two choices; say Ray took the first
     p.sent("r1", _route(turn1), next(c for c in cands if c.id == first[0]))
+    _, held = p.costs(_route(turn2), cands)
+    assert held == {"a": 0, "b": 0}, "while the first turn runs, its prompt is not held anywhere yet"
     p.ended("r1")
     assert p.rank(_route(turn2), cands)[0] == first, "the next turn follows the first before any report"
     p.forget(first[0][0])
