@@ -109,6 +109,7 @@ class SeqTable:
             return False
         del self.running[r.seq_id]
         self.in_flight = len(self.running)
+        self.kv_used = sum(x.fed for x in self.running.values())  # its cells are freed with its sequence
         return True
 
     def count_pending(self) -> None:
