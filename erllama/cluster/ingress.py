@@ -37,6 +37,7 @@ __all__ = ["Ingress"]
 log = logging.getLogger("erllama.cluster")
 
 _ATTEMPTS = 3
+_MAX_BODY = 64 << 20  # read before routing; the replica's own limit (ServerConfig.max_body_bytes) answers below it
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer"}
 _REPLICA_GONE = (RayActorError, RayTaskError, ConnectionError)
 
@@ -69,12 +70,32 @@ def _stream_error(path: str, message: str) -> bytes:
     return f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': 503}})}\n\n".encode()
 
 
-def _unavailable(path: str, message: str) -> JSONResponse:
+async def _read_body(request: Request) -> bytes | None:
+    """The whole body, or None past ``_MAX_BODY`` (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _MAX_BODY:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > _MAX_BODY:
+            return None
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _error(path: str, status: int, message: str) -> JSONResponse:
+    """An error in the dialect's own envelope (503 is Anthropic's 529, overloaded)."""
     if path.startswith("/v1/messages"):
-        return JSONResponse({"type": "error", "error": {"type": "overloaded_error", "message": message}}, 529)
+        kind = {413: "request_too_large", 503: "overloaded_error"}.get(status, "api_error")
+        return JSONResponse(
+            {"type": "error", "error": {"type": kind, "message": message}}, 529 if status == 503 else status
+        )
     if path.startswith("/api/"):
-        return JSONResponse({"error": message}, 503)
-    return JSONResponse({"error": {"message": message, "type": "server_error", "code": 503}}, 503)
+        return JSONResponse({"error": message}, status)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
 # Helpers above the class: Ray pickles the ingress class by value, with only the globals defined before it.
@@ -96,7 +117,9 @@ class Ingress:
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def forward(self, path: str, request: Request) -> Response:
-        body = await request.body()
+        body = await _read_body(request)
+        if body is None:
+            return _error("/" + path, 413, f"the request body is larger than {_MAX_BODY >> 20} MiB")
         route = await self._route_of("/" + path, request, body)
         # the replica's app is reached only through here: it answers to "localhost"
         headers = (*((k, v) for k, v in request.headers.raw if k.lower() != b"host"), (b"host", b"localhost"))
@@ -125,7 +148,7 @@ class Ingress:
             response = StreamingResponse(_body(first, stream, "/" + path), status_code=start.status)
             response.raw_headers = [(k, v) for k, v in start.headers if k.lower() not in _HOP_BY_HOP]
             return response
-        return _unavailable("/" + path, f"no replica could take the request: {failure}")
+        return _error("/" + path, 503, f"no replica could take the request: {failure}")
 
     async def _route_of(self, path: str, request: Request, body: bytes) -> Route | None:
         pin = request.headers.get(REPLICA_HEADER)

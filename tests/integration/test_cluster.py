@@ -119,6 +119,19 @@ def test_the_official_clients_work_through_the_proxy(cluster: str) -> None:
     assert [m.id for m in oa.models.list().data] == ["smollm2"]
 
 
+def test_bad_requests_get_the_dialect_s_errors_through_the_proxy(cluster: str) -> None:
+    with httpx.Client(base_url=cluster, timeout=120) as c:
+        huge = c.post("/v1/chat/completions", content=b"x" * (65 << 20), headers={"content-type": "application/json"})
+        assert huge.status_code == 413
+        assert huge.json()["error"]["type"] == "invalid_request_error"
+        bad = c.post("/v1/messages", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["type"] == "error", "the replica's own Anthropic envelope, passed through"
+        missing = c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+        assert missing.status_code == 404
+        assert missing.headers[REPLICA_HEADER]
+
+
 def test_a_conversation_stays_on_one_replica_and_hits(cluster: str) -> None:
     oa = openai.OpenAI(base_url=f"{cluster}/v1", api_key="unused", max_retries=0)
     messages: list[Any] = [{"role": "system", "content": f"{uuid.uuid4()} {SYSTEM}"}]
