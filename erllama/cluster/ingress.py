@@ -17,6 +17,7 @@ annotations as they are, and FastAPI must see ``Request`` itself, not its name.)
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,6 +32,7 @@ from erllama.cluster.bridge import Forwarded, ResponseStart
 from erllama.cluster.config import ClusterConfig
 from erllama.cluster.placement import Route
 from erllama.cluster.replica import REPLICA_HEADER, resolve_model
+from erllama.cluster.router import request_ended
 
 __all__ = ["Ingress"]
 
@@ -42,22 +44,43 @@ _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b
 _REPLICA_GONE = (RayActorError, RayTaskError, ConnectionError)
 
 
-async def _body(first: bytes | None, stream: Any, path: str) -> AsyncIterator[bytes]:
+async def _body(first: bytes | None, stream: Any, path: str, ticket: str, length: int | None) -> AsyncIterator[bytes]:
+    """The response body; the router hears that the request ended before the client can see the end (before the
+    last ``content-length`` byte goes out, or before a chunked body's terminating chunk)."""
     if first is None:  # the response had no body
+        request_ended(ticket)
         return
     finished = False
+    sent = 0
     try:
-        yield first
-        async for chunk in stream:
+        async for chunk in _chain(first, stream):
+            sent += len(chunk)
+            if length is not None and sent >= length:
+                request_ended(ticket)
             yield chunk
+        request_ended(ticket)
         finished = True
     except _REPLICA_GONE as exc:
         log.warning("a replica died while streaming %s: %s", path, exc)
+        request_ended(ticket)
         yield _stream_error(path, "the replica serving this request failed; send it again")
         finished = True
     finally:
         if not finished:
             stream.cancel()  # the client went away: the replica's app sees a disconnect and stops generating
+
+
+async def _chain(first: bytes, stream: Any) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in stream:
+        yield chunk
+
+
+def _content_length(headers: tuple[tuple[bytes, bytes], ...]) -> int | None:
+    for k, v in headers:
+        if k.lower() == b"content-length" and v.isdigit():
+            return int(v)
+    return None
 
 
 def _stream_error(path: str, message: str) -> bytes:
@@ -145,7 +168,9 @@ class Ingress:
                 await asyncio.sleep(0.1)
                 continue
             assert isinstance(start, ResponseStart)
-            response = StreamingResponse(_body(first, stream, "/" + path), status_code=start.status)
+            length = _content_length(start.headers)
+            ticket = route.ticket if route is not None else ""
+            response = StreamingResponse(_body(first, stream, "/" + path, ticket, length), status_code=start.status)
             response.raw_headers = [(k, v) for k, v in start.headers if k.lower() not in _HOP_BY_HOP]
             return response
         return _error("/" + path, 503, f"no replica could take the request: {failure}")
@@ -156,4 +181,4 @@ class Ingress:
             return Route(pin=pin) if pin else None
         tokens = await asyncio.to_thread(self._prompts.tokens, path, body) if request.method == "POST" else None
         data = np.asarray(tokens, dtype="<i4").tobytes() if tokens else b""
-        return Route(tokens=data, pin=pin)
+        return Route(tokens=data, pin=pin, ticket=uuid.uuid4().hex)

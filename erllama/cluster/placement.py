@@ -48,11 +48,13 @@ R = TypeVar("R", bound=Hashable)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Route:
     """What the router knows of a request: its prompt's token ids (int32 little-endian bytes; empty when the
-    ingress could not tell them), a ``parent_key`` it resumes, a replica it is pinned to."""
+    ingress could not tell them), a ``parent_key`` it resumes, a replica it is pinned to, and a ticket naming it
+    (the ingress tells the router when the request ended by it, before the client can see the end)."""
 
     tokens: bytes = b""
     parent_key: CacheKey | None = None
     pin: str | None = None
+    ticket: str = ""
 
     @property
     def n_tokens(self) -> int:

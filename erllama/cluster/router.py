@@ -5,6 +5,8 @@ replicas, and reads the replicas' reports from ``RunningReplica.routing_stats``.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 from ray.serve.request_router import (
@@ -17,10 +19,19 @@ from ray.serve.request_router import (
 from erllama.cache.index import RouteSummary
 from erllama.cluster.placement import Candidate, Placement, PlacementConfig, Route
 
-__all__ = ["PrefixRouter"]
+__all__ = ["PrefixRouter", "request_ended"]
 
 _EMPTY = RouteSummary()
 _MAX_UNROUTED = 10_000
+_ROUTERS: weakref.WeakSet[PrefixRouter] = weakref.WeakSet()
+
+
+def request_ended(ticket: str) -> None:
+    """Tell this process's routers that the request with this ticket ended (called by the ingress before the
+    client can see the end, so the conversation's next turn is placed knowing it; Ray's own completion callback
+    may come later, and then changes nothing). Safe from any thread: the router's loop does the work."""
+    for router in list(_ROUTERS):
+        router.ended_soon(ticket)
 
 
 class PrefixRouter(RequestRouter):
@@ -33,10 +44,18 @@ class PrefixRouter(RequestRouter):
         self._placement: Placement[ReplicaID] = Placement(PlacementConfig(**kwargs))
         self._in_flight: dict[ReplicaID, int] = {}
         self._routes: dict[str, Route] = {}  # internal request id -> its route, until it is routed
+        self._tickets: dict[str, str] = {}  # internal request id -> the key of its ledger entry, until it ends
+        self._loop: asyncio.AbstractEventLoop | None = None
+        _ROUTERS.add(self)
+
+    def ended_soon(self, ticket: str) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._placement.ended, ticket)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        self._loop = asyncio.get_running_loop()
         route = _route_of(pending_request)
         by_id = {r.replica_id: r for r in candidate_replicas}
         candidates = [self._candidate(r) for r in candidate_replicas]
@@ -52,10 +71,14 @@ class PrefixRouter(RequestRouter):
         route = self._routes.pop(request_id, None)
         replica = self.curr_replicas.get(replica_id)
         if replica is not None:
-            self._placement.sent(request_id, route, self._candidate(replica))
+            key = route.ticket if route is not None and route.ticket else request_id
+            if len(self._tickets) > _MAX_UNROUTED:
+                self._tickets.clear()
+            self._tickets[request_id] = key
+            self._placement.sent(key, route, self._candidate(replica))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._placement.ended(internal_request_id)
+        self._placement.ended(self._tickets.pop(internal_request_id, internal_request_id))
         left = self._in_flight.get(replica_id, 0) - 1
         if left > 0:
             self._in_flight[replica_id] = left
