@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import build_llama  # noqa: E402
+from bench.peers import cpu_model  # noqa: E402
 
 WORKLOADS = (("pp512", 512, 0), ("pp2048", 2048, 0), ("tg128", 0, 128))
 
@@ -137,7 +138,7 @@ def main() -> int:
             runs[name].append(peers[name]())
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {runs[n][-1]}" for n in names), file=sys.stderr)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}; threads={args.threads}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {cpu_model()}; threads={args.threads}")
     print(f"model: {model.name}; {args.rounds} rounds; peer: stock llama-bench ({stock.lib_dir})")
     pairs = [(k, "stock") for k in kinds] + ([("native", "portable")] if args.portable else [])
     report: dict[str, Any] = {"runs": runs, "variants": variants, "ratios": {}}
@@ -157,16 +158,6 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench/ is a package of the root
+
+from bench.peers import cpu_model
 from erllama.cluster.replica import REPLICA_HEADER
 
 WORDS = [
@@ -257,7 +261,7 @@ def main() -> None:
 
 
 def report(runs: list[Run]) -> None:
-    print(f"\nCPU: {_cpu_name()}, {os.cpu_count()} CPUs; two replicas, one thread each")
+    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} CPUs; two replicas, one thread each")
     for ram_mb in sorted({r.ram_mb for r in runs}, reverse=True):
         group = [r for r in runs if r.ram_mb == ram_mb]
         print(f"\nRAM tier {ram_mb} MB per replica")
@@ -285,16 +289,6 @@ def report(runs: list[Run]) -> None:
                 f"p99 TTFT {ours.ttft()[1] / peer.ttft()[1]:.2f}x default's (target <= 1); "
                 f"mean TTFT {ours.ttft()[0] / peer.ttft()[0]:.2f}x"
             )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

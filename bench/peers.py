@@ -16,7 +16,20 @@ if str(ROOT) not in sys.path:
 
 import build_llama  # noqa: E402
 
-__all__ = ["stock_tool"]
+__all__ = ["cpu_model", "stock_tool"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what ``lscpu`` calls it), for a benchmark's report."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def stock_tool(name: str) -> Path:

@@ -233,12 +233,8 @@ class FileTier(TierBase):
         t0 = time.perf_counter()
         segments = kvc.encode(meta, payload, compress_level=self.compress_level)
         size = sum(len(s) for s in segments)
-        evicted = self._b.reserve(meta.key, size)
-        if evicted is None:
+        if not self._make_room(meta.key, size):
             return False
-        for key, victim_size in evicted:
-            self._delete_file(key, victim_size)
-        notify_dropped(self.on_drop, [k for k, _ in evicted])
         root = min(writable, key=lambda r: self._root_bytes[r])
         final = kvc.path_for(root, meta.key)
         tmp = root / "tmp" / f"{bytes(meta.key).hex()}.{_WRITER_ID}.{uuid.uuid4().hex[:8]}.tmp"
@@ -299,6 +295,17 @@ class FileTier(TierBase):
         self._b.unpin(key)
         self._b.counters.record_latency(f"{self.name}_load", time.perf_counter() - t0)
         return meta, state
+
+    def _make_room(self, key: CacheKey, size: int) -> bool:
+        """Reserve ``size`` bytes for ``key``, deleting least-recently-used rows as the budget needs; False when
+        it cannot be had (refused and counted by the budget)."""
+        evicted = self._b.reserve(key, size)
+        if evicted is None:
+            return False
+        for victim, victim_size in evicted:
+            self._delete_file(victim, victim_size)
+        notify_dropped(self.on_drop, [k for k, _ in evicted])
+        return True
 
     def _forget(self, key: CacheKey) -> Path | None:
         size = self._b.sizes.get(key, 0)
@@ -417,12 +424,8 @@ class FileTier(TierBase):
             return None
         if meta.key in self._where:
             return None
-        evicted = self._b.reserve(meta.key, size)
-        if evicted is None:
+        if not self._make_room(meta.key, size):
             return None
-        for victim, victim_size in evicted:
-            self._delete_file(victim, victim_size)
-        notify_dropped(self.on_drop, [k for k, _ in evicted])
         self._where[meta.key] = path
         self._root_bytes[self._root_of(path)] += size
         self._b.commit(meta.key, size)
