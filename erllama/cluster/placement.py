@@ -69,11 +69,12 @@ class PlacementConfig:
     """``tokens_per_request``: what one request in flight costs the ones behind it besides its prefill (its decode
     steps), in prompt tokens;
     ``imbalance``: in-flight requests beyond the least busy replica at which the load guard takes over;
-    ``recent_ttl_s``: how long what the router sent somewhere counts as cached there without a report saying so."""
+    ``recent_ttl_s``: how long a prompt whose request ended counts as cached where it ran without a report saying so
+    (a few report periods: the reports are the truth, and a row may be evicted soon after it is saved)."""
 
     tokens_per_request: int = 64
     imbalance: int = 8
-    recent_ttl_s: float = 120.0
+    recent_ttl_s: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
