@@ -104,6 +104,8 @@ class PrefixIndex:
         self._rows: dict[CacheKey, _Row] = {}
         self._through: dict[bytes, int] = {}  # link -> rows whose chain passes through it
         self._anchors: dict[bytes, dict[int, set[CacheKey]]] = {}  # link -> tail length -> keys
+        self._version = 0  # moves with every add and remove: a summary of an unchanged index is reused
+        self._summary: tuple[int, int, RouteSummary] | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -123,6 +125,7 @@ class PrefixIndex:
             if key in self._rows:
                 return key
             self._rows[key] = _Row(links=links, n_tokens=len(arr), tokens=arr.copy())
+            self._version += 1
             for link in links:
                 self._through[link] = self._through.get(link, 0) + 1
             self._anchors.setdefault(links[-1], {}).setdefault(tail, set()).add(key)
@@ -134,6 +137,7 @@ class PrefixIndex:
             row = self._rows.pop(key, None)
             if row is None:
                 return False
+            self._version += 1
             for link in row.links:
                 left = self._through[link] - 1
                 if left:
@@ -151,11 +155,15 @@ class PrefixIndex:
             return True
 
     def summary(self, max_links: int = 1 << 16) -> RouteSummary:
-        """A :class:`RouteSummary` of the rows, newest first until ``max_links`` links are taken."""
+        """A :class:`RouteSummary` of the rows, newest first until ``max_links`` links are taken (the same object
+        again while no row came or went)."""
         roots: set[bytes] = set()
         links: set[int] = set()
         keys: set[int] = set()
         with self._lock:
+            version = self._version
+            if self._summary is not None and self._summary[:2] == (version, max_links):
+                return self._summary[2]
             rows = list(self._rows.items())
         for key, row in reversed(rows):
             if len(links) >= max_links:
@@ -163,7 +171,9 @@ class PrefixIndex:
             roots.add(row.links[0])
             links.update(_link_id(link) for link in row.links[1:])
             keys.add(_link_id(key))
-        return RouteSummary(frozenset(roots), frozenset(links), frozenset(keys), len(rows))
+        summary = RouteSummary(frozenset(roots), frozenset(links), frozenset(keys), len(rows))
+        self._summary = (version, max_links, summary)
+        return summary
 
     def n_tokens(self, key: CacheKey) -> int | None:
         row = self._rows.get(key)

@@ -20,6 +20,7 @@ from typing import Any
 from erllama.cluster.bridge import Forwarded, Lifespan, ResponseStart, run_request
 from erllama.cluster.config import ClusterConfig
 from erllama.cluster.placement import Route
+from erllama.errors import WorkerStoppedError
 
 __all__ = ["REPLICA_HEADER", "ModelReplica", "resolve_model"]
 
@@ -110,7 +111,7 @@ class ModelReplica:
         """Ray's health check: the model's worker must be running."""
         status = self.runtime.status(self.model_id)
         if status != "running":
-            raise RuntimeError(f"model {self.model_id} is {status}")
+            raise WorkerStoppedError(f"model {self.model_id} is {status}")
 
     def _close_runtime(self) -> None:
         self.runtime.close()

@@ -144,6 +144,19 @@ def test_the_route_summary_counts_the_blocks_a_row_shares() -> None:
     assert not summary.holds(cache_key(NS, PROMPT[:99]))
 
 
+def test_a_summary_is_reused_until_a_row_comes_or_goes() -> None:
+    index = PrefixIndex()
+    key = index.add(NS, PROMPT[:64])
+    first = index.summary()
+    assert index.summary() is first
+    index.add(NS, PROMPT[:80])
+    second = index.summary()
+    assert second is not first
+    assert second.n_rows == 2
+    index.remove(key)
+    assert index.summary().n_rows == 1
+
+
 def test_a_capped_summary_keeps_the_newest_rows() -> None:
     index = PrefixIndex()
     index.add(NS, list(range(0, 320)))
