@@ -59,7 +59,6 @@ def replica_options(config: ClusterConfig) -> dict[str, Any]:
                 "request_router_kwargs": {
                     "tokens_per_request": config.tokens_per_request,
                     "imbalance": config.imbalance,
-                    "recent_ttl_s": max(2.0, 4 * config.stats_period_s),
                 },
                 "request_routing_stats_period_s": config.stats_period_s,
                 "request_routing_stats_timeout_s": max(5.0, 5 * config.stats_period_s),

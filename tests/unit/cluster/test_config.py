@@ -24,7 +24,7 @@ def test_the_router_and_the_replicas_follow_the_config() -> None:
     assert ours["max_replicas_per_node"] == 1
     assert ours["request_router_config"].request_router_class == "erllama.cluster.router:PrefixRouter"
     kwargs = ours["request_router_config"].request_router_kwargs
-    assert kwargs == {"tokens_per_request": 64, "imbalance": 8, "recent_ttl_s": 4.0}, "four report periods"
+    assert kwargs == {"tokens_per_request": 64, "imbalance": 8}
     default = replica_options(ClusterConfig(model="smollm2", router="default"))
     assert "request_router_config" not in default, "Ray's own router"
     scaled = replica_options(ClusterConfig(model="smollm2", autoscale=(1, 4)))
