@@ -1,7 +1,7 @@
 """Test support: a tiny generated llama model, real small models shipped in PyPI packages, a real-socket server."""
 
 from erllama.testing.fetch import GEMMA3, SMOLLM2, FetchError, PackagedModel, WheelPart, fetch, models_dir
-from erllama.testing.serving import serve_app, wait_until_up
+from erllama.testing.serving import free_port, serve_app, wait_until_up
 from erllama.testing.tiny import TinyModelSpec, spm_vocab, tiny_model, write_tiny_lora, write_tiny_model
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "TinyModelSpec",
     "WheelPart",
     "fetch",
+    "free_port",
     "models_dir",
     "serve_app",
     "spm_vocab",

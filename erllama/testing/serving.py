@@ -10,7 +10,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["serve_app", "wait_until_up"]
+__all__ = ["free_port", "serve_app", "wait_until_up"]
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -18,9 +25,7 @@ def serve_app(app: Any, *, start_timeout_s: float = 30.0) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 until the block ends; yields its base URL (``http://127.0.0.1:PORT``)."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, name="erllama-test-server", daemon=True)
     thread.start()

@@ -6,7 +6,6 @@ a replica killed mid-stream ends that stream with an error, Ray brings it back, 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -25,16 +24,11 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from erllama.cluster import ClusterConfig, build  # noqa: E402
 from erllama.cluster.replica import REPLICA_HEADER  # noqa: E402
+from erllama.testing import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.native, pytest.mark.smollm2, pytest.mark.slow]
 
 SYSTEM = "You are a patient assistant who answers in one short sentence. " * 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def cluster(smollm2_path: Path, native: None, tmp_path_factory: pytest.TempPathF
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     nodes.add_node(num_cpus=2)
     ray.init(address=nodes.address, logging_level="warning")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ClusterConfig(
         model=str(smollm2_path),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,11 @@ from erllama._native import ContextConfig
 from erllama.cache import CacheStore, RamTier, SavePolicy
 from erllama.model import LlamaBackend
 from erllama.server import create_app
-from erllama.testing import serve_app
+from erllama.testing import free_port, serve_app
 
 pytestmark = [pytest.mark.native, pytest.mark.smollm2, pytest.mark.slow]
 
 SMG = shutil.which("smg", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def gateway(smollm2_path: Path, native: None) -> Iterator[str]:
             stack.callback(rt.close)
             rt.load_model(backend=lambda: LlamaBackend(smollm2_path, context_config=cfg), model_id="smollm2")
             urls.append(stack.enter_context(serve_app(create_app(rt, {"smollm2": "smollm2"}))))
-        port = _free_port()
+        port = free_port()
         log = stack.enter_context(open(Path(os.environ.get("TMPDIR", "/tmp")) / f"smg-{port}.log", "w"))
         proc = subprocess.Popen(
             [SMG, "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
