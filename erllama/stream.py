@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
 from erllama.cache.key import CacheKey
+from erllama.cache.report import CacheReport
 from erllama.model.backend import TokenLogprob
 from erllama.model.delivery import RequestHandle
 from erllama.model.events import AdmittedEvent, DoneEvent, ErrorEvent, Event, TokenEvent
@@ -61,6 +62,8 @@ class Completion:
     stats: Stats
     logprobs: tuple[TokenLogprob, ...] = ()
     """Per reply token, when requested (``infer(..., logprobs=n)``)."""
+    cache: CacheReport | None = None
+    """How the prompt met the cache (None: a model without one, or a request that skipped it)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ class Started:
     restored_tokens: int
     max_tokens: int
     cache_hit_kind: str
+    cache: CacheReport | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,7 +133,7 @@ class Stream:
 
     def _convert(self, event: Event) -> list[StreamEvent]:
         if isinstance(event, AdmittedEvent):
-            return [Started(event.prompt_tokens, event.restored_tokens, event.max_tokens, event.cache_hit)]
+            return [Started(event.prompt_tokens, event.restored_tokens, event.max_tokens, event.cache_hit, event.cache)]
         if isinstance(event, TokenEvent):
             if event.logprob is not None:
                 self._logprobs.append(event.logprob)
@@ -214,4 +218,5 @@ def _completion(
             generate_s=done.generate_s,
         ),
         logprobs=logprobs,
+        cache=done.cache,
     )

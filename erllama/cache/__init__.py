@@ -21,7 +21,8 @@ from erllama.cache.key import (
 )
 from erllama.cache.kvc import RowMeta, SaveReason, read_meta, read_row
 from erllama.cache.policy import SavePolicy, Veto, allows_continued_save, allows_final_save, cold_save_point
-from erllama.cache.store import CacheStore
+from erllama.cache.report import CacheReport
+from erllama.cache.store import CacheStore, RowInfo
 from erllama.cache.tier import RamTier, Tier
 from erllama.cache.writer import SaveWriter
 
@@ -30,6 +31,7 @@ __all__ = [
     "KEY_SCHEME",
     "BlockHash",
     "CacheKey",
+    "CacheReport",
     "CacheStore",
     "Counters",
     "FileTier",
@@ -40,6 +42,7 @@ __all__ = [
     "PrefixIndex",
     "RamTier",
     "RouteSummary",
+    "RowInfo",
     "RowMeta",
     "SavePolicy",
     "SaveReason",

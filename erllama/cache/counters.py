@@ -45,6 +45,7 @@ COUNTERS = frozenset(
         *(f"saves_{r.name.lower()}" for r in SaveReason),
         *(f"vetoes_{v.value}" for v in Veto),
         "restored_tokens",
+        "query_tokens",  # prompt tokens looked up (restored_tokens of them were served)
         "restore_failures",
         "restore_cut_refused",
         "saves_already_cached",
@@ -75,6 +76,7 @@ TIER_COUNTERS = frozenset(
         "read_only_roots",
         "rows_learned",  # a shared tier: rows other processes published, and rows they deleted
         "rows_gone",
+        "restored_tokens",  # prompt tokens restored from rows this tier served
         "save",  # latencies
         "load",
     }

@@ -441,6 +441,15 @@ class FileTier(TierBase):
                 self._b.counters.incr("evictions")
         return freed
 
+    def meta_of(self, key: CacheKey) -> RowMeta | None:
+        path = self._where.get(key)
+        if path is None:
+            return None
+        try:
+            return kvc.read_meta(path)[0]
+        except (OSError, CorruptCacheFileError):
+            return None
+
     def metas(self) -> list[RowMeta]:
         """Metadata of every row. The first call after startup reuses what the scan read (no second read)."""
         scanned, self._scanned = self._scanned, None

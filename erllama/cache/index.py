@@ -13,6 +13,7 @@ its own length: there is no minimum.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,6 +251,39 @@ class PrefixIndex:
                     n = min(_common_prefix(row.tokens, arr), limit)
                     if best is None or n > best.n_tokens:
                         best = PrefixHit(key=key, n_tokens=n)
+        return best
+
+    def tokens_of(self, key: CacheKey) -> npt.NDArray[np.int32] | None:
+        """The tokens of a row (a read-only view), or None when it is not registered."""
+        row = self._rows.get(key)
+        if row is None:
+            return None
+        view = row.tokens.view()
+        view.flags.writeable = False
+        return view
+
+    def nearest(
+        self, namespace: Namespace | bytes, tokens: Sequence[int] | npt.NDArray[np.integer], scan: int = 1024
+    ) -> PrefixHit | None:
+        """The row sharing the longest common prefix with ``tokens`` (``n_tokens`` is that common length), to
+        explain a miss: :meth:`deepest_shared` when a row shares a whole block, else the best of the ``scan`` most
+        recent rows of the namespace compared on their first block (None when none shares a token)."""
+        hit = self.deepest_shared(namespace, tokens)
+        if hit is not None:
+            return hit
+        arr = token_array(tokens)[:BLOCK_TOKENS]
+        root = namespace.digest() if isinstance(namespace, Namespace) else namespace
+        best: PrefixHit | None = None
+        with self._lock:
+            if root not in self._through:
+                return None
+            for key in itertools.islice(reversed(self._rows), scan):
+                row = self._rows[key]
+                if row.links[0] != root:
+                    continue
+                n = _common_prefix(row.tokens[:BLOCK_TOKENS], arr)
+                if n and (best is None or n > best.n_tokens):
+                    best = PrefixHit(key=key, n_tokens=n)
         return best
 
 

@@ -12,6 +12,7 @@ and counts every save once; the worker's ``CacheLink`` counts the hits it makes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from erllama.cache.tier import Payload, Tier
 from erllama.cache.writer import SaveWriter
 from erllama.errors import InvalidInputError
 
-__all__ = ["CacheStore"]
+__all__ = ["CacheStore", "RowInfo"]
 
 PRODUCER = "erllama 0.1.0"
 
@@ -45,6 +46,18 @@ def _log_write_error(tier: str, exc: OSError) -> None:
     if now - _last_write_log.get(what, -1e9) >= 60.0:
         _last_write_log[what] = now
         log.warning("cache tier %s: a save failed: %s (counted in %s_write_errors)", tier, exc, tier)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RowInfo:
+    """A stored row as ``erllama cache ls`` shows it: its metadata, the bytes it takes in each tier holding it,
+    how often requests restored it (over its file's life, where a file tier recorded it, and since startup), and
+    when last (wall clock, ns; 0: never)."""
+
+    meta: RowMeta
+    tiers: dict[str, int]
+    hits: int
+    last_used_ns: int
 
 
 class CacheStore:
@@ -70,6 +83,7 @@ class CacheStore:
         self._lock = threading.Lock()
         self._inflight: dict[CacheKey, Future[bool]] = {}
         self._reserved: dict[CacheKey, Future[bool]] = {}  # in _inflight too, until filled by save() or released
+        self._uses: dict[CacheKey, tuple[int, int]] = {}  # restores of a row since startup, and the last one's time
         for tier in self.tiers:
             tier.on_drop = self._dropped
             for meta in tier.metas():
@@ -78,6 +92,8 @@ class CacheStore:
     def _dropped(self, key: CacheKey) -> None:
         if not any(key in tier for tier in self.tiers):
             self.index.remove(key)
+            with self._lock:
+                self._uses.pop(key, None)
 
     def __contains__(self, key: object) -> bool:
         return any(key in tier for tier in self.tiers)
@@ -111,8 +127,21 @@ class CacheStore:
         self.refresh()
         return self.index.summary(max_links)
 
+    def nearest(self, namespace: Namespace, tokens: Sequence[int]) -> PrefixHit | None:
+        """The stored row sharing the longest prefix with ``tokens`` (to explain a miss; see PrefixIndex.nearest)."""
+        return self.index.nearest(namespace, tokens)
+
+    def tokens_of(self, key: CacheKey) -> npt.NDArray[np.int32] | None:
+        """A stored row's tokens, from the index (no I/O)."""
+        return self.index.tokens_of(key)
+
     def load(self, key: CacheKey) -> tuple[RowMeta, memoryview] | None:
         """The row from the fastest tier that has it (promoting it upwards), or None."""
+        row = self.load_from(key)
+        return None if row is None else (row[0], row[1])
+
+    def load_from(self, key: CacheKey) -> tuple[RowMeta, memoryview, str] | None:
+        """:meth:`load`, also naming the tier that served the row."""
         t0 = time.perf_counter()
         for i, tier in enumerate(self.tiers):
             row = tier.load(key)
@@ -125,8 +154,46 @@ class CacheStore:
                 except OSError as exc:
                     _log_write_error(self.tiers[0].name, exc)
             self.counters.record_latency("load", time.perf_counter() - t0)
-            return row
+            return row[0], row[1], tier.name
         return None
+
+    # -- what users see of it -----------------------------------------------------------------------------------
+
+    def record_use(self, key: CacheKey, tier: str, restored_tokens: int) -> None:
+        """A request restored ``restored_tokens`` of this row, served by ``tier`` (counted per row and per tier)."""
+        with self._lock:
+            count, _ = self._uses.get(key, (0, 0))
+            self._uses[key] = (count + 1, time.time_ns())
+        self.counters.incr(f"{tier}_restored_tokens", restored_tokens)
+
+    def row(self, key: CacheKey) -> RowInfo | None:
+        """One stored row as a listing shows it, or None."""
+        meta = next((m for m in (t.meta_of(key) for t in self.tiers) if m is not None), None)
+        return None if meta is None else self._info(meta)
+
+    def rows(self) -> list[RowInfo]:
+        """Every stored row (each once, whatever tiers hold it), most recently used first."""
+        self.refresh()
+        metas: dict[CacheKey, RowMeta] = {}
+        for tier in self.tiers:
+            for meta in tier.metas():
+                metas.setdefault(meta.key, meta)
+        rows = [self._info(meta) for meta in metas.values()]
+        rows.sort(key=lambda r: max(r.last_used_ns, r.meta.created_ns), reverse=True)
+        return rows
+
+    def _info(self, meta: RowMeta) -> RowInfo:
+        sizes = {t.name: size for t in self.tiers if (size := t.size_of(meta.key)) is not None}
+        with self._lock:
+            count, last = self._uses.get(meta.key, (0, 0))
+        return RowInfo(meta, sizes, meta.hit_count + count, max(last, meta.last_used_ns))
+
+    def tier_tokens(self) -> dict[str, int]:
+        """Prompt tokens held per tier (what rows each tier holds would restore)."""
+        out: dict[str, int] = {}
+        for tier in self.tiers:
+            out[tier.name] = sum(self.index.n_tokens(k) or 0 for k in tier.row_keys())
+        return out
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Wait until every save in flight now is published (or refused); False on timeout."""

@@ -85,6 +85,18 @@ class Tier(Protocol):
 
     def metas(self) -> list[RowMeta]: ...
 
+    def meta_of(self, key: CacheKey) -> RowMeta | None:
+        """One row's metadata (None when the tier does not hold it, or it cannot be read)."""
+        ...
+
+    def size_of(self, key: CacheKey) -> int | None:
+        """The bytes a row takes in this tier (None when the tier does not hold it)."""
+        ...
+
+    def row_keys(self) -> list[CacheKey]:
+        """The rows held, least recently used first."""
+        ...
+
     def refresh(self) -> list[RowMeta]:
         """Rows other processes published to this tier since the last call (a shared file tier); else []."""
         ...
@@ -218,6 +230,13 @@ class TierBase:
     def __contains__(self, key: object) -> bool:
         return key in self._b.sizes
 
+    def size_of(self, key: CacheKey) -> int | None:
+        return self._b.sizes.get(key)
+
+    def row_keys(self) -> list[CacheKey]:
+        with self._b.lock:
+            return list(self._b.sizes)
+
 
 class RamTier(TierBase):
     """Rows in this process's memory: the state bytes (copied once) and their metadata."""
@@ -265,6 +284,10 @@ class RamTier(TierBase):
 
     def metas(self) -> list[RowMeta]:
         return [meta for meta, _ in list(self._rows.values())]
+
+    def meta_of(self, key: CacheKey) -> RowMeta | None:
+        row = self._rows.get(key)
+        return None if row is None else row[0]
 
     def refresh(self) -> list[RowMeta]:
         return []  # this process's memory: nobody else publishes here

@@ -96,7 +96,8 @@ class Admitter:
         self.table.add(r)
         w.seq_id = None
         self.last_hit = hit
-        self.outbox.emit(w.handle, AdmittedEvent(len(tokens), hit.prefix_len, max_tokens, hit.kind))
+        report = hit.report(tokens) if self.link is not None and request.use_cache else None
+        self.outbox.emit(w.handle, AdmittedEvent(len(tokens), hit.prefix_len, max_tokens, hit.kind, report))
 
     def reject(self, w: Waiting, exc: Exception) -> None:
         """``w`` failed while being admitted: answer it, and give back the sequence it took."""

@@ -35,7 +35,7 @@ from typing import Protocol
 
 from erllama.cache.counters import Counters, HitKind
 from erllama.cache.key import CacheKey, Namespace, cache_key, ctx_params_hash
-from erllama.cache.kvc import SaveReason
+from erllama.cache.kvc import RowMeta, SaveReason
 from erllama.cache.policy import (
     SavePolicy,
     Veto,
@@ -43,6 +43,7 @@ from erllama.cache.policy import (
     allows_final_save,
     cold_save_point,
 )
+from erllama.cache.report import CONTEXT_TOKENS, CacheReport
 from erllama.cache.store import CacheStore
 from erllama.errors import ErllamaError, StateError
 from erllama.model.backend import BackendInfo, ModelBackend
@@ -63,11 +64,32 @@ def namespace_for(info: BackendInfo, adapters: Sequence[tuple[str, float]] = (),
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheHit:
-    """How a request's context was found: its kind, how many tokens were restored, whether it was its parent's row."""
+    """How a request's context was found: its kind, how many tokens were restored, whether it was its parent's row,
+    the tier that served it, and — when less than all was restored — the cached row nearest the context: its
+    length, how many tokens the context shares with it, and its tokens from there on."""
 
     kind: HitKind
     prefix_len: int
     resumed: bool = False
+    tier: str | None = None
+    row_tokens: int = 0
+    shared_tokens: int = 0
+    row_next: tuple[int, ...] = ()
+
+    def report(self, tokens: Sequence[int]) -> CacheReport:
+        """The request's :class:`~erllama.cache.report.CacheReport` (``tokens``: its context)."""
+        at = self.shared_tokens
+        return CacheReport(
+            kind=self.kind,
+            prompt_tokens=len(tokens),
+            restored_tokens=self.prefix_len,
+            tier=self.tier,
+            row_tokens=self.row_tokens,
+            shared_tokens=at,
+            before=tuple(tokens[max(0, at - CONTEXT_TOKENS) : at]) if self.row_tokens else (),
+            row_next=self.row_next,
+            prompt_next=tuple(tokens[at : at + CONTEXT_TOKENS]) if self.row_tokens else (),
+        )
 
 
 COLD = CacheHit(HitKind.COLD, 0)
@@ -211,24 +233,54 @@ class CacheLink:
         shared = store.deepest_shared(self.namespace, tokens, max_tokens=limit) if short else None
         candidates = [c for c in (shared,) if c is not None and c.n_tokens > (prefix.n_tokens if prefix else 0)]
         candidates += [prefix] if prefix is not None else []
+        self.counters.incr("query_tokens", len(tokens))
+        found = COLD
         for hit in candidates:
-            n = self._restore_row(backend, seq_id, tokens, hit.key, n=hit.n_tokens, limit=limit)
+            n, tier = self._restore_row(backend, seq_id, tokens, hit.key, n=hit.n_tokens, limit=limit)
             if n:
-                found = CacheHit(HitKind.EXACT if n == limit else HitKind.PARTIAL, n, resumed=hit.key == parent)
-                self.counters.record_hit(found.kind, resumed=found.resumed)
+                found = CacheHit(
+                    HitKind.EXACT if n == limit else HitKind.PARTIAL, n, resumed=hit.key == parent, tier=tier
+                )
                 self.counters.incr("restored_tokens", n)
-                return found
-        self.counters.record_hit(HitKind.COLD)
-        return COLD
+                if tier is not None:
+                    store.record_use(hit.key, tier, n)
+                break
+        self.counters.record_hit(found.kind, resumed=found.resumed)
+        return found if found.prefix_len >= limit else self._nearest(found, tokens)
+
+    def _nearest(self, found: CacheHit, tokens: Sequence[int]) -> CacheHit:
+        """``found`` with the cached row nearest ``tokens`` (why no more was restored)."""
+        near = self.store.nearest(self.namespace, tokens)
+        row = self.store.tokens_of(near.key) if near is not None else None
+        if near is None or row is None:
+            return found
+        at = near.n_tokens
+        nxt = tuple(int(t) for t in row[at : at + CONTEXT_TOKENS])
+        return dataclasses.replace(found, row_tokens=len(row), shared_tokens=at, row_next=nxt)
 
     def _restore_row(
         self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], key: CacheKey, *, n: int, limit: int
-    ) -> int:
+    ) -> tuple[int, str | None]:
         """Restore a row whose first ``n`` tokens (``n <= limit``, as the index found them) equal ``tokens[:n]`` and
-        keep exactly those. Returns ``n``, or 0 on failure (the sequence is then empty)."""
-        row = self.store.load(key)
+        keep exactly those. Returns ``n`` and the tier that served the row, or 0 on failure (the sequence is then
+        empty)."""
+        row = self.store.load_from(key)
         if row is None:  # dropped between the index walk and the load
-            return 0
+            return 0, None
+        meta, payload, tier = row
+        return self._set_row(backend, seq_id, tokens, (meta, payload), key=key, n=n, limit=limit), tier
+
+    def _set_row(
+        self,
+        backend: ModelBackend,
+        seq_id: int,
+        tokens: Sequence[int],
+        row: tuple[RowMeta, memoryview],
+        *,
+        key: CacheKey,
+        n: int,
+        limit: int,
+    ) -> int:
         meta, payload = row
         try:
             if meta.n_tokens < n or meta.tokens[:n] != tuple(tokens[:n]):

@@ -12,6 +12,7 @@ import enum
 
 from erllama.cache.counters import HitKind
 from erllama.cache.key import CacheKey
+from erllama.cache.report import CacheReport
 from erllama.model.backend import TokenLogprob
 
 __all__ = [
@@ -71,6 +72,7 @@ class DoneEvent:
     cache_hit: HitKind = HitKind.COLD
     restored_tokens: int = 0
     prefilled_tokens: int = 0
+    cache: CacheReport | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class AdmittedEvent:
     restored_tokens: int
     max_tokens: int
     cache_hit: HitKind = HitKind.COLD
+    cache: CacheReport | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import pytest
 
 from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
 from erllama.cache.kvc import RowMeta
+from erllama.cache.report import parse_header
 from erllama.cache.tier import Payload
 from erllama.errors import InvalidInputError, StateError
 from erllama.model import BatchingConfig, DecodeItem, DoneEvent, FinishReason, StubBackend, TokenEvent
@@ -28,6 +29,10 @@ STUB = {"n_seq_max": 3, "n_batch": 64, "eos_bias": -50.0}
 
 def text(s: str) -> list[int]:
     return StubBackend().tokenize(s)
+
+
+def more(s: str) -> list[int]:
+    return StubBackend().tokenize(s, add_special=False)
 
 
 class Recording(StubBackend):
@@ -629,3 +634,84 @@ def test_the_last_tokens_go_out_before_finish_rows_are_copied_when_no_one_is_lef
         w.stop()
     assert (a.finish_reason, b.finish_reason) == (FinishReason.LENGTH, FinishReason.LENGTH)
     assert seen_before_copy == [True], "the longer reply's end was held until the shorter one's row was copied"
+
+
+def test_the_report_says_where_a_prompt_left_the_nearest_row(store: CacheStore) -> None:
+    """Each request's CacheReport: cold with no row near; exact; a prompt that goes on past a row (no divergence);
+    a prompt that left a row after a shared block, and one that left it inside its first block (found by the scan
+    of recent rows): the position of the first differing token, and the tokens on both sides of it."""
+    w = make_worker(store)
+    try:
+        base = text("The quick brown fox jumps over the lazy dog, again and again, every day.")
+        first = run(w, base, n=4).cache
+        assert first is not None
+        assert first.kind == "cold"
+        assert first.row_tokens == 0
+        assert first.diverged_at is None
+        settle(store)
+        done = run(w, base, n=4)
+        again = done.cache
+        assert again is not None
+        assert again.kind == "exact"
+        assert again.tier == "ram"
+        assert again.diverged_at is None
+        assert again.restored_tokens == len(base) - 1
+        settle(store)
+
+        longer = [*done.context_tokens[: done.committed_tokens], *more(" And then some more words follow.")]
+        grown = run(w, longer, n=4).cache  # the next turn: the reply's row, and more after it
+        assert grown is not None
+        assert grown.kind == "partial"
+        assert grown.diverged_at is None
+        assert grown.restored_tokens == grown.row_tokens == done.committed_tokens
+        settle(store)
+
+        at = 40
+        changed = [*base[:at], *more("a different ending entirely, with more words.")]
+        assert changed[at] != base[at]
+        left = run(w, changed, n=4).cache
+        assert left is not None
+        assert left.kind == "partial"
+        assert left.restored_tokens == at
+        assert left.diverged_at == at
+        assert left.row_tokens >= len(base) - 1
+        assert left.prompt_next == tuple(changed[at : at + 6])
+        assert left.before == tuple(base[at - 6 : at])
+        assert left.row_next[0] == base[at]
+        header = parse_header(left.header())
+        assert header == {"kind": "partial", "prompt": str(len(changed)), "restored": str(at), "tier": "ram",
+                          "row": str(left.row_tokens), "diverged_at": str(at)}  # fmt: skip
+
+        early = [*base[:5], *more("!! something else, long enough to be saved and explained.")]
+        volatile = run(w, early, n=4).cache
+        assert volatile is not None
+        assert volatile.kind == "cold"
+        assert volatile.diverged_at == 5
+
+        def piece(ids: Sequence[int]) -> str:
+            return b"".join(StubBackend().token_to_piece(t) for t in ids).decode()
+
+        line = volatile.explain(piece)
+        assert "at token 5" in line
+        assert repr(piece(base[5:11])) in line
+        assert repr(piece(early[5:11])) in line
+    finally:
+        w.stop()
+
+
+def test_the_cache_counts_what_it_served_in_tokens(store: CacheStore) -> None:
+    w = make_worker(store)
+    try:
+        base = text("Counting tokens looked up, and those the cache served, per tier.")
+        run(w, base, n=2)
+        settle(store)
+        run(w, base, n=2)
+        snap = store.counters.snapshot()
+        assert snap["query_tokens"] == 2 * len(base)
+        assert snap["restored_tokens"] == snap["ram_restored_tokens"] == len(base) - 1
+        rows = store.rows()
+        assert rows
+        assert sum(r.hits for r in rows) == 1
+        assert store.tier_tokens()["ram"] == sum(r.meta.n_tokens for r in rows if "ram" in r.tiers)
+    finally:
+        w.stop()
