@@ -37,6 +37,7 @@ class CacheReport:
         row_next: the row's tokens from ``shared_tokens`` on (what the cache held there).
         prompt_next: the prompt's tokens from ``shared_tokens`` on (what the request sent instead).
         message: the index of the chat message the divergence falls in, when the server worked it out.
+        reason: :meth:`explain`'s line, when the server wrote it (``x-erllama-explain``, or debug logging).
     """
 
     kind: HitKind
@@ -49,6 +50,7 @@ class CacheReport:
     row_next: tuple[int, ...] = ()
     prompt_next: tuple[int, ...] = ()
     message: int | None = None
+    reason: str | None = None
 
     @property
     def ceiling(self) -> int:
@@ -89,6 +91,7 @@ class CacheReport:
             "row_tokens": self.row_tokens,
             "diverged_at": self.diverged_at,
             "message": self.message,
+            "reason": self.reason,
         }
 
     def explain(self, piece: Callable[[Sequence[int]], str]) -> str:

@@ -81,15 +81,19 @@ class Daemon:
     def delete(self, model: str) -> None:
         self._call("DELETE", "/api/delete", {"model": model})
 
-    def chat(self, model: str, messages: list[dict[str, str]], options: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-        """Stream ``/api/chat`` records."""
+    def chat(
+        self, model: str, messages: list[dict[str, str]], options: Mapping[str, Any], *, explain: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Stream ``/api/chat`` records; with ``explain`` the final one's ``cache`` says why no more was cached."""
         body = {"model": model, "messages": messages, "stream": True, "options": dict(options)}
-        return self._stream("/api/chat", body)
+        return self._stream("/api/chat", body, headers={"x-erllama-explain": "1"} if explain else None)
 
-    def _stream(self, path: str, body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    def _stream(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """POST ``body`` and yield the NDJSON records of the reply (the request starts at the first ``next``)."""
         try:
-            with self._http.stream("POST", path, json=body) as response:
+            with self._http.stream("POST", path, json=body, headers=headers) as response:
                 if response.status_code != 200:
                     response.read()
                     _raise_for(response)

@@ -64,6 +64,10 @@ class _Local:
         done = stream.result()
         self.cache.drain()  # the rows are on disk before the process may exit
         s = done.stats
+        report = done.cache
+        why = {}
+        if report is not None and report.restored_tokens < report.ceiling:
+            why = {"why": report.explain(lambda ids: self.rt.detokenize(self.model, ids))}
         return done.reply, {
             "cache": done.cache_hit_kind,
             "prompt_tokens": s.prompt_tokens,
@@ -73,6 +77,7 @@ class _Local:
             "tokens_per_s": round(s.tokens_per_s, 1),
             **({"not_cached": f"prompts under {self.min_tokens} tokens are cheaper to prefill than to restore"}
                if s.prompt_tokens < self.min_tokens else {}),
+            **why,
         }  # fmt: skip
 
     def close(self) -> None:
@@ -97,7 +102,7 @@ class _Remote:
         reply: list[str] = []
         final: dict[str, Any] = {}
         try:
-            records = self.daemon.chat(self.model, messages, options)
+            records = self.daemon.chat(self.model, messages, options, explain=bool(getattr(args, "verbose", False)))
             head = next(records, None)
         except UnknownModelError:
             if not in_catalog(self.model):
@@ -105,7 +110,7 @@ class _Remote:
             for step in self.daemon.pull(self.model):  # as `ollama run` does: the daemon fetches it, then answers
                 if "completed" not in step:
                     self.out.note(str(step.get("status", "")))
-            records = self.daemon.chat(self.model, messages, options)
+            records = self.daemon.chat(self.model, messages, options, explain=bool(getattr(args, "verbose", False)))
             head = next(records, None)
         for record in itertools.chain([head] if head is not None else [], records):  # streamed as they arrive
             text = record.get("message", {}).get("content", "")
@@ -125,6 +130,7 @@ class _Remote:
             "completion_tokens": n_eval,
             "ttft_ms": round(((first or time.monotonic()) - start) * 1e3, 1),
             "tokens_per_s": round((n_eval - 1) / eval_s, 1) if n_eval > 1 and eval_s else 0.0,
+            **({"why": str(cache["reason"])} if cache.get("reason") else {}),
         }
 
     def close(self) -> None:
@@ -135,10 +141,11 @@ def _stats_line(stats: Mapping[str, Any]) -> str:
     cached = f", {stats['cached_tokens']} cached" if "cached_tokens" in stats else ""
     if "not_cached" in stats:
         cached += f" (not cached: {stats['not_cached']})"
-    return (
+    line = (
         f"[cache {stats['cache']}: prompt {stats['prompt_tokens']} tokens{cached}; first token after "
         f"{stats['ttft_ms']:.1f} ms; {stats['completion_tokens']} tokens at {stats['tokens_per_s']:.1f} tokens/s]"
     )
+    return f"{line}\n[{stats['why']}]" if "why" in stats else line
 
 
 def _prompts(args: argparse.Namespace, stdin: Any) -> Iterator[str]:

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from erllama.errors import ErllamaError
 from erllama.runtime import Runtime
 from erllama.server import anthropic, llamacpp, ollama, openai
+from erllama.server.notes import EXPLAIN_HEADER, HEADER, open_notes
 from erllama.server.state import ModelSource, ServerConfig, ServerState
 
 __all__ = ["create_app"]
@@ -98,7 +99,11 @@ def create_app(
 
     if cfg.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"], allow_headers=["*"]
+            CORSMiddleware,
+            allow_origins=list(cfg.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[HEADER.decode()],
         )
 
     def openapi() -> dict[str, Any]:
@@ -188,6 +193,7 @@ class _Guard:
         t0 = time.perf_counter()
         status = 500
         received = 0
+        notes = open_notes(headers.get(EXPLAIN_HEADER, "").strip().lower() in ("1", "true", "yes"))
 
         async def bounded_receive() -> Message:
             # A chunked body has no content-length: it is counted as it arrives, and refused once over the bound
@@ -204,6 +210,9 @@ class _Guard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                value = notes.header()
+                if value is not None:  # the first run's report: the response of a generating route
+                    message = {**message, "headers": [*message.get("headers", []), (HEADER, value)]}
             await send(message)
 
         try:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
 
+from erllama.cache.report import CacheReport
 from erllama.chat import ChatResult, Message, PreparedChat, Tool, ToolChoice
 from erllama.errors import ErllamaError, TokenIdError
 from erllama.runtime import (
@@ -24,6 +26,7 @@ from erllama.runtime import (
     TokenLogprob,
 )
 from erllama.sampling import SamplerConfig
+from erllama.server.notes import current, note
 from erllama.server.state import ServerState
 from erllama.text import utf8
 
@@ -42,6 +45,8 @@ __all__ = [
     "start_chat_choices",
     "start_text",
 ]
+
+log = logging.getLogger("erllama.server")
 
 
 def llama_timings(c: Completion) -> dict[str, Any]:
@@ -266,7 +271,7 @@ async def start_chat_choices(
         response_schema=response_schema,
         continue_final=continue_final,
     )
-    return await _start_choices(
+    runs = await _start_choices(
         state,
         name=model,
         model_id=model_id,
@@ -276,6 +281,61 @@ async def start_chat_choices(
         grammar=grammar or prepared.grammar,
         prepared=prepared,
     )
+    report = runs[0].started.cache
+    notes = current()
+    if (
+        report is not None
+        and report.diverged_at is not None
+        and (log.isEnabledFor(logging.DEBUG) or (notes and notes.explain))
+    ):
+        report = await asyncio.to_thread(
+            _explain, state, model_id, messages=messages, tools=tools, prepared=prepared, report=report
+        )
+        runs[0].started = dataclasses.replace(runs[0].started, cache=report)
+        if notes is not None and notes.reports:
+            notes.reports[0] = report
+    return runs
+
+
+def _explain(
+    state: ServerState,
+    model_id: str,
+    *,
+    messages: Sequence[Message],
+    tools: Sequence[Tool],
+    prepared: PreparedChat,
+    report: CacheReport,
+) -> CacheReport:
+    """``report`` with the index of the message its divergence falls in, logged at debug level: the most leading
+    messages that, rendered alone (as the request was, without a generation prompt), still end before it. A binary
+    search, so a few renders however long the conversation."""
+    rt = state.runtime
+    at = report.diverged_at
+    assert at is not None
+    full = rt.tokenize(model_id, prepared.prompt, add_special=True, parse_special=True)
+
+    def before(i: int) -> bool:
+        """Whether the first ``i`` messages, rendered alone, are a prefix of the prompt that ends at or before the
+        divergence (a template that renders a message differently once it is not the last fails this too)."""
+        text = state.chat.prepare(model_id, messages[:i], tools=tools, add_generation_prompt=False).prompt
+        toks = rt.tokenize(model_id, text, add_special=True, parse_special=True)
+        return len(toks) <= at and toks == full[: len(toks)]
+
+    lo, hi = 0, len(messages)  # messages[:lo] end at or before the divergence
+    try:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if before(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+    except ErllamaError:  # a template that refuses a cut conversation: say what is known
+        pass
+    else:
+        report = dataclasses.replace(report, message=lo)
+    line = report.explain(lambda ids: rt.detokenize(model_id, ids))
+    log.debug("model %s: %s", model_id, line)
+    return dataclasses.replace(report, reason=line)
 
 
 async def start_text(
@@ -382,6 +442,7 @@ async def _admitted(
         release()
         raise
     if isinstance(first, Started):
+        note(first.cache)
         return ChatRun(state, name, model_id, prepared, stream, release, first, rest)
     stream.cancel()
     release()

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 import erllama
+from erllama.cache.report import CacheReport
 from erllama.chat import ChatResult, Message, Tool
 from erllama.errors import ErllamaError, InvalidInputError, UnknownModelError
 from erllama.runtime import Completion, TokenLogprob
@@ -88,20 +89,32 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def _final(c: Completion, started: float) -> dict[str, Any]:
+def _final(c: Completion, started: float, report: CacheReport | None = None) -> dict[str, Any]:
+    """The last chunk's counts. ``report``: the run's cache report as admitted (with the message its divergence
+    falls in, when worked out), else the completion's."""
     s = c.stats
+    report = report or c.cache
+    cache: dict[str, Any] = {
+        "hit": c.cache_hit_kind,
+        "prompt_tokens": s.prompt_tokens,
+        "cached_tokens": s.restored_tokens,
+    }
+    if report is not None:
+        cache.update((k, v) for k, v in report.as_dict().items() if v is not None)
     return {
         "done": True,
         "done_reason": "length" if c.finish_reason == "length" else "stop",
         "total_duration": _ns(time.perf_counter() - started),
         "load_duration": 0,
-        # like Ollama, only the prompt tokens evaluated now: a cached prefix is not counted
-        "prompt_eval_count": s.prompt_tokens - s.restored_tokens,
+        # as Ollama counts since its 0.30 runner (ollama#16428): the whole prompt, cached tokens included; the
+        # cached ones again in prompt_eval_cached_count (ollama#17943)
+        "prompt_eval_count": s.prompt_tokens,
+        "prompt_eval_cached_count": s.restored_tokens,
         "prompt_eval_duration": _ns(s.ttft_s),
         "eval_count": s.generated_tokens,
         "eval_duration": _ns(s.generate_s),
-        # erllama's own (Ollama clients ignore it): how the prompt cache served this request
-        "cache": {"hit": c.cache_hit_kind, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.restored_tokens},
+        # erllama's own (Ollama clients ignore it): how the prompt cache served this request, and why not more
+        "cache": cache,
     }
 
 
@@ -211,7 +224,10 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
         return out
 
     def final(end: End) -> dict[str, Any]:
-        body_ = {**piece(end.result.content if not body.stream else ""), **_final(end.completion, started)}
+        body_ = {
+            **piece(end.result.content if not body.stream else ""),
+            **_final(end.completion, started, run.started.cache),
+        }
         body_["context"] = list(end.completion.context_tokens)
         if not body.stream and end.result.thinking:
             body_["thinking"] = end.result.thinking
@@ -253,7 +269,7 @@ async def chat(body: ChatRequest, request: Request, state: StateDep) -> Any:
             message["thinking"] = end.result.thinking
         if end.result.tool_calls:
             message["tool_calls"] = _calls(end.result)
-        out = {**piece(message), **_final(end.completion, started)}
+        out = {**piece(message), **_final(end.completion, started, run.started.cache)}
         if not streamed and body.logprobs:
             out["logprobs"] = _logprobs(end.completion.logprobs)
         return out

@@ -161,7 +161,7 @@ def test_run_through_a_daemon_streams_as_records_arrive() -> None:
     written: list[str] = []
 
     class FakeDaemon:
-        def chat(self, model: str, messages: Any, options: Any) -> Iterator[dict[str, Any]]:
+        def chat(self, model: str, messages: Any, options: Any, *, explain: bool = False) -> Iterator[dict[str, Any]]:
             yield {"message": {"content": "Hel"}}
             assert written == ["Hel"], "the first piece is out before the next record is read"
             yield {"message": {"content": "lo"}, "done": True, "eval_count": 2, "eval_duration": 10**9}

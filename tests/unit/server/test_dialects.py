@@ -17,6 +17,7 @@ import pytest
 
 from erllama import Runtime
 from erllama.cache import CacheStore, RamTier, SavePolicy
+from erllama.cache.report import parse_header
 from erllama.chat import ChatEngine, Message, Tool
 from erllama.model import StubBackend
 from erllama.server import ServerConfig, create_app
@@ -152,8 +153,12 @@ def test_stateless_multi_turn_hits_the_cache(
             assert hit is not None
             prompt = ChatEngine(srt).prepare("hermes", [Message(m["role"], m["content"]) for m in messages]).prompt
             n_prompt = len(srt.tokenize("hermes", prompt, parse_special=True))
-            assert data["prompt_eval_count"] == n_prompt - hit["prefix_len"]  # Ollama counts only evaluated tokens
+            assert data["prompt_eval_count"] == n_prompt  # the whole prompt, as Ollama counts since ollama#16428
+            assert data["prompt_eval_cached_count"] == data["cache"]["cached_tokens"] == hit["prefix_len"]
             cached.append(hit["prefix_len"])
+        header = parse_header(resp.headers["x-erllama-cache"])  # every dialect: how the cache served the prompt
+        assert int(header["restored"]) == cached[-1]
+        assert header["kind"] == ("cold" if turn == 0 else "partial")
         assert reply == GREETING
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"Say hi again ({turn})"}]
     assert cached[0] == 0
@@ -523,7 +528,7 @@ def test_ollama_generate_continues_a_context(srt: Runtime) -> None:
     hit = srt.last_cache_hit("hermes")
     assert hit is not None
     assert hit["prefix_len"] >= len(context) - 1  # the whole earlier exchange came from the cache
-    assert second["prompt_eval_count"] < len(context)  # only the new turn was prefilled
+    assert second["prompt_eval_count"] - second["prompt_eval_cached_count"] < len(context)  # only the new turn
     assert second["context"][: len(context)] == context
     bad = request(
         srt, "POST", "/api/generate", json={"model": "hermes", "prompt": "x", "stream": False, "context": [10**9]}
