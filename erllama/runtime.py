@@ -255,12 +255,15 @@ class Runtime:
         use_cache: bool = True,
         logprobs: int | None = None,
         fit_context: bool = False,
+        save_at: Sequence[int] = (),
     ) -> Stream:
         """Start a request and stream it (see :class:`Stream`). A text prompt is tokenized with special tokens
         parsed; with ``parent_key`` the prompt continues that finish key's context. ``logprobs=n`` reports each
         reply token's log-probability and its ``n`` most likely alternatives (:class:`TokenLogprob`).
         ``max_tokens=None`` lets the reply run until the context is full; with ``fit_context`` a ``max_tokens``
-        beyond what the context leaves is lowered to that instead of refused (PromptTooLongError)."""
+        beyond what the context leaves is lowered to that instead of refused (PromptTooLongError). ``save_at``:
+        where the prompt is also saved as it is prefilled (offsets in a text prompt, positions in token ids), so
+        that a later prompt sharing only that head restores it."""
         config = _sampling(
             sampling,
             {
@@ -283,6 +286,7 @@ class Runtime:
             logprobs=logprobs,
             fit_context=fit_context,
             thinking=thinking,
+            save_at=save_at,
         )
         return Stream(self._entry(model_id).supervisor.submit(request), request.thinking)
 

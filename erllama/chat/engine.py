@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import jinja2
 
+from erllama.chat.stable import MARK
 from erllama.chat.template import ChatTemplate
 from erllama.chat.tools import (
     HERMES,
@@ -43,6 +44,7 @@ class PreparedChat:
     grammar: str | None = None
     tools: tuple[Tool, ...] = ()
     template: str = "builtin"
+    save_at: tuple[int, ...] = ()  # offsets in ``prompt`` where the client asked for cache breakpoints
     """``jinja`` (the model's template) or ``builtin`` (llama.cpp's)."""
 
     def parse(self, text: str) -> ChatResult:
@@ -122,6 +124,11 @@ class ChatEngine:
     ) -> PreparedChat:
         """Render ``messages`` for ``model_id``.
 
+        Cache breakpoints marked in the messages' text with :data:`~erllama.chat.stable.MARK` are removed from
+        the prompt and reported as ``save_at`` offsets in it: the conversation is rendered with and without the
+        marks, and a mark counts only where the text before it is the same in both (a template that rewrites
+        the text around it, or escapes it, loses that breakpoint, never the prompt).
+
         Args:
             tools: functions the model may call; ``tool_choice`` as in :data:`~erllama.chat.types.ToolChoice`.
             response_schema: a JSON schema the reply must satisfy (``{"type": "object"}`` for any JSON object).
@@ -133,6 +140,39 @@ class ChatEngine:
             InvalidInputError: an empty conversation, a tool_choice naming an unknown tool, or a template that
                 refuses the conversation; SchemaError for a schema the grammar converter cannot handle.
         """
+        kw: dict[str, Any] = {
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "response_schema": response_schema,
+            "add_generation_prompt": add_generation_prompt,
+            "template_kwargs": template_kwargs,
+            "continue_final": continue_final,
+        }
+        if not any(MARK in m.content for m in messages):
+            return self._prepare(model_id, messages, **kw)
+        clean = [dataclasses.replace(m, content=m.content.replace(MARK, "")) for m in messages]
+        real = self._prepare(model_id, clean, **kw)
+        marked = self._prepare(model_id, messages, **kw).prompt
+        offsets, at = set(), 0
+        for piece in marked.split(MARK)[:-1]:
+            at += len(piece)
+            offsets.add(at)
+        stripped = marked.replace(MARK, "")
+        keep = sorted(o for o in offsets if 0 < o <= len(real.prompt) and stripped[:o] == real.prompt[:o])
+        return dataclasses.replace(real, save_at=tuple(keep))
+
+    def _prepare(
+        self,
+        model_id: str,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Tool],
+        tool_choice: ToolChoice,
+        response_schema: Mapping[str, Any] | bool | None,
+        add_generation_prompt: bool,
+        template_kwargs: Mapping[str, Any] | None,
+        continue_final: bool,
+    ) -> PreparedChat:
         if not messages:
             raise InvalidInputError("the conversation has no messages")
         if tool_choice not in ("auto", "none", "required") and tool_choice not in {t.name for t in tools}:

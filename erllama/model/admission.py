@@ -75,7 +75,8 @@ class Admitter:
         fold = backend.info.last_token_foldable
         hit, cache = COLD, SeqCache(enabled=False)
         if self.link is not None and request.use_cache:
-            admission = self.link.on_admit(backend, seq_id, tokens, request.parent_key, fold=fold)
+            points = self._save_points(w, tokens)
+            admission = self.link.on_admit(backend, seq_id, tokens, request.parent_key, fold=fold, save_at=points)
             hit, cache = admission.hit, admission.cache
         backend.set_sampler(seq_id, request.sampling)
         r = Running(
@@ -111,6 +112,22 @@ class Admitter:
 
     def _refuse(self, w: Waiting, exc: Exception) -> None:
         self.outbox.emit(w.handle, ErrorEvent(exc))
+
+    def _save_points(self, w: Waiting, context: list[int]) -> list[int]:
+        """The request's ``save_at`` as positions in its context: for a text prompt, the tokens the text before
+        each offset shares with the prompt's (a token may straddle the offset: the point is then before it)."""
+        r = w.request
+        if not r.save_at or w.tokens is None:
+            return []
+        start = len(context) - len(w.tokens)  # after a parent's tokens
+        if not isinstance(r.prompt, str):
+            return [start + p for p in r.save_at]
+        points = []
+        for offset in r.save_at:
+            head = self.backend.tokenize(r.prompt[:offset], add_special=r.parent_key is None, parse_special=True)
+            n = next((i for i, (a, b) in enumerate(zip(head, w.tokens, strict=False)) if a != b), len(head))
+            points.append(start + n)
+        return points
 
     def _context_of(self, w: Waiting, parked: list[Waiting]) -> list[int] | None:
         """The request's whole context: its prompt, after its parent's tokens for a parent_key continuation."""

@@ -101,15 +101,27 @@ class SeqCache:
 
     Attributes:
         enabled: restore and save this sequence (off once its KV mixes two adapter settings).
-        cold_point: where its prompt is saved while prefilling (None: no cold save due).
+        cold_point: where its prompt is saved next while prefilling (None: no save due).
         last_save: how many of its tokens the last save (or the restore) covered.
         reserved: it holds the reservation of its finish row (taken when it began closing).
+        later: the prompt's save points after ``cold_point``, in order, with their reasons (a client's
+            breakpoints are ``MANUAL``; the policy's point is ``COLD``).
+        reason: why ``cold_point`` is saved.
     """
 
     enabled: bool
     cold_point: int | None = None
     last_save: int = 0
     reserved: bool = False
+    later: list[tuple[int, SaveReason]] = dataclasses.field(default_factory=list)
+    reason: SaveReason = SaveReason.COLD
+
+    def next_point(self) -> None:
+        """Move on to the next save point (None when none is left)."""
+        if self.later:
+            self.cold_point, self.reason = self.later.pop(0)
+        else:
+            self.cold_point = None
 
 
 class CachedSequence(Protocol):
@@ -206,16 +218,34 @@ class CacheLink:
     # -- admission ----------------------------------------------------------------------------------------------
 
     def on_admit(
-        self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], parent: CacheKey | None, *, fold: bool
+        self,
+        backend: ModelBackend,
+        seq_id: int,
+        tokens: Sequence[int],
+        parent: CacheKey | None,
+        *,
+        fold: bool,
+        save_at: Sequence[int] = (),
     ) -> Admission:
-        """Restore the most of ``tokens`` into the empty ``seq_id`` and set the prompt's cold save point (with
-        ``fold``, the last prompt token rides in the final prefill chunk: a save point one short of the prompt
-        becomes the whole prompt, saved once its first token is out)."""
+        """Restore the most of ``tokens`` into the empty ``seq_id`` and set the prompt's save points: the policy's
+        cold point and ``save_at`` (a client's cache breakpoints, as token positions; those the restore covers, or
+        shorter than the policy's ``min_tokens``, are dropped). With ``fold`` the last prompt token rides in the
+        final prefill chunk: a save point one short of the prompt becomes the whole prompt, saved once its first
+        token is out."""
         hit = self.restore(backend, seq_id, tokens, parent)
-        cold_point = self._cold_point(len(tokens), hit.prefix_len)
-        if fold and cold_point == len(tokens) - 1:
-            cold_point = len(tokens)
-        return Admission(hit, SeqCache(True, cold_point, last_save=hit.prefix_len))
+        n = len(tokens)
+        points: dict[int, SaveReason] = {}
+        for p in save_at:
+            if hit.prefix_len < p < n and p >= max(self.policy.min_tokens, 1):
+                points[p] = SaveReason.MANUAL
+        cold_point = self._cold_point(n, hit.prefix_len)
+        if cold_point is not None:
+            points[cold_point] = SaveReason.COLD
+        if fold and n - 1 in points:
+            points[n] = points.pop(n - 1)
+        cache = SeqCache(True, last_save=hit.prefix_len, later=sorted(points.items()))
+        cache.next_point()
+        return Admission(hit, cache)
 
     def restore(self, backend: ModelBackend, seq_id: int, tokens: Sequence[int], parent: CacheKey | None) -> CacheHit:
         """Restore the most of ``tokens`` the cache can give (at most ``len(tokens) - 1``) into an empty ``seq_id``;
@@ -327,9 +357,12 @@ class CacheLink:
         c = seq.cache
         if not c.enabled:
             return
+        while c.cold_point is not None and seq.fed > c.cold_point:  # (chunks end at save points; never skip one)
+            c.next_point()
         if c.cold_point is not None and seq.fed == c.cold_point:
-            self._save(backend, seq.seq_id, seq.tokens[: seq.fed], SaveReason.COLD)
-            c.last_save, c.cold_point = seq.fed, None
+            self._save(backend, seq.seq_id, seq.tokens[: seq.fed], c.reason)
+            c.last_save = seq.fed
+            c.next_point()
         elif (
             seq.fed > seq.n_prompt
             and not seq.ended

@@ -29,6 +29,8 @@ class GenerateRequest:
         logprobs: report each reply token's log-probability and this many alternatives (None: not at all).
         fit_context: a ``max_tokens`` beyond what the context leaves is lowered to it instead of refused.
         thinking: split ``<think>`` ... ``</think>`` text out of the reply (read by the runtime's stream).
+        save_at: where the prompt is also saved while prefilling (a client's cache breakpoints): offsets in a text
+            prompt (the worker maps each to the tokens of the text before it), or positions in a token prompt.
     """
 
     prompt: str | Sequence[int]  # stored as a tuple of ints
@@ -40,11 +42,15 @@ class GenerateRequest:
     logprobs: int | None = None
     fit_context: bool = False
     thinking: bool = False
+    save_at: Sequence[int] = ()  # stored as a sorted tuple
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "save_at", tuple(sorted({int(p) for p in self.save_at})))
+        if any(p < 0 or p > len(self.prompt) for p in self.save_at):
+            raise InvalidInputError("save_at points must lie within the prompt")
         if not self.prompt:
             raise InvalidInputError("a request needs at least one prompt token")
         if self.max_tokens is not None and self.max_tokens < 0:

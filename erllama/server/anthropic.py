@@ -10,6 +10,7 @@ Content blocks map to :mod:`erllama.chat.types`: ``text``; ``tool_use`` (an assi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from erllama.chat import ChatResult, Message, Tool, ToolCall
+from erllama.chat.stable import BILLING_HEADER, MARK, strip_billing_header
 from erllama.errors import InvalidInputError, PromptTooLongError
 from erllama.runtime import Completion
 from erllama.sampling import SamplerConfig
@@ -89,6 +91,12 @@ class ToolIn(BaseModel):
     name: Annotated[str, Field(min_length=1, max_length=128)]
     description: str = ""
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    cache_control: dict[str, Any] | None = None
+
+
+def _breakpoint(block: Block) -> str:
+    """:data:`MARK` after a block that carries ``cache_control`` (a save point there), else nothing."""
+    return MARK if (block.model_extra or {}).get("cache_control") else ""
 
 
 class ToolChoiceIn(BaseModel):
@@ -112,11 +120,28 @@ class CountRequest(BaseModel):
     tools: list[ToolIn] | None = None
     tool_choice: ToolChoiceIn | None = None
 
-    def neutral(self) -> list[Message]:
+    def neutral(self, *, strip_billing: bool = False) -> list[Message]:
+        """The conversation as neutral messages, a :data:`MARK` after each block with ``cache_control`` (and,
+        for a cached tool list, before the first turn: the tools render before it). ``strip_billing``: drop
+        Claude Code's volatile ``x-anthropic-billing-header`` line from the system blocks
+        (:mod:`erllama.chat.stable`)."""
         out: list[Message] = []
         if self.system:
-            text = self.system if isinstance(self.system, str) else "".join(b.text or "" for b in self.system)
-            out.append(Message(role="system", content=text))
+            if isinstance(self.system, str):
+                text = self.system
+            else:
+                parts = []
+                for b in self.system:
+                    t = b.text or ""
+                    if strip_billing and b.type == "text" and BILLING_HEADER.match(t):
+                        t = strip_billing_header(t)
+                        if not t.strip():
+                            continue
+                    parts.append(t + _breakpoint(b))
+                text = "".join(parts)
+            if text:
+                out.append(Message(role="system", content=text))
+        tools_cached = any(t.cache_control for t in self.tools or ())
         names: dict[str, str] = {}
         for m in self.messages:
             if isinstance(m.content, str):
@@ -125,7 +150,7 @@ class CountRequest(BaseModel):
             texts, calls, thinking = [], [], None
             for b in m.content:
                 if b.type == "text":
-                    texts.append(b.text or "")
+                    texts.append((b.text or "") + _breakpoint(b))
                 elif b.type == "tool_use" and m.role == "assistant":
                     if not b.id or not b.name:
                         raise InvalidInputError("a tool_use block needs an id and a name")
@@ -135,6 +160,7 @@ class CountRequest(BaseModel):
                     if not b.tool_use_id:
                         raise InvalidInputError("a tool_result block needs a tool_use_id")
                     body = b.content if isinstance(b.content, str) else _block_text(b.content or [])
+                    body += _breakpoint(b)
                     out.append(
                         Message(role="tool", content=body, tool_call_id=b.tool_use_id, name=names.get(b.tool_use_id))
                     )
@@ -144,6 +170,10 @@ class CountRequest(BaseModel):
                     raise InvalidInputError(f"content blocks of type {b.type!r} are not supported in {m.role} turns")
             if texts or calls or not m.content:
                 out.append(Message(role=m.role, content="".join(texts), tool_calls=tuple(calls), thinking=thinking))
+        if tools_cached:
+            first = next((i for i, m in enumerate(out) if m.role != "system"), None)
+            if first is not None:
+                out[first] = dataclasses.replace(out[first], content=MARK + out[first].content)
         return out
 
     def tool_list(self) -> list[Tool]:
@@ -240,7 +270,7 @@ async def count_tokens(body: CountRequest, state: StateDep) -> Any:
     prepared = await asyncio.to_thread(
         state.chat.prepare,
         model_id,
-        body.neutral(),
+        body.neutral(strip_billing=state.config.stable.strip_billing_header),
         tools=body.tool_list(),
         tool_choice=body.choice(),
         continue_final=True,
@@ -256,7 +286,7 @@ async def messages(body: MessagesRequest, request: Request, state: StateDep) -> 
     run = await start_chat(
         state,
         body.model,
-        body.neutral(),
+        body.neutral(strip_billing=state.config.stable.strip_billing_header),
         body.params(),
         tools=body.tool_list(),
         tool_choice=body.choice(),

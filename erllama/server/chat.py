@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from erllama.cache.report import CacheReport
 from erllama.chat import ChatResult, Message, PreparedChat, Tool, ToolChoice
+from erllama.chat.stable import stabilize
 from erllama.errors import ErllamaError, TokenIdError
 from erllama.runtime import (
     Completion,
@@ -262,6 +263,7 @@ async def start_chat_choices(
     llama-server's extension) constrains the reply instead of a schema's."""
     model_id = await state.ensure_loaded(model, keep_alive_s)
     model = model or state.served_name(None)  # a request that named none is answered in the default's name
+    messages, tools = stabilize(messages, tools, state.config.stable)
     prepared = await asyncio.to_thread(
         state.chat.prepare,
         model_id,
@@ -280,6 +282,7 @@ async def start_chat_choices(
         n=n,
         grammar=grammar or prepared.grammar,
         prepared=prepared,
+        save_at=prepared.save_at,
     )
     report = runs[0].started.cache
     notes = current()
@@ -371,6 +374,7 @@ async def _start_choices(
     n: int,
     grammar: str | None,
     prepared: PreparedChat | None,
+    save_at: Sequence[int] = (),
 ) -> list[ChatRun]:
     """Start ``n`` runs of one prompt, each in its own queue slot. With ``n > 1`` the prompt is prefilled once
     first and saved, so that every choice restores it from the cache instead of computing it again; a seeded
@@ -394,7 +398,7 @@ async def _start_choices(
                     )
                 release = await state.acquire(model_id)
                 try:
-                    stream = _infer(state, model_id, prompt, p, grammar)
+                    stream = _infer(state, model_id, prompt, p, grammar, save_at=save_at)
                 except BaseException:
                     release()
                     raise
@@ -451,7 +455,15 @@ async def _admitted(
     raise ErllamaError(f"the request began with {type(first).__name__}, not its admission")
 
 
-def _infer(state: ServerState, model_id: str, prompt: str | list[int], params: Params, grammar: str | None) -> Stream:
+def _infer(
+    state: ServerState,
+    model_id: str,
+    prompt: str | list[int],
+    params: Params,
+    grammar: str | None,
+    *,
+    save_at: Sequence[int] = (),
+) -> Stream:
     if isinstance(prompt, str):
         utf8(prompt, "the prompt")  # a lone surrogate is refused here, before a stream starts, not in the worker
     if params.sampling.logit_bias:
@@ -469,4 +481,5 @@ def _infer(state: ServerState, model_id: str, prompt: str | list[int], params: P
         sampling=sampling,
         thinking=params.thinking,
         logprobs=params.logprobs,
+        save_at=save_at,
     )

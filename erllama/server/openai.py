@@ -183,7 +183,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     runs = await start_chat_choices(
         state,
         body.model or "",
-        [m.neutral() for m in body.messages],
+        body.neutral(),
         body.params(max_tokens if max_tokens is not None else state.default_max_tokens),
         body.n,
         tools=tools,

@@ -4,6 +4,7 @@ values (:mod:`erllama.chat.types`, :class:`~erllama.server.chat.Params`) before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated, Any, Literal
 
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from erllama.chat import Message, ToolCall
 from erllama.chat.schema import JSON_OBJECT_SCHEMA
+from erllama.chat.stable import MARK
 from erllama.errors import InvalidInputError
 from erllama.sampling import SamplerConfig
 from erllama.server.chat import Params
@@ -66,7 +68,7 @@ class ChatMessage(BaseModel):
                 raise InvalidInputError(
                     f"content parts of type {kind!r} are not supported: the model reads text only ({self.role} message)"
                 )
-            texts.append(str(part.get("text", "")))
+            texts.append(str(part.get("text", "")) + (MARK if part.get("cache_control") else ""))
         return "".join(texts)
 
     def neutral(self) -> Message:
@@ -216,6 +218,19 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool | None = None
     timings_per_token: bool = False  # llama-server's extensions: its timings in the stream's last chunks,
     verbose: bool = False  # and the rendered prompt (``__verbose``) in a reply
+    prompt_cache_key: Annotated[str | None, Field(max_length=1024)] = None
+
+    def neutral(self) -> list[Message]:
+        """The conversation as neutral messages, with cache breakpoints marked (:mod:`erllama.chat.stable`): after
+        each content part that carries ``cache_control`` (as OpenAI-compatible gateways pass Anthropic's through),
+        and, with a ``prompt_cache_key``, before the first turn after the system prompt (the head the client's
+        requests share, whatever their tails)."""
+        out = [m.neutral() for m in self.messages]
+        if self.prompt_cache_key:
+            first = next((i for i, m in enumerate(out) if m.role != "system"), None)
+            if first is not None and first > 0:
+                out[first] = dataclasses.replace(out[first], content=MARK + out[first].content)
+        return out
 
     def continues(self) -> bool:
         """Whether the reply continues a final assistant message: when asked (``continue_final_message``, vLLM's

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 from fastapi import Depends, Request
 
 from erllama.chat import ChatEngine
+from erllama.chat.stable import StableOptions
 from erllama.errors import InvalidInputError, OverloadedError, UnknownModelError, WorkerStoppedError
 from erllama.runtime import Runtime
 from erllama.server.metrics import LiveView, Metrics
@@ -36,6 +37,7 @@ class ServerConfig:
 
     Attributes:
         api_key: when set, every request must carry it (``Authorization: Bearer`` or ``x-api-key``).
+        stable: which rewrites keep agent clients' prompt prefixes stable (:mod:`erllama.chat.stable`).
         max_body_bytes: larger request bodies are refused with 413.
         max_messages: conversations with more messages are refused with 400.
         default_max_tokens: reply length when a request does not say (None: what the context leaves).
@@ -61,6 +63,7 @@ class ServerConfig:
     """
 
     api_key: str | None = None
+    stable: StableOptions = dataclasses.field(default_factory=StableOptions)
     max_body_bytes: int = 8 << 20
     max_messages: int = 1024
     default_max_tokens: int | None = None
