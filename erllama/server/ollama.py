@@ -253,7 +253,7 @@ async def chat(body: ChatRequest, request: Request, state: StateDep) -> Any:
     run = await start_chat(
         state,
         body.model,
-        [m.neutral() for m in body.messages],
+        [m.neutral(i) for i, m in enumerate(body.messages)],
         body.params(state.default_max_tokens),
         tools=tools,
         response_schema=body.response_schema(),

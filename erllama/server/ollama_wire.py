@@ -4,6 +4,7 @@ values (:mod:`erllama.chat.types`, :class:`~erllama.server.chat.Params`) before 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated, Any, Literal
 
@@ -11,7 +12,6 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from erllama.chat import Message, ToolCall
 from erllama.chat.schema import JSON_OBJECT_SCHEMA
-from erllama.chat.tools import new_call_id
 from erllama.errors import InvalidInputError
 from erllama.sampling import SamplerConfig
 from erllama.server.chat import (
@@ -114,14 +114,18 @@ class ChatMessageIn(BaseModel):
     tool_calls: list[ToolCallIn] | None = None
     tool_name: str | None = None
 
-    def neutral(self) -> Message:
+    def neutral(self, at: int = 0) -> Message:
+        """The message as a neutral one (``at``: its index in the conversation). Ollama's calls carry no ids, and
+        a template may render them: each gets one derived from its place and its content, so a conversation
+        resent whole renders the same prompt every time (a fresh random id per request would miss the cache)."""
         if self.images:
             raise InvalidInputError("images are not supported by this model")
-        calls = tuple(
-            ToolCall(new_call_id(), c.function.name, json.dumps(c.function.arguments, ensure_ascii=False))
-            for c in self.tool_calls or ()
-        )
-        return Message(self.role, self.content, calls, name=self.tool_name, thinking=self.thinking)
+        calls = []
+        for i, c in enumerate(self.tool_calls or ()):
+            args = json.dumps(c.function.arguments, ensure_ascii=False)
+            digest = hashlib.blake2b(f"{at}\0{i}\0{c.function.name}\0{args}".encode(), digest_size=12).hexdigest()
+            calls.append(ToolCall(f"call_{digest}", c.function.name, args))
+        return Message(self.role, self.content, tuple(calls), name=self.tool_name, thinking=self.thinking)
 
 
 class FunctionDef(BaseModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from erllama.cache import CacheStore, FileTier, RamTier, SavePolicy
-from erllama.cache.kvc import RowMeta
+from erllama.cache.kvc import RowMeta, SaveReason
 from erllama.cache.report import parse_header
 from erllama.cache.tier import Payload
 from erllama.errors import InvalidInputError, StateError
@@ -713,5 +713,45 @@ def test_the_cache_counts_what_it_served_in_tokens(store: CacheStore) -> None:
         assert rows
         assert sum(r.hits for r in rows) == 1
         assert store.tier_tokens()["ram"] == sum(r.meta.n_tokens for r in rows if "ram" in r.tiers)
+    finally:
+        w.stop()
+
+
+def test_save_at_saves_a_row_at_each_breakpoint_while_prefilling(store: CacheStore) -> None:
+    """A text prompt's save_at offsets become token positions; a row is saved at each (reason MANUAL) besides the
+    policy's cold row, so a prompt that keeps only the head up to a breakpoint restores all of it exactly."""
+    w = make_worker(store)
+    try:
+        head = "System: you are an agent with a long and stable set of instructions. "
+        middle = "Tool catalogue: read, write, bash, grep, and more tools besides. "
+        prompt = head + middle + "User: the first question, which changes every turn."
+        done = w.submit(GenerateRequest(prompt, max_tokens=2, save_at=(len(head), len(head + middle)))).result(20)
+        assert done.finish_reason is not None
+        settle(store)
+        rows = {r.meta.n_tokens: r.meta.save_reason for r in store.rows()}
+        n_head, n_mid = len(text(head)), len(text(head + middle))
+        assert rows[n_head] == rows[n_mid] == SaveReason.MANUAL
+        assert SaveReason.COLD in rows.values()
+
+        other = text(head + middle + "User: something else entirely, of about the same length.")
+        hit = run(w, other, n=2).cache
+        assert hit is not None
+        assert hit.restored_tokens >= n_mid  # the head up to the last breakpoint, at least
+        with pytest.raises(InvalidInputError):
+            GenerateRequest(prompt, save_at=(len(prompt) + 1,))
+    finally:
+        w.stop()
+
+
+def test_save_points_split_the_prefill_where_they_fall(store: CacheStore) -> None:
+    """The planner ends a prefill chunk at every save point, so each row holds exactly its tokens."""
+    w = make_worker(store, n_batch=256)
+    try:
+        tokens = text("word " * 60)
+        points = (20, 45, 150)
+        run(w, tokens, n=1, save_at=points)
+        settle(store)
+        saved = sorted(r.meta.n_tokens for r in store.rows() if r.meta.save_reason == SaveReason.MANUAL)
+        assert saved == [20, 45, 150]
     finally:
         w.stop()
