@@ -66,8 +66,16 @@ def srt() -> Iterator[Runtime]:
     runtime.cache.close()
 
 
-def request(rt: Runtime, method: str, path: str, config: ServerConfig | None = None, **kw: Any) -> httpx.Response:
-    app = create_app(rt, {"hermes": "hermes", "plain": "plain"}, config)
+def request(
+    rt: Runtime,
+    method: str,
+    path: str,
+    config: ServerConfig | None = None,
+    *,
+    models: dict[str, str] | None = None,
+    **kw: Any,
+) -> httpx.Response:
+    app = create_app(rt, models or {"hermes": "hermes", "plain": "plain"}, config)
 
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:

@@ -48,7 +48,7 @@ def replay(
     prompts = [prompt_tokens(rt, b["model"], dialect, b, (config or ServerConfig()).stable) for b in bodies]
     out = []
     for t, body in enumerate(bodies):
-        r = request(rt, "POST", PATHS[dialect], config, json=body)
+        r = request(rt, "POST", PATHS[dialect], config, models={body["model"]: body["model"]}, json=body)
         assert r.status_code == 200, r.text
         header = parse_header(r.headers["x-erllama-cache"])
         assert int(header["prompt"]) == len(prompts[t])
@@ -98,3 +98,35 @@ def test_tools_in_another_order_restore_the_whole_prompt(rt: Runtime) -> None:
     first, second = replay(rt, "openai", [body, shuffled])
     assert first[0] == 0
     assert second[0] == second[2] - 1  # exact: everything but the last token
+
+
+THINKING_TEMPLATE = (  # renders an assistant turn's reasoning, as reasoning models' templates do
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>{{ m.reasoning_content }}"
+    "</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+def test_thinking_dropped_on_replay_restores_up_to_the_reasoning(rt: Runtime) -> None:
+    """opencode#19081: a client replays an assistant turn without the reasoning it was sent with. A server cannot
+    invent the KV of a context the model never saw, so what is restored is everything before the first token that
+    differs: the turn's header. (A template that drops old reasoning itself, as Qwen3's do, costs the same.)"""
+    rt.load_model(
+        backend=lambda: StubBackend(n_seq_max=2, n_ctx_seq=1 << 14, eos_bias=-50.0, chat_template=THINKING_TEMPLATE),
+        model_id="thinker",
+    )
+    system = "You reason step by step before you answer. " * 8
+    turn: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is 2 + 2? Explain."},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Two plus two: count up from two, twice.", "signature": "s"},
+            {"type": "text", "text": "It is 4."},
+        ]},
+        {"role": "user", "content": "And 3 + 3?"},
+    ]  # fmt: skip
+    with_thinking = {"model": "thinker", "system": system, "messages": turn, "max_tokens": 2}
+    dropped = {**with_thinking, "messages": [turn[0], {"role": "assistant", "content": "It is 4."}, turn[2]]}
+    (_, _, _), (restored, top, n) = replay(rt, "anthropic", [with_thinking, dropped])
+    assert restored == top < n - 20
+    prompt = prompt_tokens(rt, "thinker", "anthropic", dropped)
+    assert bytes(t - 3 for t in prompt[top - 22 : top]).endswith(b"<|im_start|>assistant\n")
