@@ -25,7 +25,8 @@ class derives from it too, so ``except ValueError`` keeps working for bad input 
     │   ├── DownloadError                    a transfer failed or was refused (what arrived is kept to resume)
     │   └── ChecksumError                    fetched bytes whose sha256 (or format) is not what was promised
     ├── CacheError                           the KV-state cache
-    │   └── CorruptCacheFileError (ValueError) a KVC file that is truncated, altered or not one (fields: reason)
+    │   ├── CorruptCacheFileError (ValueError) a KVC file that is truncated, altered or not one (fields: reason)
+    │   └── UnknownCacheRowError (KeyError)  a cache key (prefix) naming no stored row, or several
     └── NativeError (RuntimeError)           llama.cpp reported a failure
         ├── LibraryError (ImportError)       libllama missing, not built, or its ABI does not match the cdef
         ├── ModelLoadError (OSError)         a GGUF that is missing, unreadable or corrupt
@@ -72,6 +73,7 @@ __all__ = [
     "StoreError",
     "ThreadAffinityError",
     "TokenIdError",
+    "UnknownCacheRowError",
     "UnknownModelError",
     "WorkerStoppedError",
 ]
@@ -214,6 +216,13 @@ class CorruptCacheFileError(CacheError, ValueError):
         super().__init__(f"{path}: {reason}" if path else reason)
         self.reason = reason
         self.path = path
+
+
+class UnknownCacheRowError(CacheError, KeyError):
+    """A cache key (or key prefix) that names no stored row, or more than one."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 class NativeError(ErllamaError, RuntimeError):

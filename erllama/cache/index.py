@@ -176,6 +176,12 @@ class PrefixIndex:
         self._summary = (version, max_links, summary)
         return summary
 
+    def keys(self, namespace: Namespace | bytes | None = None) -> list[CacheKey]:
+        """The registered rows' keys (of one namespace, when given)."""
+        root = namespace.digest() if isinstance(namespace, Namespace) else namespace
+        with self._lock:
+            return [k for k, row in self._rows.items() if root is None or row.links[0] == root]
+
     def n_tokens(self, key: CacheKey) -> int | None:
         row = self._rows.get(key)
         return None if row is None else row.n_tokens

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from erllama.errors import ErllamaError
 from erllama.runtime import Runtime
-from erllama.server import anthropic, llamacpp, ollama, openai
+from erllama.server import anthropic, cache_api, llamacpp, ollama, openai
 from erllama.server.notes import EXPLAIN_HEADER, HEADER, open_notes
 from erllama.server.state import ModelSource, ServerConfig, ServerState
 
@@ -48,7 +48,7 @@ def _dialect(path: str) -> str:
 # an ErllamaError a route raises, in the envelope of the dialect whose module defines the route
 _MAP_ERROR: dict[str, Callable[[BaseException], JSONResponse]] = {
     m.__name__: m.map_error for m in (openai, anthropic, ollama, llamacpp)
-}
+} | {cache_api.__name__: openai.map_error}
 
 
 def _error(dialect: str, status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -94,6 +94,7 @@ def create_app(
     app.include_router(anthropic.router)
     app.include_router(ollama.router)
     app.include_router(llamacpp.router)
+    app.include_router(cache_api.router)
 
     app.add_middleware(_Guard, state=state)
 

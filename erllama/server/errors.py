@@ -12,6 +12,7 @@ from erllama.errors import (
     OverloadedError,
     PromptTooLongError,
     SamplerError,
+    UnknownCacheRowError,
     UnknownModelError,
     WorkerStoppedError,
 )
@@ -32,7 +33,7 @@ class Failure:
 
 def failure(exc: BaseException) -> Failure:
     """The failure ``exc`` stands for; anything outside erllama's tree is re-raised (a bug, a 500)."""
-    if isinstance(exc, UnknownModelError):
+    if isinstance(exc, UnknownModelError | UnknownCacheRowError):
         return Failure("not_found", str(exc))
     if isinstance(exc, PromptTooLongError):
         return Failure("invalid", str(exc), code="context_length_exceeded", exc=exc)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric, UnknownMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class LiveView:
         models: how many models the daemon can serve by name.
         tiers: per cache tier, its name, bytes held, byte budget and rows.
         counters: the runtime cache's counters.
+        tier_tokens: per cache tier, the prompt tokens its rows hold.
     """
 
     queues: tuple[tuple[str, int, int], ...] = ()
@@ -51,6 +52,7 @@ class LiveView:
     tiers: tuple[tuple[str, int, int, int], ...] = ()
     counters: Mapping[str, float] = dataclasses.field(default_factory=dict)
     kv_usage: tuple[tuple[str, float], ...] = ()
+    tier_tokens: tuple[tuple[str, int], ...] = ()
 
 
 class _Live(Collector):
@@ -102,6 +104,20 @@ class _Live(Collector):
         yield used
         yield budget
         yield rows
+        # in tokens, as vLLM and SGLang count: what each tier holds, and what each served (SGLang's cache_source);
+        # the tokens looked up are erllama_cache_query_tokens, those restored erllama_cache_restored_tokens
+        held = GaugeMetricFamily("erllama_cache_tier_tokens", "Prompt tokens held by a cache tier", labels=["tier"])
+        for tier, n in view.tier_tokens:
+            held.add_metric([tier], n)
+        yield held
+        served = CounterMetricFamily(
+            "erllama_cache_restored_tokens_by_tier",
+            "Prompt tokens restored, by the tier that served them",
+            labels=["tier"],
+        )
+        for tier, *_ in view.tiers:
+            served.add_metric([tier], view.counters.get(f"{tier}_restored_tokens", 0))
+        yield served
         for key, value in sorted(view.counters.items()):
             name = "erllama_cache_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
             yield UnknownMetricFamily(name, f"cache counter {key}", value=value)

@@ -382,7 +382,8 @@ class ServerState:
             (t.name, t.used_bytes, t.budget_bytes, len(t)) for t in (cache.tiers if cache is not None else ())
         )
         kv = tuple((name, self.runtime.kv_usage(model_id)) for name, (model_id, _) in self.loaded().items())
-        return LiveView(queues, len(self.model_names()), tiers, self.runtime.counters(), kv)
+        tokens = tuple(cache.tier_tokens().items()) if cache is not None else ()
+        return LiveView(queues, len(self.model_names()), tiers, self.runtime.counters(), kv, tokens)
 
 
 def server_state(request: Request) -> ServerState:
