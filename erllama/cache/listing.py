@@ -7,15 +7,19 @@ each tier holding it, why it was saved, when, how often requests restored it, an
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from erllama.cache.key import CacheKey, Namespace
+from erllama.cache.kvc import read_meta
 from erllama.cache.store import CacheStore, RowInfo
-from erllama.errors import UnknownCacheRowError
+from erllama.errors import CorruptCacheFileError, UnknownCacheRowError
 
-__all__ = ["PREVIEW_TOKENS", "find_key", "row_record", "stats_record"]
+__all__ = ["PREVIEW_TOKENS", "DirRow", "find_key", "read_dir", "row_record", "stats_record"]
 
 PREVIEW_TOKENS = 24  # tokens of a row's text shown in a listing
 
@@ -98,3 +102,36 @@ def stats_record(store: CacheStore) -> dict[str, Any]:
         "restored_tokens_by_tier": {t.name: counters.get(f"{t.name}_restored_tokens", 0) for t in store.tiers},
         "counters": counters,
     }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DirRow:
+    """A row file of a kv directory read without a daemon: its record's source and where it lies."""
+
+    info: RowInfo
+    path: Path
+
+
+def read_dir(root: str | os.PathLike[str], tier: str = "disk") -> tuple[list[DirRow], list[Path]]:
+    """The rows of a file tier's directory, read from their headers only (nothing is changed: no scan cleanup, no
+    eviction), most recently used first; and the files that are not readable rows."""
+    rows: list[DirRow] = []
+    bad: list[Path] = []
+    base = Path(root)
+    try:
+        fans = [e for e in os.scandir(base) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return rows, bad
+    for fan in fans:
+        for entry in os.scandir(fan.path):
+            if not entry.name.endswith(".kvc"):
+                continue
+            path = Path(entry.path)
+            try:
+                meta, size = read_meta(path)
+            except (OSError, CorruptCacheFileError):
+                bad.append(path)
+                continue
+            rows.append(DirRow(RowInfo(meta, {tier: size}, meta.hit_count, meta.last_used_ns), path))
+    rows.sort(key=lambda r: max(r.info.last_used_ns, r.info.meta.created_ns), reverse=True)
+    return rows, bad

@@ -5,7 +5,7 @@ Exit codes (also in docs/cli.md)::
     0  success
     1  failure (a download, the daemon or the runtime failed)
     2  usage error (unknown command or option)
-    3  no such model
+    3  no such model (or cache row)
     4  no daemon at the address (ps, stop)
     5  invalid input: a bad name, a refused source
     6  verification failed: a checksum mismatch, not a GGUF file
@@ -26,6 +26,7 @@ from erllama.errors import (
     DaemonUnavailableError,
     ErllamaError,
     InvalidInputError,
+    UnknownCacheRowError,
     UnknownModelError,
 )
 
@@ -155,11 +156,25 @@ def _parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", parents=[common], help="unload a model from a running daemon")
     stop.add_argument("model")
     sub.add_parser("version", parents=[common], help="erllama's and llama.cpp's versions")
+
+    cache = sub.add_parser("cache", help="what the KV-state cache holds (a running daemon's, or a kv directory's)")
+    ksub = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    where = argparse.ArgumentParser(add_help=False, parents=[common])
+    where.add_argument("--dir", help="read this kv directory instead of asking the daemon")
+    where.add_argument("--model", help="rows of this model (with --dir: its vocabulary shows their text)")
+    kls = ksub.add_parser("ls", parents=[where], help="rows, most recently used first")
+    kls.add_argument("--limit", type=int, default=50, help="rows shown (default: 50)")
+    kshow = ksub.add_parser("show", parents=[where], help="one row (a unique key prefix will do)")
+    kshow.add_argument("key")
+    krm = ksub.add_parser("rm", parents=[where], help="remove rows (key prefixes), or --all")
+    krm.add_argument("keys", nargs="*")
+    krm.add_argument("--all", action="store_true", help="every row (of --model, when given)")
+    ksub.add_parser("stats", parents=[where], help="per tier: rows, tokens, bytes; hits in tokens")
     return parser
 
 
 def _exit_code(exc: ErllamaError) -> int:
-    if isinstance(exc, UnknownModelError):
+    if isinstance(exc, UnknownModelError | UnknownCacheRowError):
         return EXIT_CODES["not_found"]
     if isinstance(exc, DaemonUnavailableError):
         return EXIT_CODES["no_daemon"]
@@ -184,6 +199,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return int(exc.code or 0)
     out = Output(as_json=getattr(args, "json", False))
     from erllama.cli import commands
+    from erllama.cli.cache import cmd_cache
     from erllama.cli.run import run
     from erllama.cli.serve import serve
 
@@ -197,6 +213,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         "stop": commands.cmd_stop,
         "version": commands.cmd_version,
         "run": run,
+        "cache": cmd_cache,
     }
     try:
         if args.command == "serve":

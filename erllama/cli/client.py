@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from erllama.errors import DaemonUnavailableError, ErllamaError, InvalidInputError, UnknownModelError
+from erllama.errors import (
+    DaemonUnavailableError,
+    ErllamaError,
+    InvalidInputError,
+    UnknownCacheRowError,
+    UnknownModelError,
+)
 
 __all__ = ["DEFAULT_HOST", "Daemon"]
 
@@ -81,6 +88,31 @@ class Daemon:
     def delete(self, model: str) -> None:
         self._call("DELETE", "/api/delete", {"model": model})
 
+    # -- the KV-state cache (/erllama/v1/cache) ----------------------------------------------------------------
+
+    def cache_rows(self, model: str | None = None, limit: int = 100) -> dict[str, Any]:
+        query = f"?limit={limit}" + (f"&model={quote(model)}" if model else "")
+        return dict(self._call("GET", f"/erllama/v1/cache{query}"))
+
+    def cache_row(self, key: str) -> dict[str, Any]:
+        try:
+            return dict(self._call("GET", f"/erllama/v1/cache/{quote(key)}"))
+        except UnknownModelError as exc:  # the 404 of a key that names no row
+            raise UnknownCacheRowError(str(exc)) from None
+
+    def cache_remove(self, key: str) -> dict[str, Any]:
+        try:
+            return dict(self._call("DELETE", f"/erllama/v1/cache/{quote(key)}"))
+        except UnknownModelError as exc:
+            raise UnknownCacheRowError(str(exc)) from None
+
+    def cache_clear(self, model: str | None = None) -> int:
+        query = f"?model={quote(model)}" if model else ""
+        return int(self._call("DELETE", f"/erllama/v1/cache{query}")["deleted"])
+
+    def cache_stats(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/erllama/v1/cache/stats"))
+
     def chat(
         self, model: str, messages: list[dict[str, str]], options: Mapping[str, Any], *, explain: bool = False
     ) -> Iterator[dict[str, Any]]:
@@ -111,7 +143,8 @@ def _raise_for(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
     try:
-        message = str(response.json().get("error", response.text))
+        error = response.json().get("error", response.text)
+        message = str(error.get("message", error) if isinstance(error, dict) else error)
     except (ValueError, AttributeError):
         message = response.text
     if response.status_code == 404:

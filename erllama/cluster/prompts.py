@@ -52,6 +52,10 @@ class VocabModel:
         with self._lock:
             return self._model.tokenize(text, add_special=add_special, parse_special=True)
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        with self._lock:
+            return self._model.detokenize(list(tokens))
+
     def close(self) -> None:
         self._model.close()
 
