@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--cors-origin", action="append", help="allow this origin (repeatable; default: CORS off)")
     srv.add_argument("--ctx", type=int, default=4096, help="context tokens per sequence")
     srv.add_argument("--ram-cache-mb", type=int, default=1024, help="RAM tier budget of the KV-state cache")
+    srv.add_argument("--ram-file-cache-mb", type=int, default=0,
+                     help="ram_file tier budget: rows as files on a tmpfs, kept across restarts of the daemon"
+                          " (not of the machine) and shareable; 0 (default): none")  # fmt: skip
+    srv.add_argument("--ram-file-dir", help="the ram_file tier's directory (default: /dev/shm/erllama-<uid>)")
     srv.add_argument("--disk-cache-mb", type=int, default=8192, help="disk tier budget; 0: no disk tier")
     srv.add_argument("--no-cache", action="store_true", help="serve without the KV-state cache (for comparisons)")
     srv.add_argument("--kv-dir", help="disk tier directory (default: $ERLLAMA_CACHE_DIR/kv)")

@@ -36,6 +36,8 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
     _log_to_stderr(args.log_level)
     kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir(env)
     tiers: list[Tier] = [RamTier(args.ram_cache_mb << 20)]
+    if args.ram_file_cache_mb > 0:
+        tiers.append(FileTier.ram_file(args.ram_file_cache_mb << 20, root=args.ram_file_dir))
     if args.disk_cache_mb > 0:
         tiers.append(FileTier([kv_dir], args.disk_cache_mb << 20))
     cache = CacheStore(tiers) if not args.no_cache else None
