@@ -74,7 +74,9 @@ def test_cache_listing_through_the_daemon_and_from_its_directory(
         for row in listing["rows"]:
             assert set(row["tiers"]) == TIERS, row
             assert row["model"] == "tiny"
-            assert row["text"] and row["tokens"] > 0 and row["bytes"] > 0
+            assert row["text"]
+            assert row["tokens"] > 0
+            assert row["bytes"] > 0
         assert sum(row["hits"] for row in listing["rows"]) == 1  # the exact hit
 
         capsys.readouterr()
