@@ -50,6 +50,8 @@ from erllama.model.backend import BackendInfo, ModelBackend
 
 __all__ = ["Admission", "CacheHit", "CacheLink", "CachedSequence", "FinishPlan", "SeqCache", "namespace_for"]
 
+MERGE_TOKENS = 64  # a client's save point this close below a later one is left to the later one
+
 
 def namespace_for(info: BackendInfo, adapters: Sequence[tuple[str, float]] = (), salt: str = "") -> Namespace:
     """The cache namespace of a loaded model: its file, quantisation, KV layout, adapters with scales, salt."""
@@ -228,8 +230,9 @@ class CacheLink:
         save_at: Sequence[int] = (),
     ) -> Admission:
         """Restore the most of ``tokens`` into the empty ``seq_id`` and set the prompt's save points: the policy's
-        cold point and ``save_at`` (a client's cache breakpoints, as token positions; those the restore covers, or
-        shorter than the policy's ``min_tokens``, are dropped). With ``fold`` the last prompt token rides in the
+        cold point and ``save_at`` (a client's cache breakpoints, as token positions; those the restore covers,
+        shorter than the policy's ``min_tokens``, or within ``MERGE_TOKENS`` below a later save point, are
+        dropped). With ``fold`` the last prompt token rides in the
         final prefill chunk: a save point one short of the prompt becomes the whole prompt, saved once its first
         token is out."""
         hit = self.restore(backend, seq_id, tokens, parent)
@@ -243,7 +246,15 @@ class CacheLink:
             points[cold_point] = SaveReason.COLD
         if fold and n - 1 in points:
             points[n] = points.pop(n - 1)
-        cache = SeqCache(True, last_save=hit.prefix_len, later=sorted(points.items()))
+        ordered = sorted(points.items())
+        # a breakpoint just short of a later save point of the same prompt (the newest message's, a few tokens
+        # before the prompt's own row) would be a second copy of nearly the same state: the later row serves it
+        ordered = [
+            (p, why)
+            for i, (p, why) in enumerate(ordered)
+            if why is not SaveReason.MANUAL or i + 1 == len(ordered) or ordered[i + 1][0] - p > MERGE_TOKENS
+        ]
+        cache = SeqCache(True, last_save=hit.prefix_len, later=ordered)
         cache.next_point()
         return Admission(hit, cache)
 

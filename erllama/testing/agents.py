@@ -52,14 +52,14 @@ def _schema(props: dict[str, str]) -> dict[str, Any]:
     return {"type": "object", "properties": {k: {"type": v} for k, v in props.items()}, "required": list(props)}
 
 
-def _steps(turns: int, seed: int) -> list[tuple[str, dict[str, str], str]]:
+def _steps(turns: int, seed: int, result_words: int = 40) -> list[tuple[str, dict[str, str], str]]:
     """The recorded loop: per turn the tool called, its arguments, and its result."""
     rng = random.Random(seed)
     out = []
     for i in range(turns):
         name, _, props = _TOOLS[i % len(_TOOLS)]
         args = {k: f"src/module_{i}/{k}_{rng.randrange(100)}.py" for k in props}
-        out.append((name, args, f"result {i}: " + words(40, seed * 1000 + i)))
+        out.append((name, args, f"result {i}: " + words(result_words, seed * 1000 + i)))
     return out
 
 
@@ -112,7 +112,13 @@ def tool_loop(dialect: str, turns: int, *, model: str, system_words: int = 300, 
 
 
 def claude_code_session(
-    turns: int, *, model: str, system_words: int = 1500, seed: int = 7, shuffle_results: bool = True
+    turns: int,
+    *,
+    model: str,
+    system_words: int = 1500,
+    result_words: int = 40,
+    seed: int = 7,
+    shuffle_results: bool = True,
 ) -> list[dict[str, Any]]:
     """The Anthropic requests of a Claude-Code-shaped session (see the module): each turn the agent calls two
     tools in parallel; on a resend the client may list their results in the other order (``shuffle_results``)."""
@@ -143,7 +149,7 @@ def claude_code_session(
                 if m["role"] == "user" and len(m["content"]) > 1:
                     m["content"].reverse()
         bodies.append({"model": model, "system": system, "tools": tools, "messages": msgs, "max_tokens": 4})
-        (a, a_args, a_res), (b, b_args, b_res) = _steps(2 * t + 2, seed)[2 * t :]
+        (a, a_args, a_res), (b, b_args, b_res) = _steps(2 * t + 2, seed, result_words)[2 * t :]
         history.append({"role": "assistant", "content": [
             {"type": "text", "text": f"Let me look at two things at once (step {t})."},
             {"type": "tool_use", "id": f"toolu_{t}a", "name": a, "input": a_args},

@@ -92,8 +92,8 @@ def _send(base: str, headers: Headers, dialect: str, body: dict[str, Any]) -> No
             n = msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
             assert n == int(headers.seen[-1]["prompt"])
     else:
-        client = ollama.Client(host=base, event_hooks={"response": [headers.hook]})
-        reply = client.chat(**body)
+        with ollama.Client(host=base, event_hooks={"response": [headers.hook]}) as client:
+            reply = client.chat(**body)
         assert reply.prompt_eval_count == int(headers.seen[-1]["prompt"])  # the whole prompt, as Ollama counts
 
 
@@ -124,13 +124,13 @@ def test_a_tool_loop_restores_its_ceiling_in_each_dialect(rt: Runtime, base: str
 def test_the_claude_code_session_restores_over_95_percent(rt: Runtime, base: str) -> None:
     """The billing header changes every request; stripped, every turn restores its ceiling, which is more than
     95% of its prompt. Parallel results replayed in another order (turns 2 and 4) cost nothing either."""
-    turns = _replay(rt, base, "anthropic", claude_code_session(4, model=M, system_words=5000, seed=21))
+    turns = _replay(rt, base, "anthropic", claude_code_session(4, model=M, system_words=2800, result_words=6, seed=21))
     assert all(top <= restored <= top + REPLY for restored, top, _ in turns[1:]), turns
     share = sum(r for r, _, _ in turns[1:]) / sum(n for _, _, n in turns[1:])
     assert share >= 0.95, turns
     assert rt.cache is not None
     saved = {r.meta.n_tokens for r in rt.cache.rows() if r.meta.save_reason is SaveReason.MANUAL}
-    assert len(saved) >= 3  # a row per cache_control breakpoint: the system blocks, the tools, the newest message
+    assert len(saved) >= 2  # a row per cache_control breakpoint (those just short of a later row are merged)
 
 
 def test_with_the_header_left_in_every_request_misses(rt: Runtime, base: str) -> None:
@@ -180,7 +180,7 @@ def test_thinking_dropped_on_replay_restores_its_ceiling(rt: Runtime, base: str)
 
 
 def test_prompt_cache_key_saves_the_head_of_the_conversation(rt: Runtime, base: str) -> None:
-    (body,) = tool_loop("openai", 1, model=M, system_words=200, seed=41)
+    body = tool_loop("openai", 4, model=M, system_words=200, seed=41)[-1]  # the head is far from the end
     keyed = {**body, "prompt_cache_key": "session-41"}
     headers = Headers()
     _send(base, headers, "openai", keyed)

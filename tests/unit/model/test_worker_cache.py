@@ -724,7 +724,9 @@ def test_save_at_saves_a_row_at_each_breakpoint_while_prefilling(store: CacheSto
     try:
         head = "System: you are an agent with a long and stable set of instructions. "
         middle = "Tool catalogue: read, write, bash, grep, and more tools besides. "
-        prompt = head + middle + "User: the first question, which changes every turn."
+        prompt = (
+            head + middle + "User: the first question, which changes every turn, and is long enough not to be merged."
+        )
         done = w.submit(GenerateRequest(prompt, max_tokens=2, save_at=(len(head), len(head + middle)))).result(20)
         assert done.finish_reason is not None
         settle(store)
@@ -744,14 +746,16 @@ def test_save_at_saves_a_row_at_each_breakpoint_while_prefilling(store: CacheSto
 
 
 def test_save_points_split_the_prefill_where_they_fall(store: CacheStore) -> None:
-    """The planner ends a prefill chunk at every save point, so each row holds exactly its tokens."""
+    """The planner ends a prefill chunk at every save point, so each row holds exactly its tokens; a point just
+    short of a later one (here 280, 20 tokens before the prompt's cold row at 300) is left to that one."""
     w = make_worker(store, n_batch=256)
     try:
         tokens = text("word " * 60)
-        points = (20, 45, 150)
-        run(w, tokens, n=1, save_at=points)
+        assert len(tokens) == 301
+        run(w, tokens, n=1, save_at=(20, 100, 200, 280))
         settle(store)
         saved = sorted(r.meta.n_tokens for r in store.rows() if r.meta.save_reason == SaveReason.MANUAL)
-        assert saved == [20, 45, 150]
+        assert saved == [20, 100, 200]
+        assert 300 in {r.meta.n_tokens for r in store.rows() if r.meta.save_reason == SaveReason.COLD}
     finally:
         w.stop()
