@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import ollama
 import openai
 import pytest
@@ -47,9 +46,6 @@ class Headers:
         if "x-erllama-cache" in response.headers:
             self.seen.append(parse_header(response.headers["x-erllama-cache"]))
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(event_hooks={"response": [self.hook]}, timeout=600)
-
     def restored(self) -> int:
         return int(self.seen[-1]["restored"])
 
@@ -79,7 +75,8 @@ def _settle(rt: Runtime) -> None:
 
 def _send(base: str, headers: Headers, dialect: str, body: dict[str, Any]) -> None:
     if dialect == "openai":
-        with openai.OpenAI(base_url=f"{base}/v1", api_key="-", http_client=headers.client(), max_retries=0) as c:
+        http = openai.DefaultHttpxClient(event_hooks={"response": [headers.hook]}, timeout=600)
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="-", http_client=http, max_retries=0) as c:
             reply = c.chat.completions.create(**body)
             assert reply.usage is not None
             assert reply.usage.prompt_tokens_details is not None
