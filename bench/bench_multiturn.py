@@ -72,7 +72,7 @@ def anthropic_turn(c: httpx.Client, messages: list[dict[str, str]]) -> tuple[flo
 
 def ollama_turn(c: httpx.Client, messages: list[dict[str, str]]) -> tuple[float, str, int]:
     body = {"model": "m", "messages": messages, "options": {"temperature": 0, "num_predict": 24}}
-    t0, first, text, evaluated = time.perf_counter(), 0.0, "", 0
+    t0, first, text, cached = time.perf_counter(), 0.0, "", 0
     with c.stream("POST", "/api/chat", json=body) as r:
         for line in r.iter_lines():
             chunk = json.loads(line)
@@ -80,8 +80,8 @@ def ollama_turn(c: httpx.Client, messages: list[dict[str, str]]) -> tuple[float,
                 first = first or time.perf_counter() - t0
                 text += chunk["message"]["content"]
             if chunk.get("done"):
-                evaluated = chunk["prompt_eval_count"]
-    return first, text, -evaluated  # Ollama reports the tokens it evaluated, not the cached ones
+                cached = chunk["prompt_eval_cached_count"]
+    return first, text, cached
 
 
 def main() -> None:
