@@ -54,6 +54,7 @@ COUNTERS = frozenset(
         "saves_dropped",
         "saves_sync_timeout",
         "promotions",
+        "promotions_dropped",  # the writer was full: the row stays in the slower tier until its next hit
         "evictions",
         "corrupt_files",
         "load",  # latencies of the store

@@ -2,8 +2,9 @@
 
 Tiers are ordered fastest first and inclusive: a save is written through to every tier (off the caller's thread),
 so a row the RAM tier evicts is still on disk; a load is served by the fastest tier holding the row, and a hit in a
-slower tier is promoted back into the fastest one. The prefix index knows every row of every tier; tiers report
-each key that leaves them, and the index forgets a key once no tier holds it. Concurrent saves of one key are
+slower tier is promoted back into the fastest one (on a writer thread, off the request's time to first token). The
+prefix index knows every row of every tier; tiers report each key that leaves them, and the index forgets a key once
+no tier holds it. Concurrent saves of one key are
 deduplicated: the second caller gets the first caller's future. A save can be reserved before its payload exists
 (a reply announced before its last token is committed): the key counts as in flight from then on, and whoever needs
 the row (a ``parent_key`` resume) can be called back when it settles. The store is the only user of the prefix index
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -83,6 +85,7 @@ class CacheStore:
         self._lock = threading.Lock()
         self._inflight: dict[CacheKey, Future[bool]] = {}
         self._reserved: dict[CacheKey, Future[bool]] = {}  # in _inflight too, until filled by save() or released
+        self._promoting: set[Future[bool]] = set()  # copies of slower tiers' hits into the fastest, in flight
         self._uses: dict[CacheKey, tuple[int, int]] = {}  # restores of a row since startup, and the last one's time
         for tier in self.tiers:
             tier.on_drop = self._dropped
@@ -147,15 +150,35 @@ class CacheStore:
             row = tier.load(key)
             if row is None:
                 continue
-            if self.promote and i > 0:
-                try:
-                    if self.tiers[0].publish(row[0], row[1]):
-                        self.counters.incr("promotions")
-                except OSError as exc:
-                    _log_write_error(self.tiers[0].name, exc)
+            if self.promote and i > 0 and row[0].key not in self.tiers[0]:
+                # copied up on a writer thread: the request that hit the slower tier does not wait for the copy
+                meta, payload = row
+                future = self.writer.submit(partial(self._promote, meta, payload), dropped="promotions_dropped")
+                if future is not None:
+                    with self._lock:
+                        self._promoting.add(future)
+                    future.add_done_callback(self._promoted)
             self.counters.record_latency("load", time.perf_counter() - t0)
             return row[0], row[1], tier.name
         return None
+
+    def _promoted(self, future: Future[bool]) -> None:
+        with self._lock:
+            self._promoting.discard(future)
+
+    def _promote(self, meta: RowMeta, payload: memoryview) -> bool:
+        fastest = self.tiers[0]
+        if meta.key in fastest:
+            return False
+        try:
+            taken = fastest.publish(meta, payload)
+        except OSError as exc:
+            _log_write_error(fastest.name, exc)
+            return False
+        if taken:
+            self.index.add(meta.namespace, meta.tokens)  # (a no-op unless the slower tier dropped it meanwhile)
+            self.counters.incr("promotions")
+        return taken
 
     # -- what users see of it -----------------------------------------------------------------------------------
 
@@ -196,9 +219,9 @@ class CacheStore:
         return out
 
     def drain(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every save in flight now is published (or refused); False on timeout."""
+        """Wait until every save (and promotion) in flight now is published (or refused); False on timeout."""
         with self._lock:
-            futures = list(self._inflight.values())
+            futures = [*self._inflight.values(), *self._promoting]
         try:
             for future in futures:
                 future.result(timeout=timeout_s)

@@ -27,16 +27,16 @@ class SaveWriter:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="erllama-save")
         self._slots = threading.BoundedSemaphore(max_pending)
 
-    def submit(self, job: Callable[[], bool]) -> Future[bool] | None:
-        """Queue a save; None (and ``saves_dropped`` + 1) when the writer is full."""
+    def submit(self, job: Callable[[], bool], *, dropped: str = "saves_dropped") -> Future[bool] | None:
+        """Queue a save; None (and the ``dropped`` counter + 1) when the writer is full."""
         if not self._slots.acquire(blocking=False):
-            self._counters.incr("saves_dropped")
+            self._counters.incr(dropped)
             return None
         try:
             future = self._pool.submit(job)
         except RuntimeError:  # shut down
             self._slots.release()
-            self._counters.incr("saves_dropped")
+            self._counters.incr(dropped)
             return None
         future.add_done_callback(lambda _f: self._slots.release())
         return future

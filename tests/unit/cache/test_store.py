@@ -107,6 +107,7 @@ def test_disk_hits_are_promoted_to_ram_and_survive_restart(tmp_path: Path) -> No
         assert hit is not None
         assert hit.n_tokens == 64
         assert again.load(hit.key) is not None
+        assert again.drain(10)  # promotion runs on the writer, off the request's time to first token
         assert hit.key in ram, "the disk hit was promoted"
         assert again.counters.snapshot()["promotions"] == 1
     finally:
