@@ -376,8 +376,8 @@ def agents(path: str, args: argparse.Namespace, text: Text) -> None:
             dict(b, max_tokens=1) for b in claude_code_session(3, model="m", system_words=2800, result_words=6, seed=62)
         ]
         share, _ = _session(c, host, "anthropic", peer_session, settle=False)
-        print(f"  agents Claude-Code-shaped on llama-server: restored {100 * share:.1f}% of turns 2..3 (llama.cpp#21793 "
-              "masks the header's cch, but its cc_version suffix changes every request too)")  # fmt: skip
+        print(f"  agents Claude-Code-shaped on llama-server: restored {100 * share:.1f}% of turns 2..3 "
+              "(llama.cpp#21793 masks the header's cch; its cc_version suffix changes every request too)")  # fmt: skip
 
 
 def main() -> None:
