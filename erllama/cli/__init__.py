@@ -107,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         " (default: a fresh seed per request)",
     )
     srv.add_argument("--owned-by", default="erllama", help="owned_by of the models /v1/models lists (default: erllama)")
+    srv.add_argument(
+        "--prompts-as-sent",
+        action="append",
+        default=[],
+        choices=["billing-header", "tool-results", "tools"],
+        help="turn off one of the rewrites that keep agent clients' prompt prefixes stable (repeatable; docs/cache.md)",
+    )
 
     cluster = sub.add_parser("cluster", help="serve a model as replicas on a Ray Serve cluster (erllama[cluster])")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="SUBCOMMAND")

@@ -25,6 +25,7 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
     from erllama._native import ContextConfig, FlashAttention
     from erllama.cache import CacheStore, FileTier, RamTier
     from erllama.cache.tier import Tier
+    from erllama.chat.stable import StableOptions
     from erllama.model import LlamaBackend
     from erllama.runtime import Runtime
     from erllama.server import ServerConfig, StoreSource, create_app
@@ -67,6 +68,11 @@ def serve(args: argparse.Namespace, env: Mapping[str, str], out: Output) -> int:
         model_fallback=args.model_fallback,
         default_seed=None if args.seed is None or args.seed < 0 else args.seed,
         owned_by=args.owned_by,
+        stable=StableOptions(
+            strip_billing_header="billing-header" not in args.prompts_as_sent,
+            order_tool_results="tool-results" not in args.prompts_as_sent,
+            sort_tools="tools" not in args.prompts_as_sent,
+        ),
     )
     store = ModelStore(env=env)
     source: ModelSource = ModelDirectory(Path(args.models_dir), load) if args.models_dir else StoreSource(store, load)
