@@ -179,3 +179,28 @@ def test_ps_shows_never_for_a_model_that_never_expires() -> None:
 
     assert _until("2318-01-01T00:00:00Z") == "never"  # what the API sends, as Ollama's does
     assert _until("2026-12-02T10:00:00Z") == "2026-12-02T10:00:00Z"
+
+
+def test_run_verbose_asks_the_daemon_why_and_prints_it() -> None:
+    import argparse
+
+    from erllama.cli.output import Output
+    from erllama.cli.run import _Remote, _stats_line
+
+    asked: list[bool] = []
+    why = "cache partial: restored 40 of 90 prompt tokens from ram; the prompt left the nearest cached row ..."
+
+    class FakeDaemon:
+        def chat(self, model: str, messages: Any, options: Any, *, explain: bool = False) -> Iterator[dict[str, Any]]:
+            asked.append(explain)
+            cache = {"hit": "partial", "prompt_tokens": 90, "cached_tokens": 40, "reason": why}
+            yield {"message": {"content": "ok"}, "done": True, "eval_count": 1, "eval_duration": 1, "cache": cache}
+
+    backend = _Remote(FakeDaemon(), "m", Output(as_json=False))  # type: ignore[arg-type]
+    args = argparse.Namespace(max_tokens=2, temperature=0.0, seed=None, verbose=True)
+    _, stats = backend.turn([{"role": "user", "content": "hi"}], args, lambda _t: None)
+    assert asked == [True]
+    assert stats["why"] == why
+    line = _stats_line(stats)
+    assert line.startswith("[cache partial: prompt 90 tokens, 40 cached")
+    assert line.endswith(f"\n[{why}]")
