@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from erllama._native import Model, ModelConfig
 from erllama.chat import ChatEngine, Message, Tool
+from erllama.chat.stable import StableOptions, stabilize
 from erllama.errors import ErllamaError
 
 __all__ = ["RoutingPrompts", "VocabModel"]
@@ -64,9 +65,10 @@ class RoutingPrompts:
     """``tokens(path, body)``: the prompt tokens of an HTTP request to the erllama server, or None when the
     request generates nothing or cannot be read (the router then balances load alone)."""
 
-    def __init__(self, vocab: VocabModel) -> None:
+    def __init__(self, vocab: VocabModel, stable: StableOptions | None = None) -> None:
         self._vocab = vocab
         self._chat = ChatEngine(vocab)
+        self._stable = stable or StableOptions()  # as the replicas rewrite agent prompts (ServerConfig.stable)
 
     def tokens(self, path: str, body: bytes) -> list[int] | None:
         try:
@@ -79,8 +81,9 @@ class RoutingPrompts:
             return prompt
         return self._vocab.tokenize(prompt)
 
-    def _render(self, messages: list[Message], **options: Any) -> str:
-        return self._chat.prepare("", messages, **options).prompt
+    def _render(self, messages: list[Message], tools: Sequence[Tool] = (), **options: Any) -> str:
+        messages, stable_tools = stabilize(messages, tools, self._stable)
+        return self._chat.prepare("", messages, tools=stable_tools, **options).prompt
 
     def _prompt(self, path: str, data: Any) -> str | list[int] | None:
         if not isinstance(data, dict):
@@ -91,7 +94,7 @@ class RoutingPrompts:
             chat = ChatCompletionRequest.model_validate(data)
             tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in chat.tools or ()]
             return self._render(
-                [m.neutral() for m in chat.messages],
+                chat.neutral(),
                 tools=tools,
                 tool_choice=chat.choice(),
                 response_schema=chat.response_schema(),
@@ -101,13 +104,15 @@ class RoutingPrompts:
             from erllama.server.anthropic import MessagesRequest
 
             anth = MessagesRequest.model_validate(data)
-            return self._render(anth.neutral(), tools=anth.tool_list(), tool_choice=anth.choice(), continue_final=True)
+            messages = anth.neutral(strip_billing=self._stable.strip_billing_header)
+            return self._render(messages, tools=anth.tool_list(), tool_choice=anth.choice(), continue_final=True)
         if path == "/api/chat":
             from erllama.server.ollama_wire import ChatRequest
 
             ochat = ChatRequest.model_validate(data)
             tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in ochat.tools or ()]
-            return self._render([m.neutral() for m in ochat.messages], tools=tools) if ochat.messages else None
+            messages = [m.neutral(i) for i, m in enumerate(ochat.messages)]
+            return self._render(messages, tools=tools) if ochat.messages else None
         if path == "/api/generate":
             from erllama.server.ollama_wire import GenerateRequest
 

@@ -20,6 +20,7 @@ from erllama.cache import CacheStore, RamTier, SavePolicy
 from erllama.cluster.prompts import RoutingPrompts, VocabModel
 from erllama.model import LlamaBackend
 from erllama.server import create_app
+from erllama.testing.agents import claude_code_session, tool_loop
 
 pytestmark = [pytest.mark.native, pytest.mark.smollm2]
 
@@ -61,6 +62,23 @@ def _bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:
         ("/api/generate", {"prompt": f"{tag} raw text that goes in as it is", "raw": True}),
         ("/v1/completions", {"prompt": f"{tag} Once upon a time"}),
         ("/completion", {"prompt": f"{tag} In the beginning"}),
+        *_agent_bodies(tag),
+    ]
+
+
+def _agent_bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:
+    """Agent-shaped requests: the ingress applies the replicas' stable-prefix rewrites too (a billing header,
+    parallel results, tools out of order, Ollama's id-less calls, a prompt_cache_key)."""
+    seed = int(uuid.UUID(tag)) % 1000
+    claude = claude_code_session(2, model="-", system_words=60, result_words=4, seed=seed)[1]
+    loop = tool_loop("openai", 3, model="-", system_words=40, seed=seed)[-1]
+    loop["tools"] = loop["tools"][::-1]
+    ollama = tool_loop("ollama", 3, model="-", system_words=40, seed=seed + 1)[-1]
+    drop = ("model", "max_tokens", "options", "stream", "temperature")
+    return [
+        ("/v1/messages", {k: v for k, v in claude.items() if k not in drop}),
+        ("/v1/chat/completions", {k: v for k, v in loop.items() if k not in drop} | {"prompt_cache_key": tag}),
+        ("/api/chat", {k: v for k, v in ollama.items() if k not in drop}),
     ]
 
 
