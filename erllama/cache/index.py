@@ -269,7 +269,7 @@ class PrefixIndex:
         return view
 
     def nearest(
-        self, namespace: Namespace | bytes, tokens: Sequence[int] | npt.NDArray[np.integer], scan: int = 1024
+        self, namespace: Namespace | bytes, tokens: Sequence[int] | npt.NDArray[np.integer], scan: int = 256
     ) -> PrefixHit | None:
         """The row sharing the longest common prefix with ``tokens`` (``n_tokens`` is that common length), to
         explain a miss: :meth:`deepest_shared` when a row shares a whole block, else the best of the ``scan`` most

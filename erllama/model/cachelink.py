@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from erllama.cache.counters import Counters, HitKind
+from erllama.cache.index import PrefixHit
 from erllama.cache.key import CacheKey, Namespace, cache_key, ctx_params_hash
 from erllama.cache.kvc import RowMeta, SaveReason
 from erllama.cache.policy import (
@@ -232,9 +233,8 @@ class CacheLink:
         """Restore the most of ``tokens`` into the empty ``seq_id`` and set the prompt's save points: the policy's
         cold point and ``save_at`` (a client's cache breakpoints, as token positions; those the restore covers,
         shorter than the policy's ``min_tokens``, or within ``MERGE_TOKENS`` below a later save point, are
-        dropped). With ``fold`` the last prompt token rides in the
-        final prefill chunk: a save point one short of the prompt becomes the whole prompt, saved once its first
-        token is out."""
+        dropped). With ``fold`` the last prompt token rides in the final prefill chunk: a save point one short of
+        the prompt becomes the whole prompt, saved once its first token is out."""
         hit = self.restore(backend, seq_id, tokens, parent)
         n = len(tokens)
         points: dict[int, SaveReason] = {}
@@ -287,11 +287,14 @@ class CacheLink:
                     store.record_use(hit.key, tier, n)
                 break
         self.counters.record_hit(found.kind, resumed=found.resumed)
-        return found if found.prefix_len >= limit else self._nearest(found, tokens)
+        return found if found.prefix_len >= limit else self._nearest(found, tokens, shared or prefix)
 
-    def _nearest(self, found: CacheHit, tokens: Sequence[int]) -> CacheHit:
-        """``found`` with the cached row nearest ``tokens`` (why no more was restored)."""
-        near = self.store.nearest(self.namespace, tokens)
+    def _nearest(self, found: CacheHit, tokens: Sequence[int], near: PrefixHit | None) -> CacheHit:
+        """``found`` with the cached row nearest ``tokens`` (why no more was restored): ``near``, the row the
+        lookups found sharing the most, else the best first-block match among recent rows (a prompt that left
+        every row inside its first block)."""
+        if near is None:
+            near = self.store.nearest(self.namespace, tokens)
         row = self.store.tokens_of(near.key) if near is not None else None
         if near is None or row is None:
             return found
