@@ -19,8 +19,9 @@ Workloads (llama.cpp's radix-bench shapes, LMCache's multi-round QA, a restart, 
 * ``qa``: 4 users x 5 rounds, a 512-token system prompt shared by all, a 1,024-token history each; erllama's RAM
   tier is smaller than the histories (``--qa-ram-mb``), so its disk tier serves. Mean and p99 TTFT against
   llama-server.
-* ``restart``: a 2,000-token conversation, then ``kill -9`` and a restart; the first request after it (the next
-  turn) against the same request served warm from RAM before the kill. Gate: <= 1.2x. llama-server restarts empty.
+* ``restart``: a 2,000-token conversation, then five rounds of: its next turn served warm from RAM, ``kill -9``, a
+  restart, its next turn as the first request (served by the disk tier). Medians compared. Gate: <= 1.2x.
+  llama-server restarts empty.
 * ``agents``: a 12-turn tool loop resent whole each turn through all three dialects (the share of prompt tokens
   restored on turns 2..12 must equal its ceiling: every token it shares with an earlier prompt), and the
   Claude-Code-shaped session (a new billing header every request, ``cache_control`` breakpoints, parallel results
@@ -275,7 +276,7 @@ def _settled(c: httpx.Client) -> None:
         time.sleep(0.5)
 
 
-def restart(path: str, args: argparse.Namespace, text: Text, repeats: int = 3) -> None:
+def restart(path: str, args: argparse.Namespace, text: Text, repeats: int = 5) -> None:
     """``repeats`` rounds of: the next turn of the conversation served warm (a RAM hit), ``kill -9``, a restart,
     the next turn again as the first request (the disk tier's row); medians compared."""
     convo = text.of(2000, 8000)
