@@ -29,7 +29,7 @@ from erllama.cache.counters import Counters
 from erllama.cache.index import PrefixHit, PrefixIndex, RouteSummary
 from erllama.cache.key import CacheKey, Namespace, cache_key
 from erllama.cache.kvc import RowMeta, SaveReason
-from erllama.cache.tier import Payload, Tier
+from erllama.cache.tier import Payload, RamTier, Tier
 from erllama.cache.writer import SaveWriter
 from erllama.errors import InvalidInputError
 
@@ -170,8 +170,10 @@ class CacheStore:
         fastest = self.tiers[0]
         if meta.key in fastest:
             return False
-        try:
-            taken = fastest.publish(meta, payload)
+        try:  # the payload is a buffer of its own (read from a file): a RAM tier keeps it without a copy
+            taken = (
+                fastest.publish_owned(meta, payload) if isinstance(fastest, RamTier) else fastest.publish(meta, payload)
+            )
         except OSError as exc:
             _log_write_error(fastest.name, exc)
             return False

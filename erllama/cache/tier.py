@@ -243,10 +243,17 @@ class RamTier(TierBase):
 
     def __init__(self, budget_bytes: int, counters: Counters | None = None, *, name: str = "ram") -> None:
         super().__init__(name, budget_bytes, counters)
-        self._rows: dict[CacheKey, tuple[RowMeta, bytes]] = {}
+        self._rows: dict[CacheKey, tuple[RowMeta, bytes | memoryview]] = {}
 
     def publish(self, meta: RowMeta, payload: Payload) -> bool:
-        data = bytes(payload)
+        return self._put(meta, bytes(payload))
+
+    def publish_owned(self, meta: RowMeta, payload: memoryview) -> bool:
+        """:meth:`publish` a buffer no one else holds or reuses (a row just read from a file, promoted here): it is
+        kept as it is, not copied."""
+        return self._put(meta, payload.toreadonly())
+
+    def _put(self, meta: RowMeta, data: bytes | memoryview) -> bool:
         evicted = self._b.reserve(meta.key, len(data))
         if evicted is None:
             return False
