@@ -33,7 +33,10 @@ from erllama.chat.types import Message, Tool
 
 __all__ = ["BILLING_HEADER", "MARK", "StableOptions", "stabilize", "strip_billing_header"]
 
-MARK = "\U000f0e0f"  # a private-use character: where a client asked for a cache breakpoint (never rendered)
+# Where a client asked for a cache breakpoint (removed before the prompt is tokenized): U+FDD0, a Unicode
+# noncharacter, which the standard sets aside for a program's internal use (unlike private-use characters, which
+# icon fonts assign and terminals print).
+MARK = "\ufdd0"
 
 BILLING_HEADER = re.compile(r"\A\s*x-anthropic-billing-header:[^\n]*(?:\n|\Z)")
 

@@ -291,12 +291,16 @@ async def start_chat_choices(
         and report.diverged_at is not None
         and (log.isEnabledFor(logging.DEBUG) or (notes and notes.explain))
     ):
-        report = await asyncio.to_thread(
-            _explain, state, model_id, messages=messages, tools=tools, prepared=prepared, report=report
-        )
-        runs[0].started = dataclasses.replace(runs[0].started, cache=report)
-        if notes is not None and notes.reports:
-            notes.reports[0] = report
+        try:
+            report = await asyncio.to_thread(
+                _explain, state, model_id, messages=messages, tools=tools, prepared=prepared, report=report
+            )
+        except Exception:  # a diagnostic never fails the request it describes (whose runs have started)
+            log.warning("model %s: the cache report could not be explained", model_id, exc_info=True)
+        else:
+            runs[0].started = dataclasses.replace(runs[0].started, cache=report)
+            if notes is not None and notes.reports:
+                notes.reports[0] = report
     return runs
 
 
