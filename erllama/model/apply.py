@@ -241,7 +241,7 @@ class Applier:
             cache_hit=r.hit.kind,
             restored_tokens=r.hit.prefix_len,
             prefilled_tokens=min(committed, r.n_prompt) - r.hit.prefix_len,
-            cache=r.hit.report(r.tokens[: r.n_prompt]) if self.link is not None else None,
+            cache=r.hit.report(r.tokens, r.n_prompt) if self.link is not None else None,
         )
         if tail:
             self.outbox.emit(r.handle, TokenEvent(-1, tail))  # so that the streamed text adds up to the reply

@@ -79,19 +79,21 @@ class CacheHit:
     shared_tokens: int = 0
     row_next: tuple[int, ...] = ()
 
-    def report(self, tokens: Sequence[int]) -> CacheReport:
-        """The request's :class:`~erllama.cache.report.CacheReport` (``tokens``: its context)."""
+    def report(self, tokens: Sequence[int], n_prompt: int | None = None) -> CacheReport:
+        """The request's :class:`~erllama.cache.report.CacheReport` (``tokens``: its context, of which the first
+        ``n_prompt`` are the prompt; all of them by default)."""
+        n = len(tokens) if n_prompt is None else n_prompt
         at = self.shared_tokens
         return CacheReport(
             kind=self.kind,
-            prompt_tokens=len(tokens),
+            prompt_tokens=n,
             restored_tokens=self.prefix_len,
             tier=self.tier,
             row_tokens=self.row_tokens,
             shared_tokens=at,
             before=tuple(tokens[max(0, at - CONTEXT_TOKENS) : at]) if self.row_tokens else (),
             row_next=self.row_next,
-            prompt_next=tuple(tokens[at : at + CONTEXT_TOKENS]) if self.row_tokens else (),
+            prompt_next=tuple(tokens[at : min(at + CONTEXT_TOKENS, n)]) if self.row_tokens else (),
         )
 
 
