@@ -18,7 +18,9 @@ the prompt therefore wins while the prefills queued ahead of it cost less than c
 behind a long cold prefill, an idle replica becomes cheaper, and the prefix gets a second home.
 
 A request no replica holds any block of is placed by load alone (the power of two choices, as Ray's default
-router), and equal costs are broken at random. Two rules come before the cost:
+router). Equal costs go to the replica the router itself ran most of the prompt on lately (with a shared disk
+tier every replica holds what any of them saved, but the one that ran the conversation holds it in RAM), and are
+otherwise broken at random. Two rules come before the cost:
 
 * a request pinned to one replica (``x-erllama-replica``), or resuming a row by ``parent_key``, goes where that
   replica or row is, when it is a candidate;
@@ -123,8 +125,9 @@ class Placement(Generic[R]):
         cost, held = self.costs(route, candidates)
         if not any(held.values()):  # nobody holds any of it: balance load alone
             return self._two_choices(candidates)
+        ran = self._ran_here(route, candidates)
         order = {c.id: self._rng.random() for c in candidates}  # equal costs: no replica is always first
-        ranked = sorted(candidates, key=lambda c: (cost[c.id], c.in_flight, order[c.id]))
+        ranked = sorted(candidates, key=lambda c: (cost[c.id], -ran[c.id], c.in_flight, order[c.id]))
         if ranked[0].in_flight - by_load[0].in_flight >= self.config.imbalance:
             return self._two_choices(candidates)
         return [[c.id] for c in ranked]
@@ -148,6 +151,19 @@ class Placement(Generic[R]):
                 max(0, len(tokens) - n) + self._backlog.get(c.id, 0) + self.config.tokens_per_request * c.in_flight
             )
         return cost, held
+
+    def _ran_here(self, route: Route, candidates: Sequence[Candidate[R]]) -> dict[R, int]:
+        """Per candidate, how much of the prompt the router itself recently ran there: among replicas that cost
+        the same (a shared disk tier makes every replica hold what any of them saved), the one that ran the
+        conversation has it in RAM, and stays its home."""
+        tokens = route.token_ids()
+        chains: dict[bytes, list[int]] = {}
+        now = time.monotonic()
+        roots = frozenset().union(*(c.summary.roots for c in candidates))
+        return {
+            c.id: self._recent_depth(recent, roots, tokens, chains, now) if (recent := self._recent.get(c.id)) else 0
+            for c in candidates
+        }
 
     def sent(self, request_id: str, route: Route | None, replica: Candidate[R]) -> None:
         """Remember that the request went to ``replica``: the tokens it must compute there join the replica's

@@ -122,6 +122,19 @@ def test_equal_costs_are_broken_at_random() -> None:
     assert firsts == {"a", "b"}
 
 
+def test_equal_costs_go_where_the_conversation_ran() -> None:
+    """Behind a shared disk tier both replicas report the conversation's rows; the one that ran it keeps it."""
+    turn1 = [*SYSTEM, *range(100)]
+    turn2 = [*turn1, *range(200, 300)]
+    both = _summary(turn1)
+    for seed in range(20):
+        p: Placement[str] = Placement(rng=random.Random(seed))
+        cands = _cands(("a", both, 0), ("b", both, 0))
+        p.sent("r1", _route(turn1), cands[1])
+        p.ended("r1")
+        assert p.rank(_route(turn2), cands)[0] == ["b"]
+
+
 def test_the_backlog_of_prefills_sent_counts_until_they_end() -> None:
     p: Placement[str] = Placement(PlacementConfig(tokens_per_request=0))
     held = _summary(SYSTEM)
